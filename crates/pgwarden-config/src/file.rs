@@ -1,0 +1,124 @@
+//! The file layer: what serde reads from `pgwarden.toml`.
+//!
+//! Every leaf is a [`Field`], which accepts any TOML value and remembers a type mismatch instead of
+//! failing, so that validation can report all problems at once. Keys serde does not know are
+//! collected by `serde_ignored` with their paths.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{ConfigError, FieldError};
+
+/// A leaf value: the typed value, or why the TOML value did not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field<T> {
+    Ok(T),
+    Bad(String),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Field<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = toml::Value::deserialize(d)?;
+        Ok(match T::deserialize(value) {
+            Ok(v) => Field::Ok(v),
+            Err(e) => Field::Bad(e.message().trim().to_string()),
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileConfig {
+    pub cluster: Option<Field<String>>,
+    pub postgres: FilePostgres,
+    pub replication: FileReplication,
+    pub monitor: FileMonitor,
+    pub nodes: Vec<FileNode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FilePostgres {
+    pub bin_dir: Option<Field<String>>,
+    pub os_user: Option<Field<String>>,
+    pub superuser: Option<Field<String>>,
+    pub superuser_password: Option<Field<String>>,
+    pub superuser_password_file: Option<Field<String>>,
+    pub replication_user: Option<Field<String>>,
+    pub replication_password: Option<Field<String>>,
+    pub replication_password_file: Option<Field<String>>,
+    pub parameters: BTreeMap<String, Field<toml::Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileReplication {
+    pub mode: Option<Field<String>>,
+    pub sync_count: Option<Field<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileMonitor {
+    pub interval: Option<Field<String>>,
+    pub timeout: Option<Field<String>>,
+    pub lag_medium: Option<Field<String>>,
+    pub lag_high: Option<Field<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileNode {
+    pub name: Option<Field<String>>,
+    pub host: Option<Field<String>>,
+    pub port: Option<Field<i64>>,
+    pub data_dir: Option<Field<String>>,
+}
+
+/// Parses TOML text into the file layer plus the paths of every unknown key.
+pub fn parse(text: &str) -> Result<(FileConfig, Vec<String>), ConfigError> {
+    let de = toml::Deserializer::new(text);
+    let mut unknown = Vec::new();
+    let file = serde_ignored::deserialize(de, |path| unknown.push(format_path(&path)))
+        .map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
+    Ok((file, unknown))
+}
+
+fn syntax_error(text: &str, e: &toml::de::Error) -> FieldError {
+    let message = e.message().trim().replace('\n', " ");
+    let message = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML error at line {line}, column {col}: {message}")
+        }
+        None => format!("TOML error: {message}"),
+    };
+    FieldError {
+        path: String::new(),
+        message,
+    }
+}
+
+/// `nodes[1].foo` rather than serde_ignored's `nodes.1.foo`.
+fn format_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", format_path(parent)),
+        Path::Map { parent, key } => {
+            let p = format_path(parent);
+            if p.is_empty() {
+                key.to_string()
+            } else {
+                format!("{p}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => format_path(parent),
+    }
+}

@@ -1,0 +1,136 @@
+//! The validated configuration: what the rest of pgwarden reads.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgwarden_core::ByteSize;
+
+/// A password: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The cluster's name, shown by `status` and used as a key prefix by later services.
+    pub cluster: String,
+    pub postgres: PostgresConfig,
+    pub replication: ReplicationConfig,
+    pub monitor: MonitorConfig,
+    pub nodes: Vec<NodeConfig>,
+    /// The file this was loaded from, if any.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn node(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// Where `postgres`, `initdb`, `pg_basebackup` live; `None` means search for them.
+    pub bin_dir: Option<PathBuf>,
+    /// The OS user PostgreSQL programs run as when pgwarden runs as root.
+    pub os_user: String,
+    pub superuser: String,
+    pub superuser_password: Secret,
+    pub replication_user: String,
+    pub replication_password: Option<Secret>,
+    /// Extra `postgresql.conf` settings, values already in PostgreSQL's text form.
+    pub parameters: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    Async,
+    /// `synchronous_standby_names = 'FIRST k (...)'`
+    Sync,
+    /// `synchronous_standby_names = 'ANY k (...)'`
+    Quorum,
+}
+
+impl ReplicationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Async => "async",
+            ReplicationMode::Sync => "sync",
+            ReplicationMode::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::str::FromStr for ReplicationMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "async" => Ok(ReplicationMode::Async),
+            "sync" => Ok(ReplicationMode::Sync),
+            "quorum" => Ok(ReplicationMode::Quorum),
+            other => Err(format!(
+                "unknown replication mode \"{other}\": expected async, sync or quorum"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ReplicationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    pub mode: ReplicationMode,
+    /// How many standbys must confirm a commit in `sync` / `quorum` mode.
+    pub sync_count: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    /// How often nodes are probed (`status --watch`, the proxy's role discovery).
+    pub interval: Duration,
+    /// Bound on one probe of one node: connect plus queries.
+    pub timeout: Duration,
+    pub lag_medium: ByteSize,
+    pub lag_high: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// PGDATA, for nodes this host manages.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}

@@ -1,0 +1,216 @@
+use std::path::Path;
+use std::time::Duration;
+
+use pgwarden_config::{Config, ConfigError, ReplicationMode};
+
+const GOOD: &str = r#"
+cluster = "main"
+[postgres]
+os_user = "postgres"
+superuser = "postgres"
+superuser_password = "s3cret"
+replication_user = "replicator"
+replication_password = "r3pl"
+parameters = { shared_buffers = "128MB", max_connections = 200, fsync = true }
+[replication]
+mode = "quorum"
+sync_count = 1
+[monitor]
+interval = "500ms"
+lag_medium = "1MB"
+lag_high = "16MB"
+[[nodes]]
+name = "n1"
+host = "127.0.0.1"
+port = 55432
+data_dir = "data/n1"
+[[nodes]]
+name = "n2"
+host = "127.0.0.1"
+port = 55433
+data_dir = "/abs/n2"
+"#;
+
+fn errors(text: &str) -> Vec<String> {
+    match Config::from_toml(text, Path::new("/etc/pgwarden")) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.lines(),
+    }
+}
+
+#[test]
+fn a_good_file_validates_into_typed_values() {
+    let c = Config::from_toml(GOOD, Path::new("/etc/pgwarden")).expect("valid");
+    assert_eq!(c.cluster, "main");
+    assert_eq!(c.replication.mode, ReplicationMode::Quorum);
+    assert_eq!(c.monitor.interval, Duration::from_millis(500));
+    assert_eq!(c.monitor.lag_high.bytes(), 16 << 20);
+    assert_eq!(
+        c.nodes[0].data_dir.as_deref(),
+        Some(Path::new("/etc/pgwarden/data/n1"))
+    );
+    assert_eq!(c.nodes[1].data_dir.as_deref(), Some(Path::new("/abs/n2")));
+    assert_eq!(c.postgres.parameters["max_connections"], "200");
+    assert_eq!(c.postgres.parameters["fsync"], "on");
+    assert_eq!(c.postgres.superuser_password.expose(), "s3cret");
+    assert!(
+        !format!("{c:?}").contains("s3cret"),
+        "passwords must not appear in Debug output"
+    );
+}
+
+#[test]
+fn several_mistakes_are_all_reported_with_their_paths() {
+    let text = r#"
+cluster = "main"
+colour = "blue"
+[postgres]
+superuser_password = "x"
+replication_password = "y"
+parameters = { port = 5 }
+[replication]
+mode = "eventually"
+sync_count = 0
+[monitor]
+interval = "10"
+lag_medium = "huge"
+lag_hgih = "1GB"
+[[nodes]]
+name = "n1"
+port = 70000
+[[nodes]]
+name = "N-2"
+port = "5433"
+"#;
+    let errs = errors(text);
+    let expect = [
+        "colour: unknown key",
+        "monitor.lag_hgih: unknown key",
+        "postgres.parameters.port: is set by pgwarden",
+        "replication.mode: unknown replication mode \"eventually\"",
+        "replication.sync_count: must be >= 1",
+        "monitor.interval: invalid duration \"10\"",
+        "monitor.lag_medium: invalid size \"huge\"",
+        "nodes[0].port: 70000 is not a valid port",
+        "nodes[1].name: \"N-2\" is not a valid node name",
+        "nodes[1].port: invalid type: string \"5433\", expected i64",
+    ];
+    for want in expect {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing error starting with {want:?} in:\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(
+        errs.len(),
+        expect.len(),
+        "unexpected extra errors:\n{}",
+        errs.join("\n")
+    );
+}
+
+#[test]
+fn missing_required_fields_and_conflicts() {
+    let errs = errors(
+        r#"
+[postgres]
+superuser_password = "a"
+superuser_password_file = "/nonexistent"
+[[nodes]]
+host = "h"
+"#,
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("postgres.superuser_password: give either")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e == "nodes[0].name: is required"),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e == "nodes[0].port: is required"),
+        "{errs:?}"
+    );
+
+    let errs = errors("[[nodes]]\nname = \"n1\"\nport = 5432\n");
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("postgres.superuser_password: is required")),
+        "{errs:?}"
+    );
+
+    let errs = errors("[postgres]\nsuperuser_password = \"x\"\n");
+    assert!(
+        errs.iter().any(|e| e.starts_with("nodes: at least one")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn duplicates_thresholds_and_sync_count_are_checked() {
+    let errs = errors(
+        r#"
+[postgres]
+superuser_password = "x"
+replication_password = "y"
+[replication]
+mode = "sync"
+sync_count = 2
+[monitor]
+lag_medium = "100MB"
+lag_high = "10MB"
+[[nodes]]
+name = "n1"
+port = 5432
+data_dir = "/d1"
+[[nodes]]
+name = "n1"
+port = 5432
+data_dir = "/d2"
+"#,
+    );
+    for want in [
+        "nodes[1].name: duplicate node name \"n1\"",
+        "nodes[1].port: 127.0.0.1:5432 is already used",
+        "replication.sync_count: is 2 but the cluster has only 1 standby",
+        "monitor.lag_high: (10.0 MiB) must be greater than monitor.lag_medium (100.0 MiB)",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in {errs:?}"
+        );
+    }
+}
+
+#[test]
+fn password_files_are_read_relative_to_the_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("su.pw"), "from-file\n").expect("write");
+    let text =
+        "[postgres]\nsuperuser_password_file = \"su.pw\"\n[[nodes]]\nname = \"n1\"\nport = 5432\n";
+    let c = Config::from_toml(text, dir.path()).expect("valid");
+    assert_eq!(c.postgres.superuser_password.expose(), "from-file");
+}
+
+#[test]
+fn a_missing_bin_dir_is_reported() {
+    let errs = errors(
+        "[postgres]\nbin_dir = \"/nonexistent/bin\"\nsuperuser_password = \"x\"\n[[nodes]]\nname = \"n1\"\nport = 5432\n",
+    );
+    assert_eq!(
+        errs,
+        vec!["postgres.bin_dir: /nonexistent/bin does not contain the postgres binary".to_string()]
+    );
+}
+
+#[test]
+fn toml_syntax_errors_name_the_line() {
+    let err = Config::from_toml("cluster = \"main\"\n[nodes\n", Path::new("/")).unwrap_err();
+    assert!(matches!(err, ConfigError::Syntax(_)));
+    let line = err.to_string();
+    assert!(line.starts_with("TOML error at line 2"), "{line}");
+    assert!(!line.contains('\n'));
+}
