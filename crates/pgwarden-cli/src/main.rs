@@ -1,1 +1,181 @@
-fn main() {}
+//! `pgwarden`: the one binary. Each subcommand parses its arguments, loads config, sets up
+//! logging and calls into a library crate; no logic lives here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgwarden_config::{Config, ReplicationMode};
+
+#[derive(Parser)]
+#[command(name = "pgwarden", version, about = "High availability for PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with pgwarden.toml.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Show every node's role, replication lag and the cluster's activity.
+    Status {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the stable JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every monitor.interval until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Run a local replicated cluster in the foreground.
+    Demo {
+        /// Where the cluster lives.
+        #[arg(long, default_value = "./pgwarden-demo")]
+        dir: PathBuf,
+        /// Number of nodes (one primary, the rest standbys).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+        nodes: u16,
+        /// Port of the first node; the others follow.
+        #[arg(long, default_value_t = 55432)]
+        port_base: u16,
+        #[arg(long, default_value = "async", value_parser = parse_mode)]
+        replication: ReplicationMode,
+        /// Stop the cluster in DIR and remove DIR.
+        #[arg(long)]
+        destroy: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file: prints `ok`, or every error with its path (exit 2).
+    Check {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<ReplicationMode, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Demo { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGWARDEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => match load(config) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            status(&config, json, watch).await
+        }
+        Command::Demo {
+            dir,
+            nodes,
+            port_base,
+            replication,
+            destroy,
+        } => {
+            let opts = pgwarden_demo::DemoOptions {
+                dir,
+                nodes: nodes as usize,
+                port_base,
+                replication,
+            };
+            let result = if destroy {
+                pgwarden_demo::destroy(&opts).await
+            } else {
+                pgwarden_demo::run(&opts).await
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e.to_string(), 1),
+            }
+        }
+    }
+}
+
+/// Loads config, printing every error (one per line) and returning exit code 2 on failure.
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let path = pgwarden_config::resolve_path(path.as_deref());
+    Config::load(&path).map_err(|e| {
+        let lines = e.lines();
+        if lines.len() > 1 {
+            eprintln!("{}: {} errors", path.display(), lines.len());
+        }
+        for line in lines {
+            eprintln!("{}: {line}", path.display());
+        }
+        ExitCode::from(2)
+    })
+}
+
+async fn status(config: &Config, json: bool, watch: bool) -> ExitCode {
+    let colour = std::io::stdout().is_terminal();
+    loop {
+        let status = pgwarden_cluster::check(config).await;
+        let text = if json {
+            status.to_json()
+        } else {
+            pgwarden_cluster::render::table(&status, colour)
+        };
+        if !watch {
+            println!("{text}");
+            return ExitCode::from(status.exit_code() as u8);
+        }
+        if colour {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{text}");
+        tokio::select! {
+            _ = tokio::time::sleep(config.monitor.interval) => {}
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+        }
+    }
+}
+
+fn fail(message: &str, code: u8) -> ExitCode {
+    eprintln!("pgwarden: {message}");
+    ExitCode::from(code)
+}

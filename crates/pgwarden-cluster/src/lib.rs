@@ -1,1 +1,24 @@
-//! placeholder
+//! The cluster model: nodes, roles, timelines, LSNs, lag per stage, and health.
+//!
+//! A probe connects to every node in parallel, each bounded by `monitor.timeout` so that a dead
+//! node never stalls the rest, and [`status::ClusterStatus::build`] turns the samples into one
+//! snapshot: who is primary, how far behind each replica is at each stage (sent, write, flush,
+//! replay) measured against the primary's current LSN, lag levels, and the cluster's performance
+//! figures. This crate never routes client traffic.
+//!
+//! # Layout
+//! - [`probe`] — one node's raw facts ([`probe::NodeSample`]) from SQL, and probing all nodes.
+//! - [`status`] — [`ClusterStatus`], the derived snapshot, its JSON schema and exit code.
+//! - [`render`] — the human table.
+
+pub mod probe;
+pub mod render;
+pub mod status;
+
+pub use status::{ClusterStatus, LagLevel, NodeStatus, Role};
+
+/// Probes every configured node and builds the snapshot.
+pub async fn check(config: &pgwarden_config::Config) -> ClusterStatus {
+    let samples = probe::probe_all(config).await;
+    ClusterStatus::build(config, samples, std::time::SystemTime::now())
+}

@@ -36,6 +36,22 @@ pub struct FileConfig {
     pub replication: FileReplication,
     pub monitor: FileMonitor,
     pub nodes: Vec<FileNode>,
+    pub proxy: FileProxy,
+}
+
+/// `[proxy]`: only the user list so far; the proxy's own settings come with the proxy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileProxy {
+    pub users: Vec<FileProxyUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileProxyUser {
+    pub name: Option<Field<String>>,
+    pub password: Option<Field<String>>,
+    pub pool_size: Option<Field<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

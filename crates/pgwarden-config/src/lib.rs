@@ -8,10 +8,10 @@
 //! This crate reads the config file and the password files it names; it never reaches the network.
 //!
 //! # Layout
-//! - [`file`]: the serde structs (`FileConfig` and its sections).
-//! - [`model`]: the validated types ([`Config`], [`NodeConfig`], [`ReplicationMode`], ...).
-//! - [`validate`]: file -> model, every error at once.
-//! - [`error`]: [`ConfigError`] and [`FieldError`].
+//! - [`file`] — the serde structs (`FileConfig` and its sections).
+//! - [`model`] — the validated types ([`Config`], [`NodeConfig`], [`ReplicationMode`], ...).
+//! - [`validate`] — file -> model, every error at once.
+//! - [`error`] — [`ConfigError`] and [`FieldError`].
 
 pub mod error;
 pub mod file;
@@ -21,6 +21,7 @@ pub mod validate;
 pub use error::{ConfigError, FieldError};
 pub use model::{
     Config, MonitorConfig, NodeConfig, PostgresConfig, ReplicationConfig, ReplicationMode, Secret,
+    UserConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -35,6 +35,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub monitor: MonitorConfig,
     pub nodes: Vec<NodeConfig>,
+    /// Login roles clients use (`[[proxy.users]]`).
+    pub users: Vec<UserConfig>,
     /// The file this was loaded from, if any.
     pub source: Option<PathBuf>,
 }
@@ -133,4 +135,13 @@ impl NodeConfig {
             format!("{}:{}", self.host, self.port)
         }
     }
+}
+
+/// A client login (`[[proxy.users]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plaintext, a `SCRAM-SHA-256$...` verifier or an md5 hash.
+    pub password: Secret,
+    pub pool_size: Option<u32>,
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use pgwarden_core::{parse_duration, ByteSize};
 
 use crate::error::FieldError;
-use crate::file::{Field, FileConfig, FileMonitor, FileNode, FilePostgres, FileReplication};
+use crate::file::{
+    Field, FileConfig, FileMonitor, FileNode, FilePostgres, FileProxyUser, FileReplication,
+};
 use crate::model::*;
 
 /// Settings pgwarden sets itself, per node or per cluster; a `parameters` entry for one of them
@@ -120,6 +122,7 @@ pub fn validate(
     let postgres = postgres(&mut e, file.postgres, base_dir, &nodes);
     let replication = replication(&mut e, file.replication, nodes.len());
     let monitor = monitor(&mut e, file.monitor);
+    let users = users(&mut e, file.proxy.users);
     if e.list.is_empty() {
         Ok(Config {
             cluster,
@@ -127,6 +130,7 @@ pub fn validate(
             replication,
             monitor,
             nodes,
+            users,
             source: None,
         })
     } else {
@@ -381,6 +385,34 @@ fn nodes(e: &mut Errors, list: Vec<FileNode>, base: &Path) -> Vec<NodeConfig> {
             host,
             port,
             data_dir,
+        });
+    }
+    out
+}
+
+fn users(e: &mut Errors, list: Vec<FileProxyUser>) -> Vec<UserConfig> {
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for (i, u) in list.into_iter().enumerate() {
+        let p = |k: &str| format!("proxy.users[{i}].{k}");
+        let name = e.required(&p("name"), u.name).unwrap_or_default();
+        if name.is_empty() && !e.list.iter().any(|x| x.path == p("name")) {
+            e.push(p("name"), "must not be empty");
+        } else if !name.is_empty() && !names.insert(name.clone()) {
+            e.push(p("name"), format!("duplicate user \"{name}\""));
+        }
+        let password = e.required(&p("password"), u.password).unwrap_or_default();
+        let pool_size = match e.get(&p("pool_size"), u.pool_size) {
+            Some(n) if !(1..=100_000).contains(&n) => {
+                e.push(p("pool_size"), "must be between 1 and 100000");
+                None
+            }
+            other => other.map(|n| n as u32),
+        };
+        out.push(UserConfig {
+            name,
+            password: Secret::new(password),
+            pool_size,
         });
     }
     out

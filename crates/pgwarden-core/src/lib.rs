@@ -4,9 +4,9 @@
 //! about a particular service.
 //!
 //! # Layout
-//! - [`size`]: [`ByteSize`], sizes written as `"16MB"` in config and shown as `16.0 MiB`.
-//! - [`duration`]: parsing durations written as `"500ms"`, `"10s"`, `"1h"`.
-//! - [`lsn`]: [`Lsn`], a PostgreSQL WAL position (`0/3000148`) with byte arithmetic.
+//! - [`size`] — [`ByteSize`], sizes written as `"16MB"` in config and shown as `16.0 MiB`.
+//! - [`duration`] — parsing durations written as `"500ms"`, `"10s"`, `"1h"`.
+//! - [`lsn`] — [`Lsn`], a PostgreSQL WAL position (`0/3000148`) with byte arithmetic.
 
 pub mod duration;
 pub mod lsn;

@@ -1,1 +1,107 @@
-//! placeholder
+//! `pgwarden demo`: a local replicated cluster for a newcomer, supervised in the foreground.
+//!
+//! The first run builds a primary `n1` and standbys `n2`, ... streaming from it, creates the `app`
+//! database and role, and writes `DIR/pgwarden.toml` (mode 0600) with every password. Later runs
+//! reuse what is in `DIR`: they start what is stopped and never initialise again. The process
+//! stays in the foreground, reports nodes that die, and on SIGINT/SIGTERM stops every node.
+//!
+//! # Layout
+//! - [`layout`] — the demo directory, its generated config and pid file.
+//! - [`bootstrap`] — building, cloning and starting the nodes.
+//! - [`supervise`] — watching the postmasters, reaping orphans, shutting down.
+
+pub mod bootstrap;
+pub mod layout;
+pub mod supervise;
+
+use std::path::PathBuf;
+
+use pgwarden_config::ReplicationMode;
+
+/// `pgwarden demo` arguments.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub dir: PathBuf,
+    pub nodes: usize,
+    pub port_base: u16,
+    pub replication: ReplicationMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Postgres(#[from] pgwarden_postgres::PgError),
+    #[error(transparent)]
+    Config(#[from] pgwarden_config::ConfigError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a demo is already running in {} (pid {pid})", dir.display())]
+    AlreadyRunning { dir: PathBuf, pid: i32 },
+    #[error("{} exists but is not a pgwarden demo directory (no pgwarden.toml); refusing to touch it", .0.display())]
+    NotADemoDir(PathBuf),
+    #[error("ports {first}-{last} do not fit below 65536; use a smaller --port-base")]
+    PortsOutOfRange { first: u16, last: usize },
+    #[error("{0}")]
+    Cluster(String),
+    #[error("cannot wait for signals: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+impl DemoError {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> DemoError {
+        let path = path.into();
+        move |source| DemoError::Io { what, path, source }
+    }
+}
+
+/// Runs the demo until SIGINT or SIGTERM.
+pub async fn run(opts: &DemoOptions) -> Result<(), DemoError> {
+    let layout = layout::Layout::new(&opts.dir)?;
+    let _pid_file = layout.claim()?;
+    let config = layout.load_or_create(opts)?;
+    supervise::enable_subreaper();
+    let nodes = bootstrap::bring_up(&config).await;
+    let mut nodes = match nodes {
+        Ok(n) => n,
+        Err((started, e)) => {
+            supervise::stop_all(started).await;
+            return Err(e);
+        }
+    };
+    let primary = nodes
+        .iter()
+        .find(|n| n.primary)
+        .map(|n| n.instance.name.clone())
+        .unwrap_or_default();
+    println!("{}", layout::connection_info(&config, &primary));
+    println!(
+        "pgwarden demo ready: config={}",
+        layout.config_path().display()
+    );
+    supervise::supervise(&mut nodes).await?;
+    supervise::stop_all(nodes).await;
+    Ok(())
+}
+
+/// Stops the demo in `opts.dir` (its supervisor and any node still running) and removes the dir.
+pub async fn destroy(opts: &DemoOptions) -> Result<(), DemoError> {
+    let layout = layout::Layout::new(&opts.dir)?;
+    if !layout.dir().exists() {
+        println!(
+            "nothing to destroy: {} does not exist",
+            layout.dir().display()
+        );
+        return Ok(());
+    }
+    layout.destroy().await?;
+    println!("destroyed {}", layout.dir().display());
+    Ok(())
+}

@@ -6,13 +6,13 @@
 //! This crate carries out what it is told; it never decides which node should be a primary.
 //!
 //! # Layout
-//! - [`bins`]: [`PgBinaries`], where the server programs are and which major version they are.
-//! - [`user`]: [`RunAs`], the OS user PostgreSQL runs as, and directories created for it.
-//! - [`conf`]: [`Settings`], the generated `pgwarden.conf`, `pg_hba.conf` and standby settings.
-//! - [`instance`]: [`Instance`], one data directory: initdb, configure, clone, start.
-//! - [`process`]: [`Postmaster`], the running server: readiness, stop, kill, exit.
-//! - [`sql`]: connecting with `tokio-postgres`, quoting, and the role set-up statements.
-//! - [`error`]: [`PgError`].
+//! - [`bins`] — [`PgBinaries`], where the server programs are and which major version they are.
+//! - [`user`] — [`RunAs`], the OS user PostgreSQL runs as, and directories created for it.
+//! - [`conf`] — [`Settings`], the generated `pgwarden.conf`, `pg_hba.conf` and standby settings.
+//! - [`instance`] — [`Instance`], one data directory: initdb, configure, clone, start.
+//! - [`process`] — [`Postmaster`], the running server: readiness, stop, kill, exit.
+//! - [`sql`] — connecting with `tokio-postgres`, quoting, and the role set-up statements.
+//! - [`error`] — [`PgError`].
 
 pub mod bins;
 pub mod conf;

@@ -89,6 +89,35 @@ impl RunAs {
             .map_err(PgError::io("cannot set permissions on", path))
     }
 
+    /// Fails with a clear error when the PostgreSQL user could not reach `path` because an
+    /// existing ancestor directory is not searchable by it (e.g. a data directory under /root).
+    pub fn check_reachable(&self, path: &Path) -> Result<(), PgError> {
+        use std::os::unix::fs::MetadataExt;
+        let RunAs::User { uid, gid } = *self else {
+            return Ok(());
+        };
+        for dir in path.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(dir) else {
+                continue;
+            };
+            let mode = meta.mode();
+            let ok = if meta.uid() == uid {
+                mode & 0o100 != 0
+            } else if meta.gid() == gid {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            };
+            if !ok {
+                return Err(PgError::Unreachable {
+                    path: path.to_path_buf(),
+                    blocker: dir.to_path_buf(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a file owned by the PostgreSQL user with `mode`.
     pub fn write_file(&self, path: &Path, contents: &str, mode: u32) -> Result<(), PgError> {
         std::fs::write(path, contents).map_err(PgError::io("cannot write", path))?;

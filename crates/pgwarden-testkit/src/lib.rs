@@ -16,10 +16,10 @@
 //! Never a runtime dependency of the product.
 //!
 //! # Layout
-//! - [`cluster`]: [`Cluster`], [`ClusterBuilder`] and the per-node helpers.
-//! - [`template`]: the shared initdb template.
-//! - [`ports`]: free TCP ports.
-//! - [`wait`]: [`eventually`], the bounded retry every test uses instead of sleeping.
+//! - [`cluster`] — [`Cluster`], [`ClusterBuilder`] and the per-node helpers.
+//! - [`template`] — the shared initdb template.
+//! - [`ports`] — free TCP ports.
+//! - [`wait`] — [`eventually`], the bounded retry every test uses instead of sleeping.
 
 pub mod cluster;
 pub mod ports;
