@@ -162,6 +162,12 @@ async fn status(config: &Config, json: bool, watch: bool) -> ExitCode {
         };
         if !watch {
             println!("{text}");
+            if json {
+                // The JSON schema carries facts; why the exit code is 1 goes to stderr.
+                for w in &status.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
             return ExitCode::from(status.exit_code() as u8);
         }
         if colour {

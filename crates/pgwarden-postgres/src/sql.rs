@@ -61,6 +61,15 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Set-up statements run before any standby is attached; in `sync`/`quorum` mode their commits
+/// would wait forever for one. They commit locally instead.
+async fn commit_locally(client: &Client, addr: &str) -> Result<(), PgError> {
+    client
+        .batch_execute("SET synchronous_commit = local")
+        .await
+        .map_err(|source| query_error(addr, source))
+}
+
 /// Creates or updates a login role. The password is sent as a SCRAM verifier computed here, so
 /// the plaintext never reaches the server or its logs.
 pub async fn ensure_role(
@@ -70,6 +79,7 @@ pub async fn ensure_role(
     password: &str,
     attributes: &str,
 ) -> Result<(), PgError> {
+    commit_locally(client, addr).await?;
     let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
     let exists = client
         .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
@@ -101,6 +111,7 @@ pub async fn ensure_database(
         .map_err(|source| query_error(addr, source))?
         .is_some();
     if !exists {
+        commit_locally(client, addr).await?;
         let sql = format!(
             "CREATE DATABASE {} OWNER {}",
             quote_ident(name),
