@@ -1,0 +1,334 @@
+//! `pgwarden demo`: first run, SIGTERM, reuse, destroy, as root and as an ordinary user.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgwarden_config::Config;
+use pgwarden_testkit::ports::free_port_range;
+
+struct Demo {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stdout: Vec<String>,
+}
+
+impl Demo {
+    fn start(dir: &Path, extra: &[&str], user: Option<(u32, u32)>) -> Demo {
+        let mut cmd = common::pgwarden();
+        cmd.arg("demo").arg("--dir").arg(dir).args(extra);
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        if let Some((uid, gid)) = user {
+            cmd.uid(uid).gid(gid).current_dir("/");
+        }
+        let mut child = cmd.spawn().expect("start pgwarden demo");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .for_each(|l| drop(tx.send(l)))
+        });
+        std::thread::spawn(move || {
+            BufReader::new(err)
+                .lines()
+                .map_while(Result::ok)
+                .for_each(|l| drop(tx2.send(format!("stderr: {l}"))))
+        });
+        Demo {
+            child,
+            lines: rx,
+            stdout: Vec::new(),
+        }
+    }
+
+    /// Waits for the `ready` line and returns the config path it names.
+    fn wait_ready(&mut self) -> PathBuf {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                self.stdout.push(line.clone());
+                if let Some(rest) = line.strip_prefix("pgwarden demo ready: config=") {
+                    return PathBuf::from(rest.trim());
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.drain();
+                panic!("demo exited early ({status}):\n{}", self.stdout.join("\n"));
+            }
+        }
+        panic!("demo not ready in time:\n{}", self.stdout.join("\n"));
+    }
+
+    fn drain(&mut self) {
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+            self.stdout.push(l);
+        }
+    }
+
+    /// SIGTERM; returns the exit code and how long the stop took.
+    fn terminate(&mut self) -> (i32, Duration) {
+        let started = Instant::now();
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("signal demo");
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "demo ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.drain();
+        (status.code().unwrap_or(-1), started.elapsed())
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A directory the PostgreSQL OS user can reach (tempdir is 0700 and root's under root).
+fn demo_parent() -> tempfile::TempDir {
+    let t = tempfile::Builder::new()
+        .prefix("pgwarden-demo-test")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    t
+}
+
+async fn app_client(config: &Config, node: usize) -> tokio_postgres::Client {
+    let app = config
+        .users
+        .iter()
+        .find(|u| u.name == "app")
+        .expect("app user in config");
+    let n = &config.nodes[node];
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(&n.host)
+        .port(n.port)
+        .user("app")
+        .password(app.password.expose())
+        .dbname("app")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect as app");
+    tokio::spawn(conn);
+    client
+}
+
+fn refused(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+}
+
+#[tokio::test]
+async fn first_run_sigterm_reuse_and_destroy() {
+    let parent = demo_parent();
+    let dir = parent.path().join("demo");
+    let base = free_port_range(3);
+    let port_arg = base.to_string();
+    let args = ["--port-base", port_arg.as_str()];
+
+    // First run: builds the cluster and prints connection strings.
+    let mut demo = Demo::start(&dir, &args, None);
+    let config_path = demo.wait_ready();
+    assert_eq!(config_path, dir.join("pgwarden.toml"));
+    let mode = std::fs::metadata(&config_path)
+        .expect("config")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the config holds passwords");
+    let config = Config::load(&config_path).expect("the demo writes a valid config");
+    assert_eq!(config.nodes.len(), 3);
+    assert!(config.postgres.replication_password.is_some());
+    assert!(demo
+        .stdout
+        .iter()
+        .any(|l| l.contains(&format!("postgresql://app:")) && l.contains(&base.to_string())));
+
+    let app = app_client(&config, 0).await;
+    app.batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives restarts')")
+        .await
+        .expect("write as app");
+    let status = common::run(&[
+        "status",
+        "-c",
+        config_path.to_str().expect("path"),
+        "--json",
+    ]);
+    assert_eq!(status.code, 0, "{}\n{}", status.stdout, status.stderr);
+
+    let (code, took) = demo.terminate();
+    assert_eq!(code, 0, "{}", demo.stdout.join("\n"));
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    for p in base..base + 3 {
+        assert!(refused(p), "port {p} still open after SIGTERM");
+    }
+    for n in &config.nodes {
+        let pid_file = n
+            .data_dir
+            .as_ref()
+            .expect("data dir")
+            .join("postmaster.pid");
+        assert!(
+            !pid_file.exists(),
+            "{} left behind: not a clean shutdown",
+            pid_file.display()
+        );
+    }
+
+    // Second run: reuses the cluster, same passwords, data still there (also on a standby).
+    let before = std::fs::read_to_string(&config_path).expect("config");
+    let mut demo = Demo::start(&dir, &args, None);
+    demo.wait_ready();
+    assert_eq!(
+        std::fs::read_to_string(&config_path).expect("config"),
+        before
+    );
+    assert!(
+        !demo.stdout.iter().any(|l| l.contains("initialising")),
+        "re-initialised:\n{}",
+        demo.stdout.join("\n")
+    );
+    for node in [0, 2] {
+        let rows = app_client(&config, node)
+            .await
+            .query("SELECT v FROM kept", &[])
+            .await
+            .expect("read");
+        assert_eq!(rows[0].get::<_, String>(0), "survives restarts");
+    }
+
+    // --destroy stops the running demo and removes the directory.
+    let r = common::run(&["demo", "--dir", dir.to_str().expect("path"), "--destroy"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!dir.exists());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while demo.child.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "demo still running after --destroy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in base..base + 3 {
+        assert!(refused(p), "port {p} still open after --destroy");
+    }
+}
+
+#[tokio::test]
+async fn runs_as_an_ordinary_user_with_quorum_replication() {
+    let parent = demo_parent();
+    let dir = parent.path().join("demo");
+    // Under root, run the whole demo as the unprivileged `postgres` user; otherwise as ourselves.
+    let user = if nix::unistd::geteuid().is_root() {
+        let pg = nix::unistd::User::from_name("postgres")
+            .expect("lookup")
+            .expect("postgres user exists");
+        std::fs::create_dir(&dir).expect("mkdir");
+        nix::unistd::chown(&dir, Some(pg.uid), Some(pg.gid)).expect("chown");
+        Some((pg.uid.as_raw(), pg.gid.as_raw()))
+    } else {
+        None
+    };
+    let base = free_port_range(2).to_string();
+    let mut demo = Demo::start(
+        &dir,
+        &[
+            "--port-base",
+            &base,
+            "--nodes",
+            "2",
+            "--replication",
+            "quorum",
+        ],
+        user,
+    );
+    let config_path = demo.wait_ready();
+    let config = Config::load(&config_path).expect("config");
+    assert_eq!(config.nodes.len(), 2);
+    let data_dir = config.nodes[0].data_dir.clone().expect("data dir");
+    if let Some((uid, _)) = user {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&data_dir).expect("data dir").uid(), uid);
+    }
+    let status = pgwarden_testkit::eventually(
+        Duration::from_secs(10),
+        "n2 is a quorum standby",
+        || async {
+            let r = common::run(&[
+                "status",
+                "-c",
+                config_path.to_str().expect("path"),
+                "--json",
+            ]);
+            let v: serde_json::Value = serde_json::from_str(&r.stdout).ok()?;
+            (common::node(&v, "n2")["sync_state"] == "quorum").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(status["performance"]["sync_replicas"], 1);
+    let (code, _) = demo.terminate();
+    assert_eq!(code, 0, "{}", demo.stdout.join("\n"));
+}
+
+#[test]
+fn a_missing_binary_dir_is_a_one_line_error() {
+    let parent = demo_parent();
+    let dir = parent.path().join("demo");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("pgwarden.toml"),
+        "[postgres]\nbin_dir = \"/opt/nothing/bin\"\nsuperuser_password = \"x\"\n[[nodes]]\nname = \"n1\"\nport = 5999\ndata_dir = \"n1\"\n",
+    )
+    .expect("write");
+    let r = common::run(&["demo", "--dir", dir.to_str().expect("path")]);
+    assert_ne!(r.code, 0);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(
+        lines[0]
+            .contains("postgres.bin_dir: /opt/nothing/bin does not contain the postgres binary"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn refuses_a_directory_that_is_not_a_demo() {
+    let parent = demo_parent();
+    std::fs::write(parent.path().join("precious.txt"), "do not delete").expect("write");
+    for args in [vec![], vec!["--destroy"]] {
+        let mut all = vec!["demo", "--dir", parent.path().to_str().expect("path")];
+        all.extend(args);
+        let r = common::run(&all);
+        assert_eq!(r.code, 1);
+        assert!(
+            r.stderr.contains("is not a pgwarden demo directory"),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(parent.path().join("precious.txt").exists());
+}
