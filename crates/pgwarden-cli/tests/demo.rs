@@ -165,7 +165,7 @@ async fn first_run_sigterm_reuse_and_destroy() {
     assert!(demo
         .stdout
         .iter()
-        .any(|l| l.contains(&format!("postgresql://app:")) && l.contains(&base.to_string())));
+        .any(|l| l.contains("postgresql://app:") && l.contains(&base.to_string())));
 
     let app = app_client(&config, 0).await;
     app.batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives restarts')")
