@@ -332,3 +332,42 @@ fn refuses_a_directory_that_is_not_a_demo() {
     }
     assert!(parent.path().join("precious.txt").exists());
 }
+
+#[tokio::test]
+async fn a_killed_demo_leaves_no_server_behind_and_the_next_run_recovers() {
+    let parent = demo_parent();
+    let dir = parent.path().join("demo");
+    let base = free_port_range(2);
+    let port_arg = base.to_string();
+    let args = ["--port-base", port_arg.as_str(), "--nodes", "2"];
+    let mut demo = Demo::start(&dir, &args, None);
+    let config_path = demo.wait_ready();
+    let config = Config::load(&config_path).expect("config");
+    app_client(&config, 0)
+        .await
+        .batch_execute("CREATE TABLE t AS SELECT 7 AS x")
+        .await
+        .expect("write");
+
+    // SIGKILL: no chance to stop anything. The servers follow their parent (immediate shutdown).
+    demo.child.kill().expect("kill demo");
+    demo.child.wait().expect("reap demo");
+    pgwarden_testkit::eventually(
+        Duration::from_secs(20),
+        "servers gone after the demo was killed",
+        || async { (refused(base) && refused(base + 1)).then_some(()) },
+    )
+    .await;
+
+    // The next run finds the crashed cluster, recovers it and keeps the data.
+    let mut demo = Demo::start(&dir, &args, None);
+    demo.wait_ready();
+    let rows = app_client(&config, 1)
+        .await
+        .query("SELECT x FROM t", &[])
+        .await
+        .expect("read");
+    assert_eq!(rows[0].get::<_, i32>(0), 7);
+    let (code, _) = demo.terminate();
+    assert_eq!(code, 0);
+}

@@ -320,3 +320,284 @@ fn performance(
             .count() as i64,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::probe::DownReason;
+
+    fn config() -> Config {
+        let text = r#"
+cluster = "t"
+[postgres]
+superuser_password = "x"
+[monitor]
+lag_medium = "1MB"
+lag_high = "10MB"
+[[nodes]]
+name = "n1"
+port = 5432
+[[nodes]]
+name = "n2"
+port = 5433
+[[nodes]]
+name = "n3"
+port = 5434
+"#;
+        Config::from_toml(text, Path::new("/")).expect("valid")
+    }
+
+    const MB: u64 = 1 << 20;
+
+    fn primary(lsn: u64, timeline: u32, senders: Vec<WalSender>) -> NodeSample {
+        NodeSample::Primary {
+            lsn: Lsn(lsn),
+            timeline,
+            senders,
+            perf: PerfSample {
+                connections: 3,
+                commits: 10,
+                blocks_hit: 90,
+                blocks_read: 10,
+                database_size_bytes: 1000,
+                ..PerfSample::default()
+            },
+        }
+    }
+
+    fn replica(receive: u64, replay: u64) -> NodeSample {
+        NodeSample::Replica {
+            receive_lsn: Some(Lsn(receive)),
+            replay_lsn: Some(Lsn(replay)),
+            timeline: Some(1),
+            receiver_state: Some("streaming".into()),
+            replay_delay_seconds: Some(0.0),
+            perf: PerfSample {
+                connections: 1,
+                commits: 5,
+                blocks_hit: 10,
+                ..PerfSample::default()
+            },
+        }
+    }
+
+    fn sender(name: &str, sent: u64, write: u64, flush: u64, replay: u64, sync: &str) -> WalSender {
+        WalSender {
+            application_name: name.into(),
+            state: "streaming".into(),
+            sent_lsn: Some(Lsn(sent)),
+            write_lsn: Some(Lsn(write)),
+            flush_lsn: Some(Lsn(flush)),
+            replay_lsn: Some(Lsn(replay)),
+            sync_state: sync.into(),
+            replay_lag_seconds: Some(0.5),
+        }
+    }
+
+    fn down() -> NodeSample {
+        NodeSample::Down(DownReason {
+            kind: "connection refused".into(),
+            message: "refused".into(),
+        })
+    }
+
+    fn replica_detail(s: &ClusterStatus, i: usize) -> (LagBytes, Option<LagLevel>, Option<String>) {
+        match &s.nodes[i].detail {
+            NodeDetail::Replica {
+                lag_bytes,
+                lag_level,
+                sync_state,
+                ..
+            } => (*lag_bytes, *lag_level, sync_state.clone()),
+            other => panic!("not a replica: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lag_is_measured_per_stage_against_the_primary() {
+        let p = 100 * MB;
+        let samples = vec![
+            primary(
+                p,
+                1,
+                vec![
+                    sender("n2", p, p - MB, p - 2 * MB, p - 5 * MB, "sync"),
+                    sender("n3", p, p, p, p, "potential"),
+                ],
+            ),
+            replica(p - MB, p - 5 * MB),
+            replica(p, p),
+        ];
+        let s = ClusterStatus::build(&config(), samples, SystemTime::UNIX_EPOCH);
+        assert_eq!(s.exit_code(), 0, "{:?}", s.warnings);
+        let (lag, level, sync) = replica_detail(&s, 1);
+        assert_eq!(
+            lag,
+            LagBytes {
+                sent: Some(0),
+                write: Some(MB),
+                flush: Some(2 * MB),
+                replay: Some(5 * MB)
+            }
+        );
+        assert_eq!(level, Some(LagLevel::Medium));
+        assert_eq!(sync.as_deref(), Some("sync"));
+        assert_eq!(replica_detail(&s, 2).1, Some(LagLevel::Low));
+        assert_eq!(s.performance.sync_replicas, 1);
+        assert_eq!(s.performance.replication_connections, 2);
+        assert_eq!(s.performance.connections, 5);
+        assert_eq!(s.performance.commits, 20);
+        assert_eq!(s.performance.cache_hit_ratio, Some(110.0 / 120.0));
+        assert_eq!(s.performance.database_size_bytes, 1000);
+        assert_eq!(s.checked_at, "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn levels_follow_the_thresholds() {
+        let c = config();
+        for (bytes, level) in [
+            (0, LagLevel::Low),
+            (MB - 1, LagLevel::Low),
+            (MB, LagLevel::Medium),
+            (10 * MB - 1, LagLevel::Medium),
+            (10 * MB, LagLevel::High),
+        ] {
+            assert_eq!(LagLevel::of(bytes, &c.monitor), level, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn degraded_states_are_warned_and_exit_1() {
+        let p = 10 * MB;
+        let cases: Vec<(Vec<NodeSample>, &str)> = vec![
+            (
+                vec![
+                    primary(p, 1, vec![sender("n2", p, p, p, p, "async")]),
+                    replica(p, p),
+                    down(),
+                ],
+                "node n3 is down",
+            ),
+            (vec![down(), replica(p, p), replica(p, p)], "no primary"),
+            (
+                vec![primary(p, 1, vec![]), primary(p, 2, vec![]), replica(p, p)],
+                "2 primaries: n1, n2 (split brain)",
+            ),
+            (
+                vec![
+                    primary(p, 1, vec![sender("n2", p, p, p, p, "async")]),
+                    replica(p, p),
+                    replica(p, p),
+                ],
+                "replica n3 is not connected to the primary",
+            ),
+        ];
+        for (samples, want) in cases {
+            let s = ClusterStatus::build(&config(), samples, SystemTime::UNIX_EPOCH);
+            assert_eq!(s.exit_code(), 1);
+            assert!(
+                s.warnings.iter().any(|w| w.starts_with(want)),
+                "{want:?} not in {:?}",
+                s.warnings
+            );
+        }
+    }
+
+    #[test]
+    fn a_detached_replica_is_judged_by_its_own_positions() {
+        let p = 20 * MB;
+        let samples = vec![
+            primary(p, 1, vec![]),
+            replica(p - 2 * MB, p - 12 * MB),
+            down(),
+        ];
+        let s = ClusterStatus::build(&config(), samples, SystemTime::UNIX_EPOCH);
+        let (lag, level, sync) = replica_detail(&s, 1);
+        assert_eq!(
+            lag,
+            LagBytes {
+                sent: None,
+                write: Some(2 * MB),
+                flush: Some(2 * MB),
+                replay: Some(12 * MB)
+            }
+        );
+        assert_eq!(level, Some(LagLevel::High));
+        assert_eq!(sync, None);
+        assert_eq!(s.nodes[1].state, "streaming");
+    }
+
+    #[test]
+    fn without_a_primary_lag_is_unknown() {
+        let samples = vec![down(), replica(5, 5), replica(5, 5)];
+        let s = ClusterStatus::build(&config(), samples, SystemTime::UNIX_EPOCH);
+        let (lag, level, _) = replica_detail(&s, 1);
+        assert_eq!(lag, LagBytes::default());
+        assert_eq!(level, None);
+    }
+
+    #[test]
+    fn json_matches_the_documented_schema() {
+        let p = 0x300_0148;
+        let samples = vec![
+            primary(p, 1, vec![sender("n2", p, p, p, p, "async")]),
+            replica(p, p),
+            down(),
+        ];
+        let s = ClusterStatus::build(&config(), samples, SystemTime::UNIX_EPOCH);
+        let v: serde_json::Value = serde_json::from_str(&s.to_json()).expect("json");
+        let keys = |o: &serde_json::Value| {
+            o.as_object()
+                .expect("object")
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&v), ["cluster", "checked_at", "nodes", "performance"]);
+        assert_eq!(
+            keys(&v["nodes"][0]),
+            ["name", "host", "port", "role", "state", "timeline", "lsn", "error"]
+        );
+        assert_eq!(
+            keys(&v["nodes"][1]),
+            [
+                "name",
+                "host",
+                "port",
+                "role",
+                "state",
+                "timeline",
+                "receive_lsn",
+                "replay_lsn",
+                "lag_bytes",
+                "replay_lag_seconds",
+                "lag_level",
+                "sync_state",
+                "error"
+            ]
+        );
+        assert_eq!(
+            keys(&v["nodes"][2]),
+            ["name", "host", "port", "role", "state", "error"]
+        );
+        assert_eq!(v["nodes"][0]["lsn"], "0/3000148");
+        assert_eq!(v["nodes"][1]["lag_bytes"]["replay"], 0);
+        assert_eq!(v["nodes"][1]["lag_level"], "LOW");
+        assert_eq!(v["nodes"][2]["role"], "down");
+        assert_eq!(
+            keys(&v["performance"]),
+            [
+                "connections",
+                "active_queries",
+                "commits",
+                "rollbacks",
+                "cache_hit_ratio",
+                "database_size_bytes",
+                "replication_connections",
+                "sync_replicas"
+            ]
+        );
+    }
+}

@@ -36,6 +36,9 @@ pub struct Instance {
     env: PgEnv,
     /// When false, initdb and pg_basebackup skip fsync (test clusters only).
     durable: bool,
+    /// When true, the postmaster gets SIGQUIT (immediate shutdown) if the thread that started it
+    /// dies, so a killed test or demo leaves no server behind.
+    die_with_parent: bool,
 }
 
 const INCLUDE_LINE: &str = "include 'pgwarden.conf'\n";
@@ -49,12 +52,21 @@ impl Instance {
             data_dir: data_dir.to_path_buf(),
             env,
             durable: true,
+            die_with_parent: false,
         }
     }
 
     /// Skips fsync in initdb and pg_basebackup: for throwaway test clusters only.
     pub fn non_durable(mut self) -> Self {
         self.durable = false;
+        self
+    }
+
+    /// Ties the server's life to the starting thread's (see `prctl(PR_SET_PDEATHSIG)`): for
+    /// processes that own their servers outright, like the demo and test clusters. The HA agent
+    /// must not use it: PostgreSQL has to outlive an agent restart.
+    pub fn die_with_parent(mut self) -> Self {
+        self.die_with_parent = true;
         self
     }
 
@@ -341,6 +353,9 @@ impl Instance {
             .stdout(log)
             .stderr(log_err);
         self.env.run_as.apply_std(&mut cmd);
+        if self.die_with_parent {
+            set_parent_death_signal(&mut cmd);
+        }
         let child = cmd.spawn().map_err(PgError::io(
             "cannot start",
             self.env.bins.program("postgres"),
@@ -379,5 +394,26 @@ pub fn log_tail(data_dir: &Path, n: usize) -> String {
         format!("(nothing in {})", log_dir.display())
     } else {
         tail
+    }
+}
+
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as i32;
+    // SAFETY: the closure runs in the forked child before exec and only makes two syscalls
+    // (prctl, getppid), both async-signal-safe; it allocates nothing and takes no locks. It runs
+    // after the uid switch, which would otherwise clear the setting.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)?;
+            // The parent may have died between fork and prctl.
+            if nix::unistd::getppid().as_raw() != parent {
+                return Err(std::io::Error::other(
+                    "parent exited before postgres started",
+                ));
+            }
+            Ok(())
+        });
     }
 }

@@ -91,6 +91,7 @@ impl ClusterBuilder {
                     &dir.path().join(&name),
                 )
                 .non_durable()
+                .die_with_parent()
             })
             .collect();
         let mut cluster = Cluster {
