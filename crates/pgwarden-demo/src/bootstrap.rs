@@ -124,7 +124,7 @@ fn instances(config: &Config, env: &PgEnv) -> Result<Vec<Instance>, DemoError> {
         .filter_map(|n: &NodeConfig| n.data_dir.as_ref().map(|d| (n, d)))
         .map(|(n, dir)| {
             env.run_as.check_reachable(dir)?;
-            Ok(Instance::new(env.clone(), &n.name, &n.host, n.port, dir))
+            Ok(Instance::new(env.clone(), &n.name, &n.host, n.port, dir).die_with_parent())
         })
         .collect()
 }
