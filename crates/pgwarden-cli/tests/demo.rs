@@ -81,8 +81,12 @@ impl Demo {
 
     /// SIGTERM; returns the exit code and how long the stop took.
     fn terminate(&mut self) -> (i32, Duration) {
+        self.stop_with(Signal::SIGTERM)
+    }
+
+    fn stop_with(&mut self, sig: Signal) -> (i32, Duration) {
         let started = Instant::now();
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("signal demo");
+        kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal demo");
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 break s;
@@ -289,8 +293,37 @@ async fn runs_as_an_ordinary_user_with_quorum_replication() {
     )
     .await;
     assert_eq!(status["performance"]["sync_replicas"], 1);
-    let (code, _) = demo.terminate();
+
+    // A standby that dies is reported (not restarted: that is the HA agent's job).
+    let n2_dir = config.nodes[1].data_dir.clone().expect("data dir");
+    let pid: i32 = std::fs::read_to_string(n2_dir.join("postmaster.pid"))
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .expect("pid line")
+        .parse()
+        .expect("pid");
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill n2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(line) = demo.lines.recv_timeout(Duration::from_millis(100)) {
+            demo.stdout.push(line.clone());
+            if line.contains("node died") && line.contains("node=n2") {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2's death not reported:\n{}",
+            demo.stdout.join("\n")
+        );
+    }
+
+    // SIGINT stops the demo as cleanly as SIGTERM.
+    let (code, took) = demo.stop_with(Signal::SIGINT);
     assert_eq!(code, 0, "{}", demo.stdout.join("\n"));
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    assert!(refused(config.nodes[0].port));
 }
 
 #[test]

@@ -259,3 +259,42 @@ fn a_missing_config_is_exit_2() {
         r.stderr
     );
 }
+
+#[tokio::test]
+async fn watch_redraws_every_interval_until_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let cluster = Cluster::builder()
+        .replicas(1)
+        .monitor("interval", "\"200ms\"")
+        .build()
+        .await;
+    let config = cluster.write_config();
+    let mut child = common::pgwarden()
+        .args(["status", "--watch", "-c", config.to_str().expect("path")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start status --watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx.send(l)))
+    });
+    let mut headers = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while headers < 3 {
+        assert!(Instant::now() < deadline, "only {headers} redraws");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            headers += usize::from(line.starts_with("Cluster test at"));
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

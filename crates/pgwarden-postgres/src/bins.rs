@@ -39,7 +39,13 @@ impl PgBinaries {
                 }
             }
         }
-        candidates.extend(debian_bin_dirs(Path::new("/usr/lib/postgresql")));
+        Self::search(candidates, Path::new("/usr/lib/postgresql"))
+    }
+
+    /// The first of `candidates`, then of `<versions_root>/<major>/bin` newest first, that holds
+    /// the server programs.
+    fn search(mut candidates: Vec<PathBuf>, versions_root: &Path) -> Result<Self, PgError> {
+        candidates.extend(debian_bin_dirs(versions_root));
         // A PATH entry may hold symlinks to only some programs (/usr/local/bin/postgres ->
         // /usr/lib/postgresql/15/bin/postgres): follow `postgres` to its real directory.
         let found = candidates
@@ -50,8 +56,10 @@ impl PgBinaries {
         match found {
             Some(dir) => Self::at(dir),
             None => Err(PgError::BinariesNotFound {
-                searched: "looked in PATH, pg_config --bindir and /usr/lib/postgresql/*/bin"
-                    .to_string(),
+                searched: format!(
+                    "looked in PATH, pg_config --bindir and {}/*/bin",
+                    versions_root.display()
+                ),
             }),
         }
     }
@@ -123,6 +131,32 @@ mod tests {
     fn a_configured_dir_without_postgres_is_an_error() {
         let err = PgBinaries::find(Some(Path::new("/nonexistent/bin"))).unwrap_err();
         assert!(matches!(err, PgError::BadBinDir { .. }));
+    }
+
+    #[test]
+    fn no_installation_is_a_one_line_error_saying_what_to_install() {
+        let empty = tempfile::tempdir().expect("tempdir");
+        let err = PgBinaries::search(vec![empty.path().to_path_buf()], empty.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, PgError::BinariesNotFound { .. }));
+        assert!(!msg.contains('\n'));
+        assert!(
+            msg.contains(
+                "install the PostgreSQL server package (e.g. apt-get install postgresql-15)"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_partial_install_is_skipped() {
+        // postgres alone (as in /usr/local/bin here) is not enough: initdb and friends must sit beside it.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let partial = tmp.path().join("partial");
+        std::fs::create_dir(&partial).expect("mkdir");
+        std::fs::write(partial.join("postgres"), "").expect("write");
+        let err = PgBinaries::search(vec![partial], tmp.path()).unwrap_err();
+        assert!(matches!(err, PgError::BinariesNotFound { .. }));
     }
 
     #[test]

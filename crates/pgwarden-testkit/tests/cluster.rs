@@ -93,3 +93,37 @@ async fn replay_can_be_paused_and_resumed() {
         .await;
     assert_eq!(rows.len(), 1);
 }
+
+/// Under root (as in CI) the testkit runs PostgreSQL as `postgres`; this re-runs a cluster test
+/// from this same binary as the unprivileged `postgres` user, where no user switching happens.
+/// When the suite itself runs unprivileged, every other test here already covers that case.
+#[test]
+fn the_testkit_works_for_an_ordinary_user() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let pg = nix::unistd::User::from_name("postgres")
+        .expect("look up user")
+        .expect("the postgres OS user exists");
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "a_row_written_on_the_primary_appears_on_both_standbys",
+            "--nocapture",
+        ])
+        .uid(pg.uid.as_raw())
+        .gid(pg.gid.as_raw())
+        .current_dir("/")
+        .env("HOME", "/tmp")
+        .output()
+        .expect("run the test binary as postgres");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "as postgres:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("1 passed"),
+        "the test did not run:\n{stdout}"
+    );
+}
