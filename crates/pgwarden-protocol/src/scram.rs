@@ -138,10 +138,7 @@ impl std::fmt::Display for Verifier {
 }
 
 /// Splits `a=...,b=...` into attribute values, checking the expected order of names.
-fn attributes<'a, const N: usize>(
-    msg: &'a str,
-    names: [char; N],
-) -> Result<[&'a str; N], ScramError> {
+fn attributes<const N: usize>(msg: &str, names: [char; N]) -> Result<[&str; N], ScramError> {
     let mut parts = msg.splitn(N, ',');
     let mut out = [""; N];
     for (slot, name) in out.iter_mut().zip(names) {
