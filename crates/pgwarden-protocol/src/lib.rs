@@ -20,6 +20,7 @@
 //! - [`scram`] — SCRAM-SHA-256 server and client, including client-key pass-through.
 //! - [`md5`] — md5 password hashing.
 //! - [`error`] — [`ProtocolError`].
+//! - `fuzzing` — entry points shared by the fuzz targets in `fuzz/` and the randomized tests.
 
 pub mod backend;
 pub mod cursor;
@@ -27,6 +28,8 @@ pub mod error;
 pub mod error_response;
 pub mod frame;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod md5;
 pub mod scram;
 pub mod sqlstate;
