@@ -10,7 +10,9 @@
 //! - [`probe`] — one node's raw facts ([`probe::NodeSample`]) from SQL, and probing all nodes.
 //! - [`status`] — [`ClusterStatus`], the derived snapshot, its JSON schema and exit code.
 //! - [`render`] — the human table.
+//! - [`monitor`] — the actor publishing [`monitor::ClusterView`] snapshots over `watch`.
 
+pub mod monitor;
 pub mod probe;
 pub mod render;
 pub mod status;
