@@ -39,11 +39,42 @@ pub struct FileConfig {
     pub proxy: FileProxy,
 }
 
-/// `[proxy]`: only the user list so far; the proxy's own settings come with the proxy.
+/// `[proxy]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct FileProxy {
+    pub listen: Option<Field<String>>,
+    pub workers: Option<Field<i64>>,
+    pub pool_mode: Option<Field<String>>,
+    pub default_pool_size: Option<Field<i64>>,
+    pub min_pool_size: Option<Field<i64>>,
+    pub max_client_conn: Option<Field<i64>>,
+    pub server_connect_timeout: Option<Field<String>>,
+    pub query_wait_timeout: Option<Field<String>>,
+    pub server_idle_timeout: Option<Field<String>>,
+    pub server_lifetime: Option<Field<String>>,
+    pub idle_transaction_timeout: Option<Field<String>>,
+    pub max_prepared_statements: Option<Field<i64>>,
+    pub admin_users: Option<Field<Vec<String>>>,
+    pub client_tls: FileClientTls,
+    pub auth: FileAuth,
     pub users: Vec<FileProxyUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileClientTls {
+    pub mode: Option<Field<String>>,
+    pub cert: Option<Field<String>>,
+    pub key: Option<Field<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileAuth {
+    pub method: Option<Field<String>>,
+    pub auth_user: Option<Field<String>>,
+    pub auth_query: Option<Field<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,18 +10,19 @@
 //! # Layout
 //! - [`file`] — the serde structs (`FileConfig` and its sections).
 //! - [`model`] — the validated types ([`Config`], [`NodeConfig`], [`ReplicationMode`], ...).
-//! - [`validate`] — file -> model, every error at once.
+//! - [`validate`] — file -> model, every error at once (`validate_proxy` for `[proxy]`).
 //! - [`error`] — [`ConfigError`] and [`FieldError`].
 
 pub mod error;
 pub mod file;
 pub mod model;
 pub mod validate;
+mod validate_proxy;
 
 pub use error::{ConfigError, FieldError};
 pub use model::{
-    Config, MonitorConfig, NodeConfig, PostgresConfig, ReplicationConfig, ReplicationMode, Secret,
-    UserConfig,
+    AuthConfig, AuthMethod, ClientTlsConfig, Config, MonitorConfig, NodeConfig, PoolMode,
+    PostgresConfig, ProxyConfig, ReplicationConfig, ReplicationMode, Secret, TlsMode, UserConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -37,6 +37,8 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// Login roles clients use (`[[proxy.users]]`).
     pub users: Vec<UserConfig>,
+    /// `[proxy]` (defaults when absent).
+    pub proxy: ProxyConfig,
     /// The file this was loaded from, if any.
     pub source: Option<PathBuf>,
 }
@@ -145,3 +147,69 @@ pub struct UserConfig {
     pub password: Secret,
     pub pool_size: Option<u32>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A server connection per client for the client's whole session.
+    Session,
+    /// A server connection per transaction; released at ReadyForQuery with status idle.
+    Transaction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    /// TLS if the client asks for it.
+    Allow,
+    /// Clients without TLS are refused.
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTlsConfig {
+    pub mode: TlsMode,
+    /// PEM certificate chain and key; both present unless `mode` is `Disable`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub method: AuthMethod,
+    /// Looks up users not in `[[proxy.users]]` with `auth_query`; itself a listed user.
+    pub auth_user: Option<String>,
+    pub auth_query: String,
+}
+
+/// `[proxy]`: the pooler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listen: std::net::SocketAddr,
+    /// Runtime worker threads; 0 = one per core.
+    pub workers: usize,
+    pub pool_mode: PoolMode,
+    pub default_pool_size: u32,
+    pub min_pool_size: u32,
+    pub max_client_conn: u32,
+    pub server_connect_timeout: Duration,
+    pub query_wait_timeout: Duration,
+    pub server_idle_timeout: Duration,
+    pub server_lifetime: Duration,
+    /// `None` when off (`"0s"`).
+    pub idle_transaction_timeout: Option<Duration>,
+    /// Per server connection; 0 disables prepared-statement tracking.
+    pub max_prepared_statements: u32,
+    pub admin_users: Vec<String>,
+    pub client_tls: ClientTlsConfig,
+    pub auth: AuthConfig,
+}
+
+/// The default `auth_query`, as PgBouncer's.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";

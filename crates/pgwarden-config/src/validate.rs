@@ -31,12 +31,12 @@ const MANAGED_PARAMETERS: &[&str] = &[
 ];
 
 /// Collects errors while reading fields.
-struct Errors {
-    list: Vec<FieldError>,
+pub(crate) struct Errors {
+    pub(crate) list: Vec<FieldError>,
 }
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.list.push(FieldError {
             path: path.into(),
             message: message.into(),
@@ -44,7 +44,7 @@ impl Errors {
     }
 
     /// The value of an optional field, recording a type error.
-    fn get<T>(&mut self, path: &str, field: Option<Field<T>>) -> Option<T> {
+    pub(crate) fn get<T>(&mut self, path: &str, field: Option<Field<T>>) -> Option<T> {
         match field? {
             Field::Ok(v) => Some(v),
             Field::Bad(msg) => {
@@ -54,14 +54,19 @@ impl Errors {
         }
     }
 
-    fn required<T>(&mut self, path: &str, field: Option<Field<T>>) -> Option<T> {
+    pub(crate) fn required<T>(&mut self, path: &str, field: Option<Field<T>>) -> Option<T> {
         if field.is_none() {
             self.push(path, "is required");
         }
         self.get(path, field)
     }
 
-    fn non_empty(&mut self, path: &str, field: Option<Field<String>>, default: &str) -> String {
+    pub(crate) fn non_empty(
+        &mut self,
+        path: &str,
+        field: Option<Field<String>>,
+        default: &str,
+    ) -> String {
         match self.get(path, field) {
             Some(s) if s.trim().is_empty() => {
                 self.push(path, "must not be empty");
@@ -72,7 +77,7 @@ impl Errors {
         }
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &mut self,
         path: &str,
         field: Option<Field<String>>,
@@ -90,7 +95,12 @@ impl Errors {
         }
     }
 
-    fn size(&mut self, path: &str, field: Option<Field<String>>, default: ByteSize) -> ByteSize {
+    pub(crate) fn size(
+        &mut self,
+        path: &str,
+        field: Option<Field<String>>,
+        default: ByteSize,
+    ) -> ByteSize {
         match self.get(path, field) {
             None => default,
             Some(s) => match s.parse::<ByteSize>() {
@@ -106,7 +116,7 @@ impl Errors {
 
 /// Validates the file layer. `unknown` holds the paths of keys serde did not recognise.
 pub fn validate(
-    file: FileConfig,
+    mut file: FileConfig,
     unknown: Vec<String>,
     base_dir: &Path,
 ) -> Result<Config, Vec<FieldError>> {
@@ -122,7 +132,8 @@ pub fn validate(
     let postgres = postgres(&mut e, file.postgres, base_dir, &nodes);
     let replication = replication(&mut e, file.replication, nodes.len());
     let monitor = monitor(&mut e, file.monitor);
-    let users = users(&mut e, file.proxy.users);
+    let users = users(&mut e, std::mem::take(&mut file.proxy.users));
+    let proxy = crate::validate_proxy::proxy(&mut e, file.proxy, base_dir, &users);
     if e.list.is_empty() {
         Ok(Config {
             cluster,
@@ -131,6 +142,7 @@ pub fn validate(
             monitor,
             nodes,
             users,
+            proxy,
             source: None,
         })
     } else {
@@ -418,7 +430,7 @@ fn users(e: &mut Errors, list: Vec<FileProxyUser>) -> Vec<UserConfig> {
     out
 }
 
-fn resolve(base: &Path, p: &str) -> PathBuf {
+pub(crate) fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
         p.to_path_buf()

@@ -214,3 +214,132 @@ fn toml_syntax_errors_name_the_line() {
     assert!(line.starts_with("TOML error at line 2"), "{line}");
     assert!(!line.contains('\n'));
 }
+
+const NODE: &str =
+    "[postgres]\nsuperuser_password = \"x\"\n[[nodes]]\nname = \"n1\"\nport = 5432\n";
+
+#[test]
+fn proxy_defaults_when_absent() {
+    let c = Config::from_toml(NODE, Path::new("/")).expect("valid");
+    let p = &c.proxy;
+    assert_eq!(p.listen.to_string(), "127.0.0.1:6432");
+    assert_eq!(p.pool_mode, pgwarden_config::PoolMode::Transaction);
+    assert_eq!(
+        (p.default_pool_size, p.min_pool_size, p.max_client_conn),
+        (20, 0, 1000)
+    );
+    assert_eq!(p.query_wait_timeout, Duration::from_secs(30));
+    assert_eq!(p.idle_transaction_timeout, None);
+    assert_eq!(p.max_prepared_statements, 200);
+    assert_eq!(p.client_tls.mode, pgwarden_config::TlsMode::Disable);
+    assert_eq!(p.auth.method, pgwarden_config::AuthMethod::ScramSha256);
+    assert_eq!(
+        p.auth.auth_query,
+        "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+    );
+}
+
+#[test]
+fn the_proxy_section_from_the_docs_validates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("cert.pem"), "x").expect("write");
+    std::fs::write(dir.path().join("key.pem"), "x").expect("write");
+    let text = format!(
+        r#"{NODE}
+[proxy]
+listen = "0.0.0.0:7432"
+workers = 2
+pool_mode = "session"
+default_pool_size = 10
+min_pool_size = 2
+max_client_conn = 500
+server_connect_timeout = "1s"
+query_wait_timeout = "5s"
+server_idle_timeout = "1m"
+server_lifetime = "30m"
+idle_transaction_timeout = "10s"
+max_prepared_statements = 100
+admin_users = ["admin"]
+[proxy.client_tls]
+mode = "require"
+cert = "cert.pem"
+key = "key.pem"
+[proxy.auth]
+method = "md5"
+auth_user = "pgwarden_auth"
+[[proxy.users]]
+name = "pgwarden_auth"
+password = "a"
+[[proxy.users]]
+name = "app"
+password = "SCRAM-SHA-256$4096:c2FsdA==$AAAA:BBBB"
+pool_size = 5
+"#
+    );
+    let c = Config::from_toml(&text, dir.path()).expect("valid");
+    let p = &c.proxy;
+    assert_eq!(p.listen.to_string(), "0.0.0.0:7432");
+    assert_eq!(
+        (p.workers, p.pool_mode),
+        (2, pgwarden_config::PoolMode::Session)
+    );
+    assert_eq!(p.idle_transaction_timeout, Some(Duration::from_secs(10)));
+    assert_eq!(
+        p.client_tls.cert.as_deref(),
+        Some(dir.path().join("cert.pem").as_path())
+    );
+    assert_eq!(p.auth.auth_user.as_deref(), Some("pgwarden_auth"));
+    assert_eq!(c.users[1].pool_size, Some(5));
+}
+
+#[test]
+fn proxy_mistakes_are_all_reported() {
+    let text = format!(
+        r#"{NODE}
+[proxy]
+listen = "localhost"
+pool_mode = "statement"
+default_pool_size = 0
+min_pool_size = 50
+query_wait_timeout = "0s"
+admin_users = "admin"
+[proxy.client_tls]
+mode = "require"
+cert = "/nonexistent.pem"
+[proxy.auth]
+method = "password"
+auth_user = "ghost"
+auth_query = "SELECT 1"
+[[proxy.users]]
+name = "app"
+"#
+    );
+    let errs = errors(&text);
+    let expect = [
+        "proxy.listen: \"localhost\" is not an address:port",
+        "proxy.pool_mode: unknown pool mode \"statement\"",
+        "proxy.default_pool_size: 0 is out of range",
+        "proxy.min_pool_size: (50) must not exceed proxy.default_pool_size",
+        "proxy.query_wait_timeout: must be greater than 0",
+        "proxy.admin_users: invalid type: string \"admin\", expected a sequence",
+        "proxy.client_tls.cert: /nonexistent.pem does not exist",
+        "proxy.client_tls.key: is required when proxy.client_tls.mode is not disable",
+        "proxy.auth.method: unknown method \"password\"",
+        "proxy.auth.auth_user: \"ghost\" must be listed in [[proxy.users]]",
+        "proxy.auth.auth_query: must take the user name as $1",
+        "proxy.users[0].password: is required",
+    ];
+    for want in expect {
+        assert!(
+            errs.iter().any(|e| e.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            errs.join("\n")
+        );
+    }
+    assert_eq!(
+        errs.len(),
+        expect.len(),
+        "unexpected extra errors:\n{}",
+        errs.join("\n")
+    );
+}

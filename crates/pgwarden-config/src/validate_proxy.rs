@@ -1,0 +1,222 @@
+//! `[proxy]` validation.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::file::{FileAuth, FileClientTls, FileProxy};
+use crate::model::*;
+use crate::validate::{resolve, Errors};
+
+pub(crate) fn proxy(
+    e: &mut Errors,
+    f: FileProxy,
+    base: &Path,
+    users: &[UserConfig],
+) -> ProxyConfig {
+    let listen = match e.get("proxy.listen", f.listen) {
+        None => SocketAddr::from(([127, 0, 0, 1], 6432)),
+        Some(s) => s.parse().unwrap_or_else(|_| {
+            e.push(
+                "proxy.listen",
+                format!("\"{s}\" is not an address:port (e.g. \"127.0.0.1:6432\")"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 6432))
+        }),
+    };
+    let workers = int(e, "proxy.workers", f.workers, 0, 0, 1024) as usize;
+    let pool_mode = match e.get("proxy.pool_mode", f.pool_mode).as_deref() {
+        None | Some("transaction") => PoolMode::Transaction,
+        Some("session") => PoolMode::Session,
+        Some(other) => {
+            e.push(
+                "proxy.pool_mode",
+                format!("unknown pool mode \"{other}\": expected session or transaction"),
+            );
+            PoolMode::Transaction
+        }
+    };
+    let default_pool_size = int(
+        e,
+        "proxy.default_pool_size",
+        f.default_pool_size,
+        20,
+        1,
+        100_000,
+    ) as u32;
+    let min_pool_size = int(e, "proxy.min_pool_size", f.min_pool_size, 0, 0, 100_000) as u32;
+    if min_pool_size > default_pool_size {
+        e.push(
+            "proxy.min_pool_size",
+            format!(
+                "({min_pool_size}) must not exceed proxy.default_pool_size ({default_pool_size})"
+            ),
+        );
+    }
+    let max_client_conn = int(
+        e,
+        "proxy.max_client_conn",
+        f.max_client_conn,
+        1000,
+        1,
+        1_000_000,
+    ) as u32;
+    let positive = |e: &mut Errors, path: &str, field, default| {
+        let d = e.duration(path, field, default);
+        if d.is_zero() {
+            e.push(path, "must be greater than 0 (every wait has a bound)");
+        }
+        d
+    };
+    let server_connect_timeout = positive(
+        e,
+        "proxy.server_connect_timeout",
+        f.server_connect_timeout,
+        secs(3),
+    );
+    let query_wait_timeout = positive(
+        e,
+        "proxy.query_wait_timeout",
+        f.query_wait_timeout,
+        secs(30),
+    );
+    let server_idle_timeout = positive(
+        e,
+        "proxy.server_idle_timeout",
+        f.server_idle_timeout,
+        secs(600),
+    );
+    let server_lifetime = positive(e, "proxy.server_lifetime", f.server_lifetime, secs(3600));
+    let idle_transaction_timeout = Some(e.duration(
+        "proxy.idle_transaction_timeout",
+        f.idle_transaction_timeout,
+        Duration::ZERO,
+    ))
+    .filter(|d| !d.is_zero());
+    let max_prepared_statements = int(
+        e,
+        "proxy.max_prepared_statements",
+        f.max_prepared_statements,
+        200,
+        0,
+        100_000,
+    ) as u32;
+    let admin_users = e
+        .get("proxy.admin_users", f.admin_users)
+        .unwrap_or_default();
+    for (i, u) in admin_users.iter().enumerate() {
+        if u.is_empty() {
+            e.push(format!("proxy.admin_users[{i}]"), "must not be empty");
+        }
+    }
+    ProxyConfig {
+        listen,
+        workers,
+        pool_mode,
+        default_pool_size,
+        min_pool_size,
+        max_client_conn,
+        server_connect_timeout,
+        query_wait_timeout,
+        server_idle_timeout,
+        server_lifetime,
+        idle_transaction_timeout,
+        max_prepared_statements,
+        admin_users,
+        client_tls: client_tls(e, f.client_tls, base),
+        auth: auth(e, f.auth, users),
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn int(
+    e: &mut Errors,
+    path: &str,
+    field: Option<crate::file::Field<i64>>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> i64 {
+    match e.get(path, field) {
+        None => default,
+        Some(v) if (min..=max).contains(&v) => v,
+        Some(v) => {
+            e.push(
+                path,
+                format!("{v} is out of range: must be between {min} and {max}"),
+            );
+            default
+        }
+    }
+}
+
+fn client_tls(e: &mut Errors, f: FileClientTls, base: &Path) -> ClientTlsConfig {
+    let mode = match e.get("proxy.client_tls.mode", f.mode).as_deref() {
+        None | Some("disable") => TlsMode::Disable,
+        Some("allow") => TlsMode::Allow,
+        Some("require") => TlsMode::Require,
+        Some(other) => {
+            e.push(
+                "proxy.client_tls.mode",
+                format!("unknown TLS mode \"{other}\": expected disable, allow or require"),
+            );
+            TlsMode::Disable
+        }
+    };
+    let mut file = |key: &str, field| {
+        let path = format!("proxy.client_tls.{key}");
+        let p = e.get(&path, field).map(|s: String| resolve(base, &s));
+        match &p {
+            Some(p) if mode != TlsMode::Disable && !p.is_file() => {
+                e.push(&path, format!("{} does not exist", p.display()));
+            }
+            None if mode != TlsMode::Disable => e.push(
+                &path,
+                "is required when proxy.client_tls.mode is not disable",
+            ),
+            _ => {}
+        }
+        p
+    };
+    let cert = file("cert", f.cert);
+    let key = file("key", f.key);
+    ClientTlsConfig { mode, cert, key }
+}
+
+fn auth(e: &mut Errors, f: FileAuth, users: &[UserConfig]) -> AuthConfig {
+    let method = match e.get("proxy.auth.method", f.method).as_deref() {
+        None | Some("scram-sha-256") => AuthMethod::ScramSha256,
+        Some("md5") => AuthMethod::Md5,
+        Some("trust") => AuthMethod::Trust,
+        Some(other) => {
+            e.push(
+                "proxy.auth.method",
+                format!("unknown method \"{other}\": expected scram-sha-256, md5 or trust"),
+            );
+            AuthMethod::ScramSha256
+        }
+    };
+    let auth_user = e.get("proxy.auth.auth_user", f.auth_user);
+    if let Some(u) = &auth_user {
+        if !users.iter().any(|x| &x.name == u) {
+            e.push(
+                "proxy.auth.auth_user",
+                format!("\"{u}\" must be listed in [[proxy.users]] with a password the proxy can log in with"),
+            );
+        }
+    }
+    let auth_query = e
+        .get("proxy.auth.auth_query", f.auth_query)
+        .unwrap_or_else(|| DEFAULT_AUTH_QUERY.to_string());
+    if !auth_query.contains("$1") {
+        e.push("proxy.auth.auth_query", "must take the user name as $1");
+    }
+    AuthConfig {
+        method,
+        auth_user,
+        auth_query,
+    }
+}
