@@ -34,6 +34,12 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Run the connection pooler in front of the cluster's primary.
+    Proxy {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Run a local replicated cluster in the foreground.
     Demo {
         /// Where the cluster lives.
@@ -69,7 +75,7 @@ fn parse_mode(s: &str) -> Result<ReplicationMode, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } => "info",
+        Command::Demo { .. } | Command::Proxy { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -81,6 +87,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+    // The proxy sizes its runtime from its config; everything else uses the default.
+    if let Command::Proxy { config } = cli.command {
+        return proxy(config);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
@@ -110,6 +120,7 @@ async fn run(command: Command) -> ExitCode {
             };
             status(&config, json, watch).await
         }
+        Command::Proxy { .. } => unreachable!("handled in main"),
         Command::Demo {
             dir,
             nodes,
@@ -177,6 +188,47 @@ async fn status(config: &Config, json: bool, watch: bool) -> ExitCode {
         tokio::select! {
             _ = tokio::time::sleep(config.monitor.interval) => {}
             _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+        }
+    }
+}
+
+fn proxy(config: Option<PathBuf>) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(code) => return code,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.proxy.workers > 0 {
+        builder.worker_threads(config.proxy.workers);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
+    };
+    runtime.block_on(async move {
+        let listen = config.proxy.listen;
+        let proxy = match pgwarden_proxy::Proxy::bind(config).await {
+            Ok(p) => p,
+            Err(e) => return fail(&format!("cannot listen on {listen}: {e}"), 1),
+        };
+        tracing::info!(%listen, "proxy listening");
+        proxy.serve(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -245,7 +245,13 @@ impl Cluster {
             .await
             .batch_execute(sql)
             .await
-            .unwrap_or_else(|e| panic!("on {}: {sql}: {e}", self.nodes[i].instance.name));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "on {}: {sql}: {}",
+                    self.nodes[i].instance.name,
+                    describe(&e)
+                )
+            });
     }
 
     pub async fn query(&self, i: usize, sql: &str) -> Vec<Row> {
@@ -253,7 +259,13 @@ impl Cluster {
             .await
             .query(sql, &[])
             .await
-            .unwrap_or_else(|e| panic!("on {}: {sql}: {e}", self.nodes[i].instance.name))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "on {}: {sql}: {}",
+                    self.nodes[i].instance.name,
+                    describe(&e)
+                )
+            })
     }
 
     /// The first column of the first row, as text (`sql` should cast: `SELECT x::text`).
@@ -416,4 +428,12 @@ fn copy_dir(from: &Path, to: &Path) {
         from.display(),
         to.display()
     );
+}
+
+/// An error with the server's own message (tokio-postgres's Display says only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }

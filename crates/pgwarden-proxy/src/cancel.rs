@@ -1,0 +1,123 @@
+//! Cancel requests.
+//!
+//! Each client gets its own BackendKeyData from the proxy. While a client holds a server
+//! connection, its slot names that server's key. A cancel request is forwarded only to that
+//! server, and the slot's lock is held until the server has taken the request; a session clears
+//! its slot (taking the same lock) before giving the server back to the pool. So a cancel never
+//! reaches a server that has since been handed to another client.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgwarden_protocol::startup;
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::server::{BackendKey, Target};
+
+#[derive(Default)]
+pub struct CancelSlot {
+    pub server: tokio::sync::Mutex<Option<(Target, BackendKey)>>,
+}
+
+struct Entry {
+    secret: i32,
+    slot: Arc<CancelSlot>,
+}
+
+#[derive(Default)]
+pub struct CancelMap {
+    entries: Mutex<HashMap<i32, Entry>>,
+}
+
+/// Removes the session's entry when the session ends.
+pub struct Registration<'a> {
+    map: &'a CancelMap,
+    pub pid: i32,
+    pub secret: i32,
+    pub slot: Arc<CancelSlot>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.map
+            .entries
+            .lock()
+            .expect("cancel map lock")
+            .remove(&self.pid);
+    }
+}
+
+impl CancelMap {
+    /// A fresh (pid, secret) pair for a new session.
+    pub fn register(&self) -> Registration<'_> {
+        let mut rng = rand::thread_rng();
+        let mut entries = self.entries.lock().expect("cancel map lock");
+        let pid = loop {
+            let pid = rng.gen_range(1..i32::MAX);
+            if !entries.contains_key(&pid) {
+                break pid;
+            }
+        };
+        let secret = rng.gen();
+        let slot = Arc::new(CancelSlot::default());
+        entries.insert(
+            pid,
+            Entry {
+                secret,
+                slot: slot.clone(),
+            },
+        );
+        Registration {
+            map: self,
+            pid,
+            secret,
+            slot,
+        }
+    }
+
+    /// Forwards a client's cancel request to the server currently running its query, if any.
+    pub async fn cancel(&self, pid: i32, secret: i32, timeout: Duration) {
+        let slot = {
+            let entries = self.entries.lock().expect("cancel map lock");
+            match entries.get(&pid) {
+                Some(e) if e.secret == secret => e.slot.clone(),
+                _ => {
+                    tracing::debug!(pid, "cancel request with an unknown key ignored");
+                    return;
+                }
+            }
+        };
+        let guard = slot.server.lock().await;
+        if let Some((target, key)) = guard.as_ref() {
+            if tokio::time::timeout(timeout, send_cancel(target, *key))
+                .await
+                .is_err()
+            {
+                tracing::warn!(server = %target.addr(), "cancel request timed out");
+            }
+        }
+        drop(guard);
+    }
+}
+
+/// Sends a CancelRequest and waits for the server to close the connection, which it does once it
+/// has signalled the backend.
+async fn send_cancel(target: &Target, key: BackendKey) {
+    let Ok(mut s) = TcpStream::connect((target.host.as_str(), target.port)).await else {
+        return;
+    };
+    let mut buf = BytesMut::new();
+    startup::put_cancel_request(&mut buf, key.pid, key.secret);
+    if s.write_all(&buf).await.is_ok() {
+        let mut sink = [0u8; 64];
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! What can go wrong in a session, and what the client is told.
+
+use std::time::Duration;
+
+use pgwarden_core::format_duration;
+use pgwarden_protocol::{ProtocolError, SqlState};
+
+/// Errors of the proxy. [`ProxyError::sqlstate`] and [`ProxyError::client_message`] are the only
+/// things a client sees; everything else goes to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("client protocol error: {0}")]
+    ClientProtocol(#[source] ProtocolError),
+    #[error("server protocol error: {0}")]
+    ServerProtocol(#[source] ProtocolError),
+    #[error("client I/O: {0}")]
+    ClientIo(#[source] std::io::Error),
+    #[error("server I/O: {0}")]
+    ServerIo(#[source] std::io::Error),
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("server closed the connection")]
+    ServerClosed,
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    #[error("authentication timed out")]
+    AuthTimeout,
+    #[error("no primary is available (waited {})", format_duration(*.0))]
+    NoPrimary(Duration),
+    #[error("cannot connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to server {addr} took longer than {}", format_duration(*timeout))]
+    ConnectTimeout { addr: String, timeout: Duration },
+    /// The server refused the login; its error is passed on.
+    #[error("server refused login: {message}")]
+    ServerRefused { code: SqlState, message: String },
+    #[error("the server asked for an authentication method the proxy does not support ({0})")]
+    UnsupportedServerAuth(String),
+    #[error("no server connection available within query_wait_timeout ({})", format_duration(*.0))]
+    WaitTimeout(Duration),
+    #[error("too many client connections (max_client_conn = {0})")]
+    TooManyClients(u32),
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl ProxyError {
+    pub fn sqlstate(&self) -> SqlState {
+        use ProxyError::*;
+        match self {
+            ClientProtocol(e) => e.sqlstate(),
+            ServerProtocol(_)
+            | ServerIo(_)
+            | ServerClosed
+            | Connect { .. }
+            | ConnectTimeout { .. } => SqlState::CONNECTION_FAILURE,
+            ClientIo(_) | ClientClosed => SqlState::CONNECTION_FAILURE,
+            NoUser => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            AuthFailed(_) => SqlState::INVALID_PASSWORD,
+            AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            NoPrimary(_) => SqlState::CANNOT_CONNECT_NOW,
+            ServerRefused { code, .. } => *code,
+            UnsupportedServerAuth(_) => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            WaitTimeout(_) | TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
+            ShuttingDown => SqlState::ADMIN_SHUTDOWN,
+            Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+        }
+    }
+
+    /// The message for the client, in PostgreSQL's style. Server-side details (addresses, I/O
+    /// errors) are not shown to clients.
+    pub fn client_message(&self) -> String {
+        use ProxyError::*;
+        match self {
+            ServerIo(_) | ServerClosed | ServerProtocol(_) => "server connection lost".to_string(),
+            Connect { .. } | ConnectTimeout { .. } => {
+                "could not connect to the database server".to_string()
+            }
+            ServerRefused { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Expected ends of a session, logged at debug rather than warn.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, ProxyError::ClientClosed | ProxyError::ClientIo(_))
+    }
+}

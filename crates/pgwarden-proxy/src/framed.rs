@@ -1,0 +1,107 @@
+//! A socket with a read buffer and a write buffer, speaking whole frames.
+
+use bytes::{Bytes, BytesMut};
+use pgwarden_protocol::frame;
+use pgwarden_protocol::ProtocolError;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Which side a connection is, so I/O errors are attributed correctly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+pub struct Framed<S> {
+    pub io: S,
+    pub rbuf: BytesMut,
+    pub wbuf: BytesMut,
+    side: Side,
+}
+
+use crate::error::ProxyError;
+
+const READ_CHUNK: usize = 16 * 1024;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    pub fn new(io: S, side: Side) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(READ_CHUNK),
+            side,
+        }
+    }
+
+    fn io_err(&self, e: std::io::Error) -> ProxyError {
+        match self.side {
+            Side::Client => ProxyError::ClientIo(e),
+            Side::Server => ProxyError::ServerIo(e),
+        }
+    }
+
+    fn proto_err(&self, e: ProtocolError) -> ProxyError {
+        match self.side {
+            Side::Client => ProxyError::ClientProtocol(e),
+            Side::Server => ProxyError::ServerProtocol(e),
+        }
+    }
+
+    fn closed(&self) -> ProxyError {
+        match self.side {
+            Side::Client => ProxyError::ClientClosed,
+            Side::Server => ProxyError::ServerClosed,
+        }
+    }
+
+    /// A frame already in the buffer, if any.
+    pub fn buffered(&mut self, max: usize) -> Result<Option<Bytes>, ProxyError> {
+        frame::decode_message(&mut self.rbuf, max).map_err(|e| self.proto_err(e))
+    }
+
+    /// Reads once more from the socket (cancel safe: nothing is lost if the future is dropped).
+    pub async fn fill(&mut self) -> Result<(), ProxyError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            // Reserve for what is announced, capped: the length was already checked.
+            let want = frame::missing(&self.rbuf)
+                .unwrap_or(0)
+                .clamp(READ_CHUNK, 1 << 20);
+            self.rbuf.reserve(want);
+        }
+        match self.io.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err(self.closed()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.io_err(e)),
+        }
+    }
+
+    /// The next frame, reading as needed.
+    pub async fn read_frame(&mut self, max: usize) -> Result<Bytes, ProxyError> {
+        loop {
+            if let Some(f) = self.buffered(max)? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next startup-phase packet.
+    pub async fn read_startup(&mut self) -> Result<Bytes, ProxyError> {
+        loop {
+            if let Some(p) = frame::decode_startup(&mut self.rbuf).map_err(|e| self.proto_err(e))? {
+                return Ok(p);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Writes out everything queued in `wbuf`.
+    pub async fn flush(&mut self) -> Result<(), ProxyError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let r = self.io.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        r.map_err(|e| self.io_err(e))
+    }
+}

@@ -1,0 +1,69 @@
+//! Connections to PostgreSQL servers.
+
+mod login;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use pgwarden_protocol::backend::TxStatus;
+use tokio::net::TcpStream;
+
+pub use login::{close, connect, Credential, Login};
+
+use crate::framed::Framed;
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The key a server gave at login, for cancelling its queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// A logged-in server connection.
+pub struct ServerConn {
+    pub framed: Framed<TcpStream>,
+    pub target: Target,
+    pub key: BackendKey,
+    /// Every ParameterStatus the server reported, kept current.
+    pub params: BTreeMap<String, String>,
+    pub status: TxStatus,
+    /// The cluster epoch it was made under; a new epoch retires it.
+    pub epoch: u64,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Set when its state is unknown (an error mid-exchange): it must not be reused.
+    pub broken: bool,
+}
+
+impl ServerConn {
+    /// Whether the connection looks usable without a round trip: not broken, not past its
+    /// lifetime, and nothing unexpected (EOF, an error the server sent while idle) is waiting on
+    /// the socket.
+    pub fn is_reusable(&mut self, lifetime: Duration) -> bool {
+        if self.broken || self.created.elapsed() > lifetime || self.status != TxStatus::Idle {
+            return false;
+        }
+        if !self.framed.rbuf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.framed.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}

@@ -1,0 +1,136 @@
+//! One client connection, from the first packet to the last.
+
+mod auth;
+mod forward;
+mod startup;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwarden_protocol::backend::{self, TxStatus};
+use pgwarden_protocol::error_response::ErrorReport;
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::framed::{Framed, Side};
+use crate::Shared;
+
+/// How long a client has to get through startup and authentication.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Server parameters clients learn from the proxy at login (the rest come from the server as
+/// they change).
+const REPORTED: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "integer_datetimes",
+    "standard_conforming_strings",
+    "is_superuser",
+    "session_authorization",
+    "application_name",
+    "default_transaction_read_only",
+    "in_hot_standby",
+];
+
+pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = socket.set_nodelay(true);
+    let mut client = Framed::new(socket, Side::Client);
+    if let Err(e) = session(&mut client, &shared).await {
+        if e.is_disconnect() {
+            tracing::debug!(client_addr = %peer, error = %e, "client disconnected");
+        } else {
+            tracing::info!(client_addr = %peer, error = %e, "session ended with an error");
+            report_fatal(&mut client, &e).await;
+        }
+    }
+}
+
+/// Tells the client why its session ends (best effort: it may be gone already).
+pub(crate) async fn report_fatal(client: &mut Framed<TcpStream>, e: &ProxyError) {
+    let message = e.client_message();
+    ErrorReport::fatal(e.sqlstate(), &message).put_error(&mut client.wbuf);
+    let _ = client.flush().await;
+}
+
+async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), ProxyError> {
+    let start = tokio::time::timeout(LOGIN_TIMEOUT, startup::read(client))
+        .await
+        .map_err(|_| ProxyError::AuthTimeout)??;
+    let start = match start {
+        startup::Start::Cancel { pid, secret } => {
+            shared.cancels.cancel(pid, secret, CANCEL_TIMEOUT).await;
+            return Ok(());
+        }
+        startup::Start::Session(s) => s,
+    };
+    let config = shared.config();
+    let user = config.users.iter().find(|u| u.name == start.user);
+    let credential = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        auth::authenticate(client, config.proxy.auth.method, &start.user, user),
+    )
+    .await
+    .map_err(|_| ProxyError::AuthTimeout)??;
+    let pool = shared.pool(
+        &start.database,
+        &start.user,
+        user.and_then(|u| u.pool_size),
+        credential,
+        &config,
+    );
+    let params = match pool.params() {
+        Some(p) => p,
+        None => {
+            // First client of this pool: learn the server's parameters (and find out now if
+            // the database or role does not exist).
+            let lease = pool.acquire(&shared.topology).await?;
+            let p = lease.conn.params.clone();
+            pool.release(lease, shared.topology.epoch());
+            p
+        }
+    };
+    let registration = shared.cancels.register();
+    backend::put_auth_ok(&mut client.wbuf);
+    for (name, value) in login_params(&params, &start) {
+        backend::put_parameter_status(&mut client.wbuf, &name, &value);
+    }
+    backend::put_backend_key_data(&mut client.wbuf, registration.pid, registration.secret);
+    backend::put_ready_for_query(&mut client.wbuf, TxStatus::Idle);
+    client.flush().await?;
+    forward::Forwarder {
+        client,
+        pool: &pool,
+        topology: &shared.topology,
+        slot: &registration.slot,
+        mode: config.proxy.pool_mode,
+    }
+    .run()
+    .await
+}
+
+/// The parameters reported at login: the server's, with the client's own `application_name`.
+fn login_params(
+    server: &BTreeMap<String, String>,
+    start: &startup::Startup,
+) -> Vec<(String, String)> {
+    REPORTED
+        .iter()
+        .filter_map(|&name| {
+            let value = match name {
+                "application_name" => start
+                    .get("application_name")
+                    .map(str::to_string)
+                    .or_else(|| server.get(name).cloned()),
+                _ => server.get(name).cloned(),
+            }?;
+            Some((name.to_string(), value))
+        })
+        .collect()
+}

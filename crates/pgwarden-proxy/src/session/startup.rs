@@ -1,0 +1,76 @@
+//! The startup phase: SSLRequest/GSSENCRequest, CancelRequest, StartupMessage.
+
+use bytes::BufMut;
+use pgwarden_protocol::backend;
+use pgwarden_protocol::startup::{self, StartupPacket};
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+use crate::framed::Framed;
+
+/// What the first packets asked for.
+pub enum Start {
+    Session(Startup),
+    Cancel { pid: i32, secret: i32 },
+}
+
+/// A client's StartupMessage, owned.
+#[derive(Debug, Clone)]
+pub struct Startup {
+    pub user: String,
+    pub database: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl Startup {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads packets until a StartupMessage or CancelRequest. Encryption requests are declined
+/// ('N'); the client then goes on in plaintext or gives up.
+pub async fn read(client: &mut Framed<TcpStream>) -> Result<Start, ProxyError> {
+    loop {
+        let packet = client.read_startup().await?;
+        match startup::parse(&packet).map_err(ProxyError::ClientProtocol)? {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                if !client.rbuf.is_empty() {
+                    // Data sent before our answer could be injected by a man in the middle.
+                    return Err(ProxyError::ClientProtocol(
+                        pgwarden_protocol::ProtocolError::Invalid {
+                            what: "startup",
+                            detail: "unexpected data after an encryption request".into(),
+                        },
+                    ));
+                }
+                client.wbuf.put_u8(b'N');
+                client.flush().await?;
+            }
+            StartupPacket::Cancel { pid, secret } => return Ok(Start::Cancel { pid, secret }),
+            StartupPacket::Startup(p) => {
+                let options: Vec<&str> = p.protocol_options().collect();
+                if p.minor > 0 || !options.is_empty() {
+                    backend::put_negotiate_protocol_version(&mut client.wbuf, 0, &options);
+                }
+                let user = p.user().ok_or(ProxyError::NoUser)?.to_string();
+                let database = p.database().unwrap_or(&user).to_string();
+                let params = p
+                    .params
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with("_pq_."))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                return Ok(Start::Session(Startup {
+                    user,
+                    database,
+                    params,
+                }));
+            }
+        }
+    }
+}

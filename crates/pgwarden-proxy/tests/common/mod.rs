@@ -1,0 +1,83 @@
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use pgwarden_config::Config;
+use pgwarden_testkit::Cluster;
+use tokio::sync::oneshot;
+use tokio_postgres::{Client, NoTls};
+
+pub const APP_PASSWORD: &str = "app-secret";
+
+pub struct Setup {
+    pub cluster: Cluster,
+    pub addr: SocketAddr,
+    pub shared: Arc<pgwarden_proxy::Shared>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// A cluster with role and database `app`, and a proxy in front of it. `proxy_toml` is added to
+/// the `[proxy]` section.
+pub async fn setup(replicas: usize, proxy_toml: &str) -> Setup {
+    let cluster = Cluster::builder()
+        .replicas(replicas)
+        .monitor("interval", "\"200ms\"")
+        .build()
+        .await;
+    cluster
+        .execute(
+            0,
+            &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"),
+        )
+        .await;
+    cluster.execute(0, "CREATE DATABASE app OWNER app").await;
+    let toml = format!(
+        "{}\n[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_toml}\n[[proxy.users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        cluster.config_toml()
+    );
+    let config = Arc::new(Config::from_toml(&toml, Path::new("/")).expect("valid proxy config"));
+    let proxy = pgwarden_proxy::Proxy::bind(config)
+        .await
+        .expect("bind the proxy");
+    let addr = proxy.local_addr().expect("address");
+    let shared = proxy.shared();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(proxy.serve(async move {
+        let _ = rx.await;
+    }));
+    Setup {
+        cluster,
+        addr,
+        shared,
+        _stop: tx,
+    }
+}
+
+impl Setup {
+    pub fn conninfo(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
+            self.addr.port()
+        )
+    }
+
+    pub async fn try_connect(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.conninfo(user, password, db), NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    pub async fn app(&self) -> Client {
+        self.try_connect("app", APP_PASSWORD, "app")
+            .await
+            .expect("connect through the proxy")
+    }
+}
