@@ -1,0 +1,220 @@
+//! Errors, limits, cancellation and failover, through the proxy against real PostgreSQL.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{setup, APP_PASSWORD};
+use pgwarden_testkit::eventually;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+
+fn code(e: &tokio_postgres::Error) -> Option<&str> {
+    e.code().map(|c| c.code())
+}
+
+#[tokio::test]
+async fn authentication_failures_have_the_right_sqlstate() {
+    let s = setup(0, "").await;
+    let e = s
+        .try_connect("app", "wrong", "app")
+        .await
+        .err()
+        .expect("wrong password refused");
+    assert_eq!(code(&e), Some("28P01"), "{e:?}");
+    let e = s
+        .try_connect("nobody", "x", "app")
+        .await
+        .err()
+        .expect("unknown user refused");
+    assert_eq!(
+        code(&e),
+        Some("28P01"),
+        "an unknown user fails like a wrong password: {e:?}"
+    );
+    let e = s
+        .try_connect("app", APP_PASSWORD, "no_such_db")
+        .await
+        .err()
+        .expect("unknown db refused");
+    assert_eq!(code(&e), Some("3D000"), "{e:?}");
+    // Still serving.
+    s.app()
+        .await
+        .batch_execute("SELECT 1")
+        .await
+        .expect("a good login works");
+}
+
+#[tokio::test]
+async fn md5_authentication() {
+    let s = setup(0, "[proxy.auth]\nmethod = \"md5\"").await;
+    s.app()
+        .await
+        .batch_execute("SELECT 1")
+        .await
+        .expect("md5 login");
+    let e = s
+        .try_connect("app", "wrong", "app")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(code(&e), Some("28P01"));
+}
+
+#[tokio::test]
+async fn waiting_for_a_server_is_bounded_by_query_wait_timeout() {
+    let s = setup(0, "default_pool_size = 1\nquery_wait_timeout = \"300ms\"").await;
+    let a = s.app().await;
+    let b = s.app().await;
+    a.batch_execute("BEGIN")
+        .await
+        .expect("a holds the only server");
+    let started = Instant::now();
+    let e = b.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), Some("53300"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    a.batch_execute("COMMIT").await.expect("a is unaffected");
+}
+
+#[tokio::test]
+async fn max_client_conn_refuses_cleanly() {
+    let s = setup(0, "max_client_conn = 1").await;
+    let first = s.app().await;
+    let e = s
+        .try_connect("app", APP_PASSWORD, "app")
+        .await
+        .err()
+        .expect("second client refused");
+    assert_eq!(code(&e), Some("53300"), "{e:?}");
+    first
+        .batch_execute("SELECT 1")
+        .await
+        .expect("the first client is unaffected");
+    drop(first);
+    eventually(Duration::from_secs(5), "a slot frees up", || async {
+        s.try_connect("app", APP_PASSWORD, "app")
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_running_query_only() {
+    let s = setup(0, "default_pool_size = 2").await;
+    let a = s.app().await;
+    let token = a.cancel_token();
+    let running = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    let e = running.await.expect("join").unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED));
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A cancel from a client with no query running touches nobody else's query.
+    let idle = s.app().await;
+    let idle_token = idle.cancel_token();
+    let busy = s.app().await;
+    let work = tokio::spawn(async move { busy.batch_execute("SELECT pg_sleep(0.5)").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    idle_token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    work.await
+        .expect("join")
+        .expect("the other client's query is not cancelled");
+    idle.batch_execute("SELECT 1")
+        .await
+        .expect("the idle client still works");
+}
+
+#[tokio::test]
+async fn writes_follow_a_promotion() {
+    let mut s = setup(1, "server_connect_timeout = \"5s\"").await;
+    let port = |c: tokio_postgres::Client| async move {
+        c.query_one("SELECT inet_server_port()", &[])
+            .await
+            .ok()
+            .map(|r| r.get::<_, i32>(0))
+    };
+    assert_eq!(
+        port(s.app().await).await,
+        Some(i32::from(s.cluster.port(0)))
+    );
+    s.cluster.wait_replayed(1).await;
+    s.cluster.stop_node(0).await;
+    s.cluster.execute(1, "SELECT pg_promote()").await;
+    let n2 = i32::from(s.cluster.port(1));
+    eventually(
+        Duration::from_secs(15),
+        "new sessions go to the promoted node",
+        || async {
+            let c = s.try_connect("app", APP_PASSWORD, "app").await.ok()?;
+            (port(c).await == Some(n2)).then_some(())
+        },
+    )
+    .await;
+    let c = s.app().await;
+    c.batch_execute("CREATE TABLE after_failover (x int)")
+        .await
+        .expect("writes work on the new primary");
+}
+
+#[tokio::test]
+async fn no_primary_is_a_clear_error_not_a_hang() {
+    let mut s = setup(0, "server_connect_timeout = \"500ms\"").await;
+    s.cluster.stop_node(0).await;
+    eventually(
+        Duration::from_secs(10),
+        "monitor sees no primary",
+        || async { s.shared.topology.view().primary.is_none().then_some(()) },
+    )
+    .await;
+    let started = Instant::now();
+    let e = s
+        .try_connect("app", APP_PASSWORD, "app")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(code(&e), Some("57P03"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    sock.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test]
+async fn garbage_gets_a_protocol_error_and_others_are_unaffected() {
+    let s = setup(0, "").await;
+    let c = s.app().await;
+    for junk in [
+        &b"\x00\x00\x00\x08\x00\x02\x00\x00"[..],    // protocol 2.0
+        b"\xff\xff\xff\xff",                         // negative length
+        b"\x00\x01\x00\x00\x00\x03\x00\x00",         // 65536-byte startup packet
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",        // not PostgreSQL at all
+        b"\x00\x00\x00\x0c\x00\x03\x00\x00user\x00", // unterminated parameters
+    ] {
+        let answer = raw(s.addr, junk).await;
+        assert_eq!(answer.first(), Some(&b'E'), "{junk:?} -> {answer:?}");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.contains("08P01") || text.contains("0A000"),
+            "{junk:?} -> {text}"
+        );
+    }
+    c.batch_execute("SELECT 1")
+        .await
+        .expect("the other client never noticed");
+}
