@@ -19,14 +19,12 @@ async fn authentication_failures_have_the_right_sqlstate() {
     let e = s
         .try_connect("app", "wrong", "app")
         .await
-        .err()
-        .expect("wrong password refused");
+        .expect_err("wrong password refused");
     assert_eq!(code(&e), Some("28P01"), "{e:?}");
     let e = s
         .try_connect("nobody", "x", "app")
         .await
-        .err()
-        .expect("unknown user refused");
+        .expect_err("unknown user refused");
     assert_eq!(
         code(&e),
         Some("28P01"),
@@ -35,8 +33,7 @@ async fn authentication_failures_have_the_right_sqlstate() {
     let e = s
         .try_connect("app", APP_PASSWORD, "no_such_db")
         .await
-        .err()
-        .expect("unknown db refused");
+        .expect_err("unknown db refused");
     assert_eq!(code(&e), Some("3D000"), "{e:?}");
     // Still serving.
     s.app()
@@ -57,8 +54,7 @@ async fn md5_authentication() {
     let e = s
         .try_connect("app", "wrong", "app")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(code(&e), Some("28P01"));
 }
 
@@ -84,8 +80,7 @@ async fn max_client_conn_refuses_cleanly() {
     let e = s
         .try_connect("app", APP_PASSWORD, "app")
         .await
-        .err()
-        .expect("second client refused");
+        .expect_err("second client refused");
     assert_eq!(code(&e), Some("53300"), "{e:?}");
     first
         .batch_execute("SELECT 1")
@@ -181,8 +176,7 @@ async fn no_primary_is_a_clear_error_not_a_hang() {
     let e = s
         .try_connect("app", APP_PASSWORD, "app")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(code(&e), Some("57P03"), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
