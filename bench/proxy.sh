@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Proxy benchmark: pgbench -S against PostgreSQL directly, PgBouncer and pgwarden (transaction
+# pooling, same pool size), for -M simple/extended/prepared and several client counts, alternating
+# runs. Prints tps, average latency, the proxy's CPU seconds per 10,000 transactions, and ratios to
+# PgBouncer. Not a test: numbers depend on the machine.
+#
+#   bench/proxy.sh [-T seconds] [-c "1 16 64 256"] [-M "simple extended prepared"] [-s scale]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+T=10; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20
+while getopts "T:c:M:s:" o; do
+  case $o in T) T=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; *) exit 2;; esac
+done
+
+command -v pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+cargo build --release -q -p pgwarden-cli
+PGW=$PWD/target/release/pgwarden
+BIN=$(dirname "$(readlink -f "$(ls /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -1)")")
+WORK=$(mktemp -d /tmp/pgwarden-bench.XXXXXX); chmod 755 "$WORK"
+PG_PORT=57432; BOUNCER_PORT=57532; PGW_PORT=57533
+
+cleanup() {
+  [ -n "${PGW_PID:-}" ] && kill "$PGW_PID" 2>/dev/null || true
+  [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+  [ -n "${DEMO_PID:-}" ] && kill "$DEMO_PID" 2>/dev/null && wait "$DEMO_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# PostgreSQL: a one-node demo cluster.
+"$PGW" demo --dir "$WORK/demo" --nodes 1 --port-base $PG_PORT > "$WORK/demo.out" 2> "$WORK/demo.err" &
+DEMO_PID=$!
+until grep -q "pgwarden demo ready" "$WORK/demo.out" 2>/dev/null; do
+  kill -0 $DEMO_PID 2>/dev/null || { cat "$WORK/demo.err"; exit 1; }; sleep 0.2
+done
+CONFIG=$WORK/demo/pgwarden.toml
+# Room for 256 direct clients next to both proxies' pools: raise max_connections, restart.
+sed -i 's/max_connections = 100/max_connections = 400/' "$CONFIG"
+kill $DEMO_PID; wait $DEMO_PID || true
+"$PGW" demo --dir "$WORK/demo" > "$WORK/demo.out" 2> "$WORK/demo.err" &
+DEMO_PID=$!
+until grep -q "pgwarden demo ready" "$WORK/demo.out" 2>/dev/null; do
+  kill -0 $DEMO_PID 2>/dev/null || { cat "$WORK/demo.err"; exit 1; }; sleep 0.2
+done
+APP_PW=$(awk '/\[\[proxy.users\]\]/{u=1} u && /^password/{gsub(/"/,"",$3); print $3; exit}' "$CONFIG")
+export PGPASSWORD=$APP_PW
+
+# pgwarden proxy: the demo config plus a [proxy] section.
+cat > "$WORK/proxy.toml" <<TOML
+$(sed '/^\[\[proxy.users\]\]/,$d' "$CONFIG")
+[proxy]
+listen = "127.0.0.1:$PGW_PORT"
+pool_mode = "transaction"
+default_pool_size = $POOL
+max_client_conn = 20000
+$(sed -n '/^\[\[proxy.users\]\]/,$p' "$CONFIG")
+TOML
+sed -i "s|^data_dir = \"n1\"|data_dir = \"$WORK/demo/n1\"|" "$WORK/proxy.toml"
+PGWARDEN_LOG=warn "$PGW" proxy -c "$WORK/proxy.toml" 2> "$WORK/proxy.err" &
+PGW_PID=$!
+
+# PgBouncer 1.18 as postgres (it refuses root), same pool size, SCRAM.
+mkdir -p "$WORK/bouncer"
+echo "\"app\" \"$APP_PW\"" > "$WORK/bouncer/userlist.txt"
+cat > "$WORK/bouncer/pgbouncer.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$PG_PORT dbname=app
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/bouncer/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = 20000
+logfile = $WORK/bouncer/pgbouncer.log
+pidfile = $WORK/bouncer/pgbouncer.pid
+INI
+chown -R postgres "$WORK/bouncer"
+if [ "$(id -u)" -eq 0 ]; then
+  runuser -u postgres -- pgbouncer -q -d "$WORK/bouncer/pgbouncer.ini"
+else
+  pgbouncer -q -d "$WORK/bouncer/pgbouncer.ini"
+fi
+for p in $PGW_PORT $BOUNCER_PORT; do
+  until "$BIN/pg_isready" -q -h 127.0.0.1 -p $p; do sleep 0.1; done
+done
+BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
+
+"$BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p $PG_PORT -U app app > /dev/null 2>&1
+
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in clock ticks
+HZ=$(getconf CLK_TCK)
+
+run() { # target mode clients -> "tps latency_ms cpu_s_per_10k"
+  local port pid
+  case $1 in direct) port=$PG_PORT; pid=;; pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_PID;; pgwarden) port=$PGW_PORT; pid=$PGW_PID;; esac
+  local c0=0; [ -n "$pid" ] && c0=$(cpu_of "$pid")
+  local out
+  out=$("$BIN/pgbench" -n -S -M "$2" -c "$3" -j 2 -T "$T" -h 127.0.0.1 -p "$port" -U app app 2>&1) || {
+    echo "$1 -M $2 -c $3 failed: $(echo "$out" | grep -m1 -iE 'error|fatal')" >&2; echo "n/a n/a n/a"; return; }
+  local c1=0; [ -n "$pid" ] && c1=$(cpu_of "$pid")
+  local tps lat tx failed
+  tps=$(echo "$out" | awk '/^tps/{print $3; exit}')
+  lat=$(echo "$out" | awk '/latency average/{print $4; exit}')
+  tx=$(echo "$out" | awk '/actually processed/{split($6,a,"/"); print a[1]; exit}')
+  failed=$(echo "$out" | awk '/number of failed transactions/{print $5; exit}')
+  if [ -z "$tps" ] || [ "${failed:-0}" != "0" ]; then echo "n/a n/a n/a"; return; fi
+  local cpu="-"; [ -n "$pid" ] && cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$HZ" -v tx="$tx" 'BEGIN{printf "%.3f", (b-a)/hz/tx*10000}')
+  echo "$tps $lat $cpu"
+}
+
+printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s\n" \
+  mode clients direct_tps lat_ms bouncer_tps lat_ms cpu/10k pgw_tps lat_ms cpu/10k tps_x cpu_x
+for mode in $MODES; do
+  for c in $CLIENTS; do
+    # Alternate the order so neither proxy always runs on a warmer cache.
+    read -r dt dl _ < <(run direct "$mode" "$c")
+    read -r wt wl wc < <(run pgwarden "$mode" "$c")
+    read -r bt bl bc < <(run pgbouncer "$mode" "$c")
+    if [ "$mode" = prepared ]; then bt=n/a; bl=n/a; bc=n/a; fi   # PgBouncer 1.18: no prepared statements in transaction mode
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
+    printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s\n" \
+      "$mode" "$c" "$dt" "$dl" "$bt" "$bl" "$bc" "$wt" "$wl" "$wc" "$(ratio "$wt" "$bt")" "$(ratio "$wc" "$bc")"
+  done
+done
+
+# Memory with idle clients.
+IDLE=${IDLE_CLIENTS:-10000}
+rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+r0=$(rss $PGW_PID)
+python3 - "$PGW_PORT" "$IDLE" "$APP_PW" <<'PY' &
+import socket, struct, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    body = b"user\0app\0database\0app\0\0"
+    s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)   # then stay idle mid-auth
+    socks.append(s)
+time.sleep(3)
+open("/tmp/pgwarden-bench-idle-ready", "w").write("ok")
+time.sleep(5)
+PY
+IDLE_PID=$!
+until [ -f /tmp/pgwarden-bench-idle-ready ]; do sleep 0.2; done
+r1=$(rss $PGW_PID); rm -f /tmp/pgwarden-bench-idle-ready
+echo
+echo "pgwarden RSS: $r0 KiB before, $r1 KiB with $IDLE idle clients: $(( (r1 - r0) * 1024 / IDLE )) bytes per idle client"
+wait $IDLE_PID || true
