@@ -11,6 +11,7 @@
 //! - `session` — one client: startup, authentication, relaying (`session/{startup,auth,forward}.rs`).
 //! - [`server`] — server connections and their login (SCRAM, md5, cleartext; SCRAM pass-through).
 //! - [`pool`] — per-(database, user) pools: FIFO waits with a bound, reuse checks, recycling.
+//! - [`prepared`] — named statements shared across server connections (cache, per-server LRU).
 //! - [`cancel`] — the cancel map.
 //! - [`topology`] — the current primary and epoch, from the monitor.
 //! - [`error`] — [`ProxyError`] and what clients are told.
@@ -19,6 +20,7 @@ pub mod cancel;
 pub mod error;
 pub mod framed;
 pub mod pool;
+pub mod prepared;
 pub mod server;
 mod session;
 pub mod topology;

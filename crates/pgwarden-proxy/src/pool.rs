@@ -49,6 +49,8 @@ pub struct Pool {
     /// ParameterStatus values of the first server connection, shown to clients at login.
     params: Mutex<Option<BTreeMap<String, String>>>,
     pub stats: PoolStats,
+    /// Named statements by text, shared by every server connection of the pool.
+    pub statements: crate::prepared::StatementCache,
 }
 
 /// A server connection checked out of a pool, with its permit.
@@ -67,6 +69,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             params: Mutex::new(None),
             stats: PoolStats::default(),
+            statements: Default::default(),
         })
     }
 

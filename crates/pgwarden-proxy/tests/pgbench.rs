@@ -67,3 +67,18 @@ async fn session_mode_runs_prepared_statements() {
     let out = pgbench(&s, &["-M", "prepared", "-c", "4", "-j", "2", "-t", "200"]).await;
     assert_all_done(&out, 800);
 }
+
+#[tokio::test]
+async fn transaction_mode_runs_prepared_statements() {
+    let s = setup(0, "default_pool_size = 4").await;
+    pgbench(&s, &["-i", "-s", "1", "-q"]).await;
+    let out = pgbench(&s, &["-M", "prepared", "-c", "16", "-j", "2", "-t", "100"]).await;
+    assert_all_done(&out, 1600);
+    // The default TPC-B-like script: several statements per transaction, prepared once each.
+    let out = pgbench(
+        &s,
+        &["-M", "prepared", "-c", "8", "-j", "2", "-t", "50", "-N"],
+    )
+    .await;
+    assert_all_done(&out, 400);
+}

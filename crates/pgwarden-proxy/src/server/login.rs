@@ -95,6 +95,7 @@ async fn connect_inner(
                     created: now,
                     last_used: now,
                     broken: false,
+                    prepared: Default::default(),
                 });
             }
             BackendMessage::ErrorResponse(e) => return Err(refused(&e)),

@@ -50,6 +50,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Set when its state is unknown (an error mid-exchange): it must not be reused.
     pub broken: bool,
+    /// Which of the pool's named statements this connection has prepared.
+    pub prepared: crate::prepared::ServerStatements,
 }
 
 impl ServerConn {

@@ -1,9 +1,10 @@
 //! Relaying between a logged-in client and server connections.
 //!
 //! In transaction mode a server is taken when the client sends something that needs one and given
-//! back at a ReadyForQuery that says idle, provided every Query/Sync sent has been answered and
-//! no extended-protocol message has been sent since the last Sync (so a pipeline is never split
-//! between servers). In session mode the server stays until the client leaves.
+//! back at a ReadyForQuery that says idle, provided nothing sent is still unanswered and no
+//! extended-protocol message has been sent since the last Sync (a pipeline is never split
+//! between servers). Named prepared statements are rewritten to the pool's own names (see
+//! `pipeline`). In session mode the server stays until the client leaves and nothing is rewritten.
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use pgwarden_protocol::frame::{split, MAX_MESSAGE};
 use pgwarden_protocol::frontend;
 use tokio::net::TcpStream;
 
+use super::pipeline::{ClientStatements, Context, Pipeline};
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
 use crate::framed::Framed;
@@ -22,49 +24,24 @@ use crate::topology::Topology;
 
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the exchange with the current server stands.
-#[derive(Debug, Default)]
-struct Exchange {
-    /// Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back.
-    outstanding: u32,
-    /// Extended-protocol messages sent since the last Sync.
-    in_batch: bool,
-}
-
-impl Exchange {
-    fn sent(&mut self, tag: u8) {
-        match tag {
-            b'Q' | b'F' => self.outstanding += 1,
-            b'S' => {
-                self.outstanding += 1;
-                self.in_batch = false;
-            }
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.in_batch = true,
-            _ => {}
-        }
-    }
-
-    fn settled(&self) -> bool {
-        self.outstanding == 0 && !self.in_batch
-    }
-}
-
 pub struct Forwarder<'a> {
     pub client: &'a mut Framed<TcpStream>,
     pub pool: &'a Pool,
     pub topology: &'a Topology,
     pub slot: &'a CancelSlot,
     pub mode: PoolMode,
+    pub statement_capacity: usize,
 }
 
 impl Forwarder<'_> {
     /// Runs until the client leaves (Ok) or something breaks (Err).
     pub async fn run(mut self) -> Result<(), ProxyError> {
         let mut lease: Option<Lease> = None;
-        let mut ex = Exchange::default();
-        let result = self.relay(&mut lease, &mut ex).await;
+        let mut pipeline = Pipeline::default();
+        let mut statements = ClientStatements::new();
+        let result = self.relay(&mut lease, &mut pipeline, &mut statements).await;
         if let Some(l) = lease.take() {
-            self.give_back(l, &ex).await;
+            self.give_back(l, &pipeline).await;
         }
         result
     }
@@ -72,20 +49,31 @@ impl Forwarder<'_> {
     async fn relay(
         &mut self,
         lease: &mut Option<Lease>,
-        ex: &mut Exchange,
+        pipeline: &mut Pipeline,
+        statements: &mut ClientStatements,
     ) -> Result<(), ProxyError> {
+        let capacity = match self.mode {
+            PoolMode::Transaction => self.statement_capacity,
+            PoolMode::Session => 0,
+        };
         loop {
             if lease.is_none() {
                 // Idle: wait for the client to need a server.
-                let frame = self.client.read_frame(MAX_MESSAGE).await?;
+                let frame = self
+                    .next_needing_server(pipeline, statements, capacity)
+                    .await?;
                 if frame[0] == b'X' {
                     return Ok(());
                 }
                 let l = self.pool.acquire(self.topology).await?;
                 *self.slot.server.lock().await = Some((l.conn.target.clone(), l.conn.key));
                 let l = lease.insert(l);
-                ex.sent(frame[0]);
-                l.conn.framed.wbuf.extend_from_slice(&frame);
+                let mut cx = Context {
+                    statements,
+                    cache: &self.pool.statements,
+                    capacity,
+                };
+                pipeline.send(&frame, &mut l.conn, &mut cx)?;
             }
             let conn = &mut lease.as_mut().expect("a server is attached here").conn;
             // Everything the client has already sent goes to the server.
@@ -94,22 +82,60 @@ impl Forwarder<'_> {
                     conn.framed.flush().await?;
                     return Ok(());
                 }
-                ex.sent(frame[0]);
-                conn.framed.wbuf.extend_from_slice(&frame);
+                let mut cx = Context {
+                    statements,
+                    cache: &self.pool.statements,
+                    capacity,
+                };
+                pipeline.send(&frame, conn, &mut cx)?;
             }
+            pipeline.emit_injects(&mut self.client.wbuf);
             conn.framed.flush().await?;
+            self.client.flush().await?;
             tokio::select! {
                 r = self.client.fill() => r?,
                 r = conn.framed.fill() => r?,
             }
             while let Some(frame) = conn.framed.buffered(MAX_MESSAGE)? {
-                observe(conn, &frame, ex)?;
-                self.client.wbuf.extend_from_slice(&frame);
+                pipeline.receive(&frame, conn, statements, &mut self.client.wbuf)?;
             }
             self.client.flush().await?;
-            if self.mode == PoolMode::Transaction && ex.settled() && conn.status == TxStatus::Idle {
+            if self.mode == PoolMode::Transaction
+                && pipeline.settled()
+                && conn.status == TxStatus::Idle
+            {
                 let l = lease.take().expect("a server is attached here");
                 self.release(l).await;
+            }
+        }
+    }
+
+    /// Reads client messages while no server is attached, answering those that need none (see
+    /// [`Pipeline::answer_detached`]), until one needs a server (or is Terminate).
+    async fn next_needing_server(
+        &mut self,
+        pipeline: &mut Pipeline,
+        statements: &mut ClientStatements,
+        capacity: usize,
+    ) -> Result<Bytes, ProxyError> {
+        loop {
+            let frame = match self.client.buffered(MAX_MESSAGE)? {
+                Some(f) => f,
+                None => {
+                    self.client.flush().await?;
+                    self.client.read_frame(MAX_MESSAGE).await?
+                }
+            };
+            let local = self.mode == PoolMode::Transaction && {
+                let mut cx = Context {
+                    statements,
+                    cache: &self.pool.statements,
+                    capacity,
+                };
+                pipeline.answer_detached(&frame, &mut cx, &mut self.client.wbuf)
+            };
+            if !local {
+                return Ok(frame);
             }
         }
     }
@@ -119,10 +145,11 @@ impl Forwarder<'_> {
         self.pool.release(lease, self.topology.epoch());
     }
 
-    /// At the end of a session: a server in a clean state is reset and pooled, any other closed.
-    async fn give_back(&self, mut lease: Lease, ex: &Exchange) {
+    /// At the end of a session: a server in a clean state is reset (session mode) and pooled;
+    /// any other is closed, never returned dirty.
+    async fn give_back(&self, mut lease: Lease, pipeline: &Pipeline) {
         *self.slot.server.lock().await = None;
-        let clean = ex.settled() && lease.conn.status == TxStatus::Idle && !lease.conn.broken;
+        let clean = pipeline.settled() && lease.conn.status == TxStatus::Idle && !lease.conn.broken;
         if !clean {
             self.pool.discard(lease);
             return;
@@ -140,36 +167,12 @@ impl Forwarder<'_> {
     }
 }
 
-/// Tracks what the server says: transaction status, parameter changes.
-fn observe(
-    conn: &mut crate::server::ServerConn,
-    frame: &Bytes,
-    ex: &mut Exchange,
-) -> Result<(), ProxyError> {
-    let (tag, body) = split(frame);
-    match tag {
-        b'Z' | b'S' => {
-            match BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)? {
-                BackendMessage::ReadyForQuery(status) => {
-                    conn.status = status;
-                    ex.outstanding = ex.outstanding.saturating_sub(1);
-                }
-                BackendMessage::ParameterStatus { name, value } => {
-                    conn.params.insert(name.to_string(), value.to_string());
-                }
-                _ => {}
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 /// `DISCARD ALL` before a session-mode server goes back to the pool.
 async fn reset(lease: &mut Lease) -> Result<(), ProxyError> {
     let conn = &mut lease.conn;
     frontend::put_query(&mut conn.framed.wbuf, "DISCARD ALL");
     conn.framed.flush().await?;
+    conn.prepared.clear();
     let mut ok = false;
     loop {
         let frame = conn.framed.read_frame(MAX_MESSAGE).await?;
@@ -190,36 +193,5 @@ async fn reset(lease: &mut Lease) -> Result<(), ProxyError> {
             }
             _ => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn release_points() {
-        let mut ex = Exchange::default();
-        assert!(ex.settled());
-        // Pipeline: P B E without Sync is not a release point even with nothing outstanding.
-        for t in *b"PBE" {
-            ex.sent(t);
-        }
-        assert!(!ex.settled());
-        ex.sent(b'S');
-        assert!(!ex.settled()); // waiting for its ReadyForQuery
-        ex.outstanding -= 1;
-        assert!(ex.settled());
-        // Two simple queries in flight need two ReadyForQuery.
-        ex.sent(b'Q');
-        ex.sent(b'Q');
-        ex.outstanding -= 1;
-        assert!(!ex.settled());
-        ex.outstanding -= 1;
-        assert!(ex.settled());
-        // COPY data does not change anything.
-        ex.sent(b'd');
-        ex.sent(b'c');
-        assert!(ex.settled());
     }
 }

@@ -2,6 +2,7 @@
 
 mod auth;
 mod forward;
+mod pipeline;
 mod startup;
 
 use std::collections::BTreeMap;
@@ -110,6 +111,7 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
         topology: &shared.topology,
         slot: &registration.slot,
         mode: config.proxy.pool_mode,
+        statement_capacity: config.proxy.max_prepared_statements as usize,
     }
     .run()
     .await
