@@ -21,6 +21,8 @@ pub enum ProxyError {
     ClientClosed,
     #[error("server closed the connection")]
     ServerClosed,
+    #[error("invalid command-line argument for server process: {0}")]
+    StartupOption(String),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
     #[error("password authentication failed for user \"{0}\"")]
@@ -46,10 +48,15 @@ pub enum ProxyError {
     WaitTimeout(Duration),
     #[error("too many client connections (max_client_conn = {0})")]
     TooManyClients(u32),
+    #[error("a query of the proxy's own took longer than {}", format_duration(*.0))]
+    QueryTimeout(Duration),
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error("{0}")]
     Unsupported(&'static str),
+    /// Giving a server connection the client's settings failed.
+    #[error("could not restore the session's settings on a server connection: {message}")]
+    RestoreFailed { code: SqlState, message: String },
 }
 
 impl ProxyError {
@@ -61,9 +68,11 @@ impl ProxyError {
             | ServerIo(_)
             | ServerClosed
             | Connect { .. }
-            | ConnectTimeout { .. } => SqlState::CONNECTION_FAILURE,
+            | ConnectTimeout { .. }
+            | QueryTimeout(_) => SqlState::CONNECTION_FAILURE,
             ClientIo(_) | ClientClosed => SqlState::CONNECTION_FAILURE,
             NoUser => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            StartupOption(_) => SqlState::SYNTAX_ERROR,
             AuthFailed(_) => SqlState::INVALID_PASSWORD,
             AuthTimeout => SqlState::PROTOCOL_VIOLATION,
             NoPrimary(_) => SqlState::CANNOT_CONNECT_NOW,
@@ -72,6 +81,7 @@ impl ProxyError {
             WaitTimeout(_) | TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
             ShuttingDown => SqlState::ADMIN_SHUTDOWN,
             Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            RestoreFailed { code, .. } => *code,
         }
     }
 
@@ -80,7 +90,9 @@ impl ProxyError {
     pub fn client_message(&self) -> String {
         use ProxyError::*;
         match self {
-            ServerIo(_) | ServerClosed | ServerProtocol(_) => "server connection lost".to_string(),
+            ServerIo(_) | ServerClosed | ServerProtocol(_) | QueryTimeout(_) => {
+                "server connection lost".to_string()
+            }
             Connect { .. } | ConnectTimeout { .. } => {
                 "could not connect to the database server".to_string()
             }

@@ -51,6 +51,8 @@ pub struct Pool {
     pub stats: PoolStats,
     /// Named statements by text, shared by every server connection of the pool.
     pub statements: crate::prepared::StatementCache,
+    /// Startup parameters tried on a server, and what it said.
+    pub(crate) startup_checks: crate::session::StartupChecks,
 }
 
 /// A server connection checked out of a pool, with its permit.
@@ -70,6 +72,7 @@ impl Pool {
             params: Mutex::new(None),
             stats: PoolStats::default(),
             statements: Default::default(),
+            startup_checks: Default::default(),
         })
     }
 

@@ -96,6 +96,7 @@ async fn connect_inner(
                     last_used: now,
                     broken: false,
                     prepared: Default::default(),
+                    applied: Default::default(),
                 });
             }
             BackendMessage::ErrorResponse(e) => return Err(refused(&e)),

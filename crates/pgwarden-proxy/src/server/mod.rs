@@ -1,6 +1,7 @@
 //! Connections to PostgreSQL servers.
 
 mod login;
+mod query;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use pgwarden_protocol::backend::TxStatus;
 use tokio::net::TcpStream;
 
 pub use login::{close, connect, Credential, Login};
+pub use query::{simple_query, Outcome};
 
 use crate::framed::Framed;
 
@@ -52,6 +54,8 @@ pub struct ServerConn {
     pub broken: bool,
     /// Which of the pool's named statements this connection has prepared.
     pub prepared: crate::prepared::ServerStatements,
+    /// Settings the proxy gave it beyond its login defaults (see `session::state`).
+    pub applied: BTreeMap<String, String>,
 }
 
 impl ServerConn {

@@ -2,10 +2,13 @@
 
 mod auth;
 mod forward;
+mod params;
 mod pipeline;
 mod startup;
+mod state;
 
-use std::collections::BTreeMap;
+pub use params::StartupChecks;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,24 +24,6 @@ use crate::Shared;
 /// How long a client has to get through startup and authentication.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Server parameters clients learn from the proxy at login (the rest come from the server as
-/// they change).
-const REPORTED: &[&str] = &[
-    "server_version",
-    "server_encoding",
-    "client_encoding",
-    "DateStyle",
-    "IntervalStyle",
-    "TimeZone",
-    "integer_datetimes",
-    "standard_conforming_strings",
-    "is_superuser",
-    "session_authorization",
-    "application_name",
-    "default_transaction_read_only",
-    "in_hot_standby",
-];
 
 pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = socket.set_nodelay(true);
@@ -71,6 +56,7 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
         }
         startup::Start::Session(s) => s,
     };
+    let requested = params::requested(&start)?;
     let config = shared.config();
     let user = config.users.iter().find(|u| u.name == start.user);
     let credential = tokio::time::timeout(
@@ -86,21 +72,11 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
         credential,
         &config,
     );
-    let params = match pool.params() {
-        Some(p) => p,
-        None => {
-            // First client of this pool: learn the server's parameters (and find out now if
-            // the database or role does not exist).
-            let lease = pool.acquire(&shared.topology).await?;
-            let p = lease.conn.params.clone();
-            pool.release(lease, shared.topology.epoch());
-            p
-        }
-    };
+    let (shown, settings) = params::login(&pool, &shared.topology, &requested).await?;
     let registration = shared.cancels.register();
     backend::put_auth_ok(&mut client.wbuf);
-    for (name, value) in login_params(&params, &start) {
-        backend::put_parameter_status(&mut client.wbuf, &name, &value);
+    for (name, value) in &shown {
+        backend::put_parameter_status(&mut client.wbuf, name, value);
     }
     backend::put_backend_key_data(&mut client.wbuf, registration.pid, registration.secret);
     backend::put_ready_for_query(&mut client.wbuf, TxStatus::Idle);
@@ -113,26 +89,6 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
         mode: config.proxy.pool_mode,
         statement_capacity: config.proxy.max_prepared_statements as usize,
     }
-    .run()
+    .run(state::SessionState::new(settings))
     .await
-}
-
-/// The parameters reported at login: the server's, with the client's own `application_name`.
-fn login_params(
-    server: &BTreeMap<String, String>,
-    start: &startup::Startup,
-) -> Vec<(String, String)> {
-    REPORTED
-        .iter()
-        .filter_map(|&name| {
-            let value = match name {
-                "application_name" => start
-                    .get("application_name")
-                    .map(str::to_string)
-                    .or_else(|| server.get(name).cloned()),
-                _ => server.get(name).cloned(),
-            }?;
-            Some((name.to_string(), value))
-        })
-        .collect()
 }

@@ -1,11 +1,12 @@
-//! The messages in flight on one server connection, and the rewriting of named statements.
+//! The messages in flight on one server connection: rewriting named statements, tracking what
+//! statements do to session state, and the proxy's own queries.
 //!
 //! Every client message that expects an answer has an entry in a queue, in order; so has every
-//! message the proxy adds (a Parse before a Bind, a Close to evict) and every answer the proxy
-//! gives itself (ParseComplete for a statement the server already has, CloseComplete). Server
-//! responses are matched to the front of the queue. After an error in an extended-protocol
-//! batch the server skips everything up to Sync; the queue drops those entries too and undoes
-//! what they registered.
+//! message the proxy adds (a Parse before a Bind, a Close to evict, a query restoring session
+//! state) and every answer the proxy gives itself (ParseComplete for a statement the server
+//! already has, CloseComplete, a DEALLOCATE's CommandComplete). Server responses are matched
+//! to the front of the queue. After an error in an extended-protocol batch the server skips
+//! everything up to Sync; the queue drops those entries too and undoes what they registered.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,7 +15,10 @@ use bytes::{Bytes, BytesMut};
 use pgwarden_protocol::backend::{self, BackendMessage, TxStatus};
 use pgwarden_protocol::frame::split;
 use pgwarden_protocol::frontend::{self, FrontendMessage, Target};
+use pgwarden_protocol::SqlState;
+use pgwarden_sql::{classify, classify_query, Effect};
 
+use super::state::SessionState;
 use crate::error::ProxyError;
 use crate::prepared::{deallocate, Deallocate, Statement, StatementCache};
 use crate::server::ServerConn;
@@ -33,11 +37,13 @@ enum Undo {
 #[derive(Debug)]
 enum Pending {
     /// A client message sent on; its responses go to the client. `parsed`: a Parse of one of
-    /// our statements, validated when the server answers ParseComplete.
+    /// our statements, validated when the server answers ParseComplete. `effects`: what the
+    /// statements it runs do to session state, the next one last.
     Forward {
         tag: u8,
         undo: Vec<Undo>,
         parsed: Option<Arc<Statement>>,
+        effects: Vec<Effect>,
     },
     /// Our own Parse ('1') or Close ('3'); the client must not see the answer.
     Swallow {
@@ -47,6 +53,12 @@ enum Pending {
     },
     /// An answer the proxy gives for a message it did not send on.
     Inject { response: Bytes, undo: Vec<Undo> },
+    /// A simple query the proxy answers itself: CommandComplete with `tag`, then ReadyForQuery
+    /// with the status the responses before it leave.
+    InjectQuery { tag: &'static str },
+    /// Our own query (restoring session state): everything up to its ReadyForQuery is
+    /// swallowed; an error ends the session.
+    Internal { error: Option<(SqlState, String)> },
 }
 
 impl Pending {
@@ -55,6 +67,7 @@ impl Pending {
             tag,
             undo: vec![],
             parsed: None,
+            effects: vec![],
         }
     }
 }
@@ -64,13 +77,18 @@ pub struct Pipeline {
     queue: VecDeque<Pending>,
     /// Extended-protocol messages sent since the last Sync.
     in_batch: bool,
+    /// Session effects of the client's statements ("" = unnamed) and portals, for those that
+    /// have one.
+    statement_effects: HashMap<String, Effect>,
+    portal_effects: HashMap<String, Effect>,
 }
 
-/// What the rewriting needs besides the message.
+/// The client's side of things, for sending and receiving.
 pub struct Context<'a> {
     pub statements: &'a mut ClientStatements,
+    pub session: &'a mut SessionState,
     pub cache: &'a StatementCache,
-    /// 0: statements are passed through unchanged.
+    /// 0: statements are passed through unchanged (session mode).
     pub capacity: usize,
 }
 
@@ -80,10 +98,20 @@ fn response(put: impl FnOnce(&mut BytesMut)) -> Bytes {
     b.freeze()
 }
 
+fn client_protocol(e: pgwarden_protocol::ProtocolError) -> ProxyError {
+    ProxyError::ClientProtocol(e)
+}
+
 impl Pipeline {
     /// Nothing in flight and no half-sent batch: the server can be given back.
     pub fn settled(&self) -> bool {
         self.queue.is_empty() && !self.in_batch
+    }
+
+    /// Sends a query of the proxy's own (restoring session state) ahead of what follows.
+    pub fn send_internal(&mut self, sql: &str, conn: &mut ServerConn) {
+        frontend::put_query(&mut conn.framed.wbuf, sql);
+        self.queue.push_back(Pending::Internal { error: None });
     }
 
     /// Sends a client message to `conn`, rewritten as needed.
@@ -99,68 +127,216 @@ impl Pipeline {
             b'S' => self.in_batch = false,
             _ => {}
         }
-        if cx.capacity == 0 || !matches!(tag, b'P' | b'B' | b'D' | b'C' | b'Q') {
-            self.forward_as_is(tag, frame, conn);
-            return Ok(());
+        match tag {
+            b'Q' => self.send_query(frame, body, conn, cx),
+            b'P' => self.send_parse(frame, body, conn, cx),
+            b'B' => self.send_bind(frame, body, conn, cx),
+            b'E' => self.send_execute(frame, body, conn, cx),
+            b'D' if cx.capacity > 0 => self.send_describe(frame, body, conn, cx),
+            b'C' => self.send_close(frame, body, conn, cx),
+            _ => {
+                self.forward_as_is(tag, frame, conn);
+                Ok(())
+            }
         }
-        let msg = FrontendMessage::parse(tag, body).map_err(ProxyError::ClientProtocol)?;
-        let out = &mut conn.framed.wbuf;
-        match msg {
-            FrontendMessage::Parse {
-                name,
-                query,
-                param_types,
-            } if !name.is_empty() => {
-                if let Some(existing) = cx.statements.get(name).cloned() {
-                    // Already exists for this client: let the server raise 42P05 with its own
-                    // semantics (transaction aborted, batch skipped).
-                    self.ensure(conn, &existing, cx.capacity);
-                    frontend::put_parse(
-                        &mut conn.framed.wbuf,
-                        &existing.server_name,
-                        query,
-                        param_types,
-                    );
-                    self.queue.push_back(Pending::forward(tag));
+    }
+
+    fn send_query(
+        &mut self,
+        frame: &Bytes,
+        body: &[u8],
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ProxyError> {
+        let FrontendMessage::Query(sql) =
+            FrontendMessage::parse(b'Q', body).map_err(client_protocol)?
+        else {
+            unreachable!("a Q frame parses as a Query");
+        };
+        let mut effects = classify_query(sql);
+        for e in &effects {
+            cx.session.sent(e);
+        }
+        if cx.capacity > 0 {
+            match deallocate(sql) {
+                // Server-side statements belong to the pool: only the client's names go.
+                Some(Deallocate::One(name)) if cx.statements.contains_key(name) => {
+                    cx.statements.remove(name);
+                    self.queue
+                        .push_back(Pending::InjectQuery { tag: "DEALLOCATE" });
                     return Ok(());
                 }
-                let stmt = cx.cache.get_or_insert(query, param_types);
-                cx.statements.insert(name.to_string(), stmt.clone());
-                let mut undo = vec![Undo::Unregister(name.to_string())];
-                if conn.prepared.has(&stmt.server_name) {
-                    self.queue.push_back(Pending::Inject {
-                        response: response(backend::put_parse_complete),
-                        undo,
+                Some(Deallocate::All) if cx.session.pinned().is_none() => {
+                    cx.statements.clear();
+                    self.queue.push_back(Pending::InjectQuery {
+                        tag: "DEALLOCATE ALL",
                     });
-                } else {
-                    self.evict(conn, cx.capacity, &stmt.server_name);
-                    frontend::put_parse(
-                        &mut conn.framed.wbuf,
-                        &stmt.server_name,
-                        query,
-                        param_types,
-                    );
-                    conn.prepared.insert(&stmt.server_name);
-                    undo.push(Undo::ServerForget(stmt.server_name.clone()));
-                    self.queue.push_back(Pending::Forward {
-                        tag,
-                        undo,
-                        parsed: Some(stmt),
-                    });
+                    return Ok(());
+                }
+                Some(Deallocate::All | Deallocate::Discard) => {
+                    cx.statements.clear();
+                    conn.prepared.clear();
+                }
+                _ => {}
+            }
+        }
+        conn.framed.wbuf.extend_from_slice(frame);
+        effects.reverse();
+        self.queue.push_back(Pending::Forward {
+            tag: b'Q',
+            undo: vec![],
+            parsed: None,
+            effects,
+        });
+        Ok(())
+    }
+
+    fn note_statement(&mut self, name: &str, query: &str) {
+        match classify(query) {
+            Effect::None => {
+                if !self.statement_effects.is_empty() {
+                    self.statement_effects.remove(name);
                 }
             }
-            FrontendMessage::Bind(b) if !b.statement.is_empty() => {
-                let name = match cx.statements.get(b.statement).cloned() {
-                    Some(stmt) => {
-                        self.ensure(conn, &stmt, cx.capacity);
-                        stmt.server_name.clone()
-                    }
-                    // Unknown: the server answers 26000 naming the client's statement.
-                    None => b.statement.to_string(),
-                };
-                frontend::put_bind(&mut conn.framed.wbuf, b.portal, &name, b.rest);
-                self.queue.push_back(Pending::forward(tag));
+            e => {
+                self.statement_effects.insert(name.to_string(), e);
             }
+        }
+    }
+
+    fn send_parse(
+        &mut self,
+        frame: &Bytes,
+        body: &[u8],
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ProxyError> {
+        let FrontendMessage::Parse {
+            name,
+            query,
+            param_types,
+        } = FrontendMessage::parse(b'P', body).map_err(client_protocol)?
+        else {
+            unreachable!("a P frame parses as a Parse");
+        };
+        self.note_statement(name, query);
+        if cx.capacity == 0 || name.is_empty() {
+            self.forward_as_is(b'P', frame, conn);
+            return Ok(());
+        }
+        if let Some(existing) = cx.statements.get(name).cloned() {
+            // Already exists for this client: let the server raise 42P05 with its own
+            // semantics (transaction aborted, batch skipped).
+            self.ensure(conn, &existing, cx.capacity);
+            frontend::put_parse(
+                &mut conn.framed.wbuf,
+                &existing.server_name,
+                query,
+                param_types,
+            );
+            self.queue.push_back(Pending::forward(b'P'));
+            return Ok(());
+        }
+        let stmt = cx.cache.get_or_insert(query, param_types);
+        cx.statements.insert(name.to_string(), stmt.clone());
+        let mut undo = vec![Undo::Unregister(name.to_string())];
+        if conn.prepared.has(&stmt.server_name) {
+            self.queue.push_back(Pending::Inject {
+                response: response(backend::put_parse_complete),
+                undo,
+            });
+        } else {
+            self.evict(conn, cx.capacity, &stmt.server_name);
+            frontend::put_parse(&mut conn.framed.wbuf, &stmt.server_name, query, param_types);
+            conn.prepared.insert(&stmt.server_name);
+            undo.push(Undo::ServerForget(stmt.server_name.clone()));
+            self.queue.push_back(Pending::Forward {
+                tag: b'P',
+                undo,
+                parsed: Some(stmt),
+                effects: vec![],
+            });
+        }
+        Ok(())
+    }
+
+    fn send_bind(
+        &mut self,
+        frame: &Bytes,
+        body: &[u8],
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ProxyError> {
+        if cx.capacity == 0 && self.statement_effects.is_empty() && self.portal_effects.is_empty() {
+            self.forward_as_is(b'B', frame, conn);
+            return Ok(());
+        }
+        let FrontendMessage::Bind(b) =
+            FrontendMessage::parse(b'B', body).map_err(client_protocol)?
+        else {
+            unreachable!("a B frame parses as a Bind");
+        };
+        match self.statement_effects.get(b.statement) {
+            Some(e) => {
+                self.portal_effects.insert(b.portal.to_string(), e.clone());
+            }
+            None => {
+                self.portal_effects.remove(b.portal);
+            }
+        }
+        if cx.capacity == 0 || b.statement.is_empty() {
+            self.forward_as_is(b'B', frame, conn);
+            return Ok(());
+        }
+        let name = match cx.statements.get(b.statement).cloned() {
+            Some(stmt) => {
+                self.ensure(conn, &stmt, cx.capacity);
+                stmt.server_name.clone()
+            }
+            // Unknown: the server answers 26000 naming the client's statement.
+            None => b.statement.to_string(),
+        };
+        frontend::put_bind(&mut conn.framed.wbuf, b.portal, &name, b.rest);
+        self.queue.push_back(Pending::forward(b'B'));
+        Ok(())
+    }
+
+    fn send_execute(
+        &mut self,
+        frame: &Bytes,
+        body: &[u8],
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ProxyError> {
+        let mut effects = Vec::new();
+        if !self.portal_effects.is_empty() {
+            if let FrontendMessage::Execute { portal, .. } =
+                FrontendMessage::parse(b'E', body).map_err(client_protocol)?
+            {
+                if let Some(e) = self.portal_effects.get(portal) {
+                    cx.session.sent(e);
+                    effects.push(e.clone());
+                }
+            }
+        }
+        conn.framed.wbuf.extend_from_slice(frame);
+        self.queue.push_back(Pending::Forward {
+            tag: b'E',
+            undo: vec![],
+            parsed: None,
+            effects,
+        });
+        Ok(())
+    }
+
+    fn send_describe(
+        &mut self,
+        frame: &Bytes,
+        body: &[u8],
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ProxyError> {
+        match FrontendMessage::parse(b'D', body).map_err(client_protocol)? {
             FrontendMessage::Describe {
                 target: Target::Statement,
                 name,
@@ -173,55 +349,50 @@ impl Pipeline {
                     None => name.to_string(),
                 };
                 frontend::put_describe(&mut conn.framed.wbuf, Target::Statement, &server_name);
-                self.queue.push_back(Pending::forward(tag));
+                self.queue.push_back(Pending::forward(b'D'));
             }
-            FrontendMessage::Close {
-                target: Target::Statement,
-                name,
-            } if !name.is_empty() => {
-                // The server keeps the statement for other clients; only this client's name goes.
-                let undo = match cx.statements.remove(name) {
-                    Some(stmt) => vec![Undo::Reregister(name.to_string(), stmt)],
-                    None => vec![],
-                };
-                self.queue.push_back(Pending::Inject {
-                    response: response(backend::put_close_complete),
-                    undo,
-                });
-            }
-            FrontendMessage::Query(sql) => {
-                match deallocate(sql) {
-                    Some(Deallocate::All) => {
-                        cx.statements.clear();
-                        conn.prepared.clear();
-                        out.extend_from_slice(frame);
-                    }
-                    Some(Deallocate::Discard) => {
-                        cx.statements.clear();
-                        conn.prepared.clear();
-                        out.extend_from_slice(frame);
-                    }
-                    Some(Deallocate::One(name)) => match cx.statements.remove(name) {
-                        Some(stmt) => {
-                            let sql = format!("DEALLOCATE {}", stmt.server_name);
-                            conn.prepared.remove(&stmt.server_name);
-                            frontend::put_query(out, &sql);
-                        }
-                        None => out.extend_from_slice(frame),
-                    },
-                    None => out.extend_from_slice(frame),
-                }
-                self.queue.push_back(Pending::forward(tag));
-            }
-            _ => self.forward_as_is(tag, frame, conn),
+            _ => self.forward_as_is(b'D', frame, conn),
         }
+        Ok(())
+    }
+
+    fn send_close(
+        &mut self,
+        frame: &Bytes,
+        body: &[u8],
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ProxyError> {
+        let FrontendMessage::Close { target, name } =
+            FrontendMessage::parse(b'C', body).map_err(client_protocol)?
+        else {
+            unreachable!("a C frame parses as a Close");
+        };
+        match target {
+            Target::Statement => self.statement_effects.remove(name),
+            Target::Portal => self.portal_effects.remove(name),
+        };
+        if cx.capacity == 0 || target == Target::Portal || name.is_empty() {
+            self.forward_as_is(b'C', frame, conn);
+            return Ok(());
+        }
+        // The server keeps the statement for other clients; only this client's name goes.
+        let undo = match cx.statements.remove(name) {
+            Some(stmt) => vec![Undo::Reregister(name.to_string(), stmt)],
+            None => vec![],
+        };
+        self.queue.push_back(Pending::Inject {
+            response: response(backend::put_close_complete),
+            undo,
+        });
         Ok(())
     }
 
     /// While no server is attached (so the client is outside any transaction): answers what
     /// needs no server and returns true; false means `frame` needs a server. Answered here: a
     /// named Parse of a statement some server has already accepted, a Close of a statement,
-    /// Flush, and a Sync (nothing before it went to a server, so the status is idle).
+    /// `DEALLOCATE` of the client's statements, Flush, and a Sync (nothing before it went to a
+    /// server, so the status is idle).
     pub fn answer_detached(
         &mut self,
         frame: &Bytes,
@@ -236,7 +407,7 @@ impl Pipeline {
         match tag {
             b'S' => backend::put_ready_for_query(client_out, TxStatus::Idle),
             b'H' => {}
-            b'P' | b'C' if cx.capacity > 0 => match FrontendMessage::parse(tag, body) {
+            b'P' | b'C' | b'Q' if cx.capacity > 0 => match FrontendMessage::parse(tag, body) {
                 Ok(FrontendMessage::Parse {
                     name,
                     query,
@@ -246,6 +417,7 @@ impl Pipeline {
                     if !stmt.is_validated() {
                         return false;
                     }
+                    self.note_statement(name, query);
                     cx.statements.insert(name.to_string(), stmt);
                     backend::put_parse_complete(client_out);
                 }
@@ -253,8 +425,23 @@ impl Pipeline {
                     target: Target::Statement,
                     name,
                 }) if !name.is_empty() => {
+                    self.statement_effects.remove(name);
                     cx.statements.remove(name);
                     backend::put_close_complete(client_out);
+                }
+                Ok(FrontendMessage::Query(sql)) => {
+                    let tag = match deallocate(sql) {
+                        Some(Deallocate::One(name)) if cx.statements.remove(name).is_some() => {
+                            "DEALLOCATE"
+                        }
+                        Some(Deallocate::All) => {
+                            cx.statements.clear();
+                            "DEALLOCATE ALL"
+                        }
+                        _ => return false,
+                    };
+                    backend::put_command_complete(client_out, tag);
+                    backend::put_ready_for_query(client_out, TxStatus::Idle);
                 }
                 _ => return false,
             },
@@ -306,11 +493,14 @@ impl Pipeline {
         &mut self,
         frame: &Bytes,
         conn: &mut ServerConn,
-        statements: &mut ClientStatements,
+        cx: &mut Context<'_>,
         client_out: &mut BytesMut,
     ) -> Result<(), ProxyError> {
-        self.emit_injects(client_out);
+        self.emit_injects(conn.status, client_out);
         let (tag, body) = split(frame);
+        if let Some(Pending::Internal { .. }) = self.queue.front() {
+            return self.receive_internal(tag, body, frame, conn, client_out);
+        }
         match tag {
             // Asynchronous: notices, notifications, parameter changes.
             b'N' | b'A' => client_out.extend_from_slice(frame),
@@ -327,6 +517,7 @@ impl Pipeline {
                     BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)?
                 {
                     conn.status = status;
+                    cx.session.ready(status, &mut conn.applied);
                 }
                 // Everything up to and including the Sync/Query this answers is done.
                 while let Some(p) = self.queue.pop_front() {
@@ -339,11 +530,12 @@ impl Pipeline {
                     ) {
                         break;
                     }
-                    self.skipped(p, conn, statements);
+                    self.skipped(p, conn, cx.statements);
                 }
                 client_out.extend_from_slice(frame);
             }
             b'E' => {
+                cx.session.error();
                 client_out.extend_from_slice(frame);
                 match self.queue.front() {
                     // A simple query (or function call) goes on to its ReadyForQuery.
@@ -353,50 +545,118 @@ impl Pipeline {
                     | None => {}
                     Some(_) => {
                         let failed = self.queue.pop_front().expect("front exists");
-                        self.skipped(failed, conn, statements);
+                        self.skipped(failed, conn, cx.statements);
                         // The server now skips to Sync; so do we.
                         while let Some(p) = self.queue.front() {
                             if matches!(p, Pending::Forward { tag: b'S', .. }) {
                                 break;
                             }
                             let p = self.queue.pop_front().expect("front exists");
-                            self.skipped(p, conn, statements);
+                            self.skipped(p, conn, cx.statements);
                         }
                     }
                 }
             }
-            _ => match self.queue.front() {
-                Some(Pending::Swallow { expect, parsed, .. }) if *expect == tag => {
-                    if let Some(stmt) = parsed {
+            b'C' => {
+                if let Some(Pending::Forward { effects, .. }) = self.queue.front_mut() {
+                    if let Some(e) = effects.pop() {
+                        cx.session.executed(&e, &mut conn.applied);
+                    }
+                }
+                self.receive_response(tag, frame, client_out);
+            }
+            _ => self.receive_response(tag, frame, client_out),
+        }
+        self.emit_injects(conn.status, client_out);
+        Ok(())
+    }
+
+    /// A response to the message at the front of the queue.
+    fn receive_response(&mut self, tag: u8, frame: &Bytes, client_out: &mut BytesMut) {
+        match self.queue.front() {
+            Some(Pending::Swallow { expect, parsed, .. }) if *expect == tag => {
+                if let Some(stmt) = parsed {
+                    stmt.mark_validated();
+                }
+                self.queue.pop_front();
+            }
+            Some(Pending::Forward {
+                tag: sent, parsed, ..
+            }) => {
+                let done = completes(*sent, tag);
+                client_out.extend_from_slice(frame);
+                if done {
+                    if let (Some(stmt), b'1') = (parsed, tag) {
                         stmt.mark_validated();
                     }
                     self.queue.pop_front();
                 }
-                Some(Pending::Forward {
-                    tag: sent, parsed, ..
-                }) => {
-                    let done = completes(*sent, tag);
-                    client_out.extend_from_slice(frame);
-                    if done {
-                        if let (Some(stmt), b'1') = (parsed, tag) {
-                            stmt.mark_validated();
-                        }
-                        self.queue.pop_front();
-                    }
-                }
-                _ => client_out.extend_from_slice(frame),
-            },
+            }
+            _ => client_out.extend_from_slice(frame),
         }
-        self.emit_injects(client_out);
+    }
+
+    /// A response to our own query: swallowed, but parameters are tracked and an error ends
+    /// the session once the query is over.
+    fn receive_internal(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        frame: &Bytes,
+        conn: &mut ServerConn,
+        client_out: &mut BytesMut,
+    ) -> Result<(), ProxyError> {
+        match tag {
+            b'A' => client_out.extend_from_slice(frame),
+            b'S' | b'E' | b'Z' => {
+                match BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)? {
+                    BackendMessage::ParameterStatus { name, value } => {
+                        conn.params.insert(name.to_string(), value.to_string());
+                    }
+                    BackendMessage::ErrorResponse(e) => {
+                        if let Some(Pending::Internal {
+                            error: error @ None,
+                        }) = self.queue.front_mut()
+                        {
+                            *error = Some((
+                                e.code().unwrap_or(SqlState::INTERNAL_ERROR),
+                                e.message().unwrap_or("error").to_string(),
+                            ));
+                        }
+                    }
+                    BackendMessage::ReadyForQuery(status) => {
+                        conn.status = status;
+                        if let Some(Pending::Internal {
+                            error: Some((code, message)),
+                        }) = self.queue.pop_front()
+                        {
+                            conn.broken = true;
+                            return Err(ProxyError::RestoreFailed { code, message });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        self.emit_injects(conn.status, client_out);
         Ok(())
     }
 
     /// Sends the proxy's own answers that are next in line.
-    pub fn emit_injects(&mut self, client_out: &mut BytesMut) {
-        while let Some(Pending::Inject { .. }) = self.queue.front() {
-            if let Some(Pending::Inject { response, .. }) = self.queue.pop_front() {
-                client_out.extend_from_slice(&response);
+    pub fn emit_injects(&mut self, status: TxStatus, client_out: &mut BytesMut) {
+        loop {
+            match self.queue.front() {
+                Some(Pending::Inject { response, .. }) => {
+                    client_out.extend_from_slice(response);
+                }
+                Some(Pending::InjectQuery { tag }) => {
+                    backend::put_command_complete(client_out, tag);
+                    backend::put_ready_for_query(client_out, status);
+                }
+                _ => return,
             }
+            self.queue.pop_front();
         }
     }
 
@@ -406,6 +666,7 @@ impl Pipeline {
             Pending::Forward { undo, .. }
             | Pending::Swallow { undo, .. }
             | Pending::Inject { undo, .. } => undo,
+            Pending::InjectQuery { .. } | Pending::Internal { .. } => return,
         };
         for u in undo {
             match u {

@@ -22,16 +22,6 @@ pub struct Startup {
     pub params: Vec<(String, String)>,
 }
 
-impl Startup {
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// Reads packets until a StartupMessage or CancelRequest. Encryption requests are declined
 /// ('N'); the client then goes on in plaintext or gives up.
 pub async fn read(client: &mut Framed<TcpStream>) -> Result<Start, ProxyError> {

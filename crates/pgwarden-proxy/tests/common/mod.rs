@@ -1,5 +1,7 @@
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -73,6 +75,25 @@ impl Setup {
             tokio_postgres::connect(&self.conninfo(user, password, db), NoTls).await?;
         tokio::spawn(conn);
         Ok(client)
+    }
+
+    /// The `app` user with extra connection parameters (`options='-c ...'`, `application_name=...`).
+    pub async fn try_app_with(&self, extra: &str) -> Result<Client, tokio_postgres::Error> {
+        let conninfo = format!("{} {extra}", self.conninfo("app", APP_PASSWORD, "app"));
+        let (client, conn) = tokio_postgres::connect(&conninfo, NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    pub async fn app_with(&self, extra: &str) -> Client {
+        self.try_app_with(extra)
+            .await
+            .expect("connect through the proxy")
+    }
+
+    /// A raw-protocol client logged in as `app`.
+    pub async fn raw(&self, extra: &[(&str, &str)]) -> raw::Raw {
+        raw::Raw::connect(self.addr, "app", APP_PASSWORD, "app", extra).await
     }
 
     pub async fn app(&self) -> Client {

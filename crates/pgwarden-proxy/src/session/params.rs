@@ -1,0 +1,268 @@
+//! Startup parameters: which ones become session settings, checking them against a server, and
+//! the ParameterStatus values a client is shown at login.
+//!
+//! Server connections are opened with the pool's own login, so what a client asks for in its
+//! startup packet (`client_encoding`, `DateStyle`, `options=-c search_path=...`, ...) becomes a
+//! session setting the proxy replays (see `state`). Each (name, value) pair is tried once per
+//! pool on a real server: a bad one fails the login with the server's own error, as it would
+//! without the proxy, and the values the server reports for it are what the client is shown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pgwarden_protocol::SqlState;
+
+use super::startup::Startup;
+use super::state::startup_sql;
+use crate::error::ProxyError;
+use crate::pool::Pool;
+use crate::server::simple_query;
+use crate::topology::Topology;
+
+/// Pairs checked per pool, at most; past it a pair is checked on every login that asks for it.
+const MAX_CHECKED: usize = 1024;
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Checked = Result<Vec<(String, String)>, (SqlState, String)>;
+
+/// Per pool: the outcome of setting each (name, value) pair, with what the server reported.
+#[derive(Default)]
+pub struct StartupChecks {
+    by_pair: Mutex<HashMap<(String, String), Checked>>,
+}
+
+impl StartupChecks {
+    fn get(&self, pair: &(String, String)) -> Option<Checked> {
+        self.by_pair
+            .lock()
+            .expect("startup checks lock")
+            .get(pair)
+            .cloned()
+    }
+
+    fn put(&self, pair: (String, String), checked: Checked) {
+        let mut map = self.by_pair.lock().expect("startup checks lock");
+        if map.len() < MAX_CHECKED {
+            map.insert(pair, checked);
+        }
+    }
+}
+
+/// The settings a startup packet asks for, as (name, value), `options` expanded. `user`,
+/// `database` and protocol options are not settings; replication connections are refused.
+pub fn requested(start: &Startup) -> Result<Vec<(String, String)>, ProxyError> {
+    let mut out = Vec::new();
+    for (name, value) in &start.params {
+        match name.as_str() {
+            "user" | "database" => {}
+            "replication" => {
+                if !matches!(
+                    value.to_ascii_lowercase().as_str(),
+                    "false" | "off" | "no" | "0"
+                ) {
+                    return Err(ProxyError::Unsupported(
+                        "replication connections are not supported through the proxy",
+                    ));
+                }
+            }
+            "options" => out.extend(parse_options(value)?),
+            _ => out.push((name.clone(), value.clone())),
+        }
+    }
+    Ok(out)
+}
+
+/// `-c name=value`, `-cname=value` and `--name=value`, split at unescaped whitespace with `\`
+/// escaping the next character, as PostgreSQL reads the `options` startup parameter.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProxyError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let bad = |w: &str| ProxyError::StartupOption(w.to_string());
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next().ok_or_else(|| bad(&w))?
+        } else if let Some(s) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+            s.to_string()
+        } else {
+            return Err(bad(&w));
+        };
+        let (name, value) = setting.split_once('=').ok_or_else(|| bad(&setting))?;
+        if name.is_empty() {
+            return Err(bad(&setting));
+        }
+        out.push((name.replace('-', "_"), value.to_string()));
+    }
+    Ok(out)
+}
+
+/// What PostgreSQL does to an `application_name`: each byte outside printable ASCII becomes
+/// `?` (so a two-byte character becomes `??`), and it is cut to 63 bytes.
+fn clean_application_name(v: &str) -> String {
+    v.bytes()
+        .take(63)
+        .map(|b| {
+            if (b' '..=b'~').contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// What the client is shown at login and the settings its session starts with (lower-case name
+/// -> SQL). Checks pairs this pool has not seen on a server, and learns the pool's server
+/// parameters on its first login.
+pub async fn login(
+    pool: &Pool,
+    topology: &Topology,
+    requested: &[(String, String)],
+) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), ProxyError> {
+    let mut settings = BTreeMap::new();
+    let mut unchecked = Vec::new();
+    for (name, value) in requested {
+        settings.insert(name.to_ascii_lowercase(), startup_sql(name, value));
+        let pair = (name.to_ascii_lowercase(), value.clone());
+        if pair.0 != "application_name" && pool.startup_checks.get(&pair).is_none() {
+            unchecked.push((name.clone(), pair));
+        }
+    }
+    let mut shown = match pool.params() {
+        Some(p) if unchecked.is_empty() => p,
+        _ => check(pool, topology, &unchecked).await?,
+    };
+    for (name, value) in requested {
+        let lower = name.to_ascii_lowercase();
+        if lower == "application_name" {
+            shown.insert(
+                "application_name".to_string(),
+                clean_application_name(value),
+            );
+            continue;
+        }
+        match pool.startup_checks.get(&(lower, value.clone())) {
+            Some(Ok(reported)) => shown.extend(reported),
+            Some(Err((code, message))) => return Err(ProxyError::ServerRefused { code, message }),
+            None => {} // not cached (the cache is full): checked above
+        }
+    }
+    Ok((shown, settings))
+}
+
+/// Sets each pair on one server connection, recording the outcomes; returns the server's
+/// login parameters. The connection keeps the settings that worked (recorded as applied).
+async fn check(
+    pool: &Pool,
+    topology: &Topology,
+    unchecked: &[(String, (String, String))],
+) -> Result<BTreeMap<String, String>, ProxyError> {
+    let mut lease = pool.acquire(topology).await?;
+    let baseline = pool.params().unwrap_or_else(|| lease.conn.params.clone());
+    let mut failure = None;
+    for (name, pair) in unchecked {
+        let sql = startup_sql(name, &pair.1);
+        let outcome = match simple_query(&mut lease.conn, &sql, CHECK_TIMEOUT).await {
+            Ok(o) => o,
+            Err(e) => {
+                pool.discard(lease);
+                return Err(e);
+            }
+        };
+        let checked = match outcome.error {
+            None => {
+                lease.conn.applied.insert(pair.0.clone(), sql);
+                Ok(outcome.reported)
+            }
+            Some(e) => {
+                failure.get_or_insert_with(|| e.clone());
+                Err(e)
+            }
+        };
+        pool.startup_checks.put(pair.clone(), checked);
+    }
+    pool.release(lease, topology.epoch());
+    match failure {
+        Some((code, message)) => Err(ProxyError::ServerRefused { code, message }),
+        None => Ok(baseline),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn options_are_read_as_postgres_reads_them() {
+        let got = parse_options(
+            r"-c search_path=a,b  --statement-timeout=5s -cwork_mem=4MB -c my.v=x\ y",
+        )
+        .expect("valid");
+        assert_eq!(
+            got,
+            pairs(&[
+                ("search_path", "a,b"),
+                ("statement_timeout", "5s"),
+                ("work_mem", "4MB"),
+                ("my.v", "x y")
+            ])
+        );
+        for bad in ["-B 100", "-c", "-c novalue", "--=x"] {
+            assert!(parse_options(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requested_settings() {
+        let start = Startup {
+            user: "app".into(),
+            database: "app".into(),
+            params: pairs(&[
+                ("user", "app"),
+                ("database", "app"),
+                ("client_encoding", "UTF8"),
+                ("options", "-c TimeZone=UTC"),
+                ("replication", "false"),
+            ]),
+        };
+        assert_eq!(
+            requested(&start).expect("ok"),
+            pairs(&[("client_encoding", "UTF8"), ("TimeZone", "UTC")])
+        );
+        let repl = Startup {
+            params: pairs(&[("replication", "database")]),
+            ..start
+        };
+        assert!(requested(&repl).is_err());
+    }
+
+    #[test]
+    fn application_names_are_cleaned_like_postgres_does() {
+        assert_eq!(clean_application_name("psql"), "psql");
+        assert_eq!(clean_application_name("héllo\n"), "h??llo?");
+        assert_eq!(clean_application_name(&"x".repeat(100)).len(), 63);
+    }
+}

@@ -1,0 +1,17 @@
+//! SQL text as the proxy needs to understand it: where statements begin and end, and what a
+//! statement does to the session (settings, state that ties a client to one server connection).
+//!
+//! Owns lexing and classification; holds no connections and does no I/O. The lexer follows
+//! PostgreSQL's rules for what is code and what is not (quoted strings and identifiers, `E''`
+//! escapes, dollar quotes, nested block comments) so that a `;` or a keyword inside a string is
+//! never mistaken for one in code.
+//!
+//! # Layout
+//! - [`lex`] — tokens, and [`split`]: a multi-statement query string into its statements.
+//! - [`session`] — [`session::classify`]: a statement's [`Effect`] on session state.
+
+pub mod lex;
+pub mod session;
+
+pub use lex::split;
+pub use session::{classify, classify_query, Effect, Pin};

@@ -1,0 +1,574 @@
+//! What a statement does to session state.
+//!
+//! The proxy remembers a client's settings and replays them on whichever server connection the
+//! client gets next, so it must know which statements change settings. State it cannot move
+//! between server connections *pins* the client to its connection instead.
+//!
+//! Recognised:
+//! - `SET [SESSION] name {TO | =} ...` and the special forms `SET TIME ZONE`, `SET NAMES`,
+//!   `SET SCHEMA`, `SET ROLE`, `SET SESSION AUTHORIZATION`, `SET XML OPTION`: [`Effect::Set`],
+//!   replayed by running the same statement again. `SET LOCAL`, `SET TRANSACTION` and
+//!   `SET CONSTRAINTS` last only until the transaction ends: no effect.
+//! - `RESET name`, `RESET ALL`, `DISCARD ALL`.
+//! - Transaction control (`COMMIT`, `ROLLBACK`, savepoints), which decides whether settings
+//!   made inside a transaction stay.
+//! - Pins ([`Pin`]): `LISTEN`; session-level advisory locks (`pg_advisory_lock`,
+//!   `pg_advisory_lock_shared`, `pg_try_advisory_lock`, `pg_try_advisory_lock_shared`, also
+//!   inside a `DO` block's text); temporary objects (`CREATE TEMP ...` other than tables
+//!   `ON COMMIT DROP`, `SELECT ... INTO TEMP`, anything naming `pg_temp`);
+//!   `DECLARE ... WITH HOLD`; SQL-level `PREPARE`; `LOAD`; `set_config(name, value, is_local)`
+//!   unless `is_local` is literally true; `SET SESSION CHARACTERISTICS`.
+//!
+//! Not recognisable from the text: these same things done inside a function the statement
+//! calls. A client that needs them should use session pooling.
+
+use crate::lex::{split, Lexer, Token};
+
+/// Why a client must keep its server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    Listen,
+    AdvisoryLock,
+    TempObject,
+    HoldCursor,
+    Prepare,
+    Load,
+    SetConfig,
+    SessionCharacteristics,
+}
+
+impl Pin {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Pin::Listen => "LISTEN",
+            Pin::AdvisoryLock => "a session advisory lock",
+            Pin::TempObject => "a temporary object",
+            Pin::HoldCursor => "a WITH HOLD cursor",
+            Pin::Prepare => "SQL-level PREPARE",
+            Pin::Load => "LOAD",
+            Pin::SetConfig => "set_config(..., false)",
+            Pin::SessionCharacteristics => "SET SESSION CHARACTERISTICS",
+        }
+    }
+}
+
+/// A statement's effect on the session state the proxy tracks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// Sets `name` (lower case); `sql` is the statement, which replays it.
+    Set {
+        name: String,
+        sql: String,
+    },
+    Reset {
+        name: String,
+    },
+    ResetAll,
+    /// `DISCARD ALL`: settings reset, and everything else a session holds dropped.
+    DiscardAll,
+    Pin(Pin),
+    /// `COMMIT`, `END` (with or without `AND CHAIN`): the transaction's settings stay.
+    Commit,
+    /// `ROLLBACK`, `ABORT`: the transaction's settings are undone.
+    Rollback,
+    /// `SAVEPOINT name`.
+    Savepoint(String),
+    /// `ROLLBACK TO [SAVEPOINT] name`: settings made since the savepoint are undone.
+    RollbackTo(String),
+    /// `RELEASE [SAVEPOINT] name`.
+    Release(String),
+}
+
+const ADVISORY: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// The effect of each statement of a simple-protocol query string, in order; empty when no
+/// statement has any (the common case, without allocating per statement).
+pub fn classify_query(sql: &str) -> Vec<Effect> {
+    if !might_matter(sql) {
+        return Vec::new();
+    }
+    let effects: Vec<Effect> = split(sql).into_iter().map(classify_statement).collect();
+    if effects.iter().all(|e| *e == Effect::None) {
+        Vec::new()
+    } else {
+        effects
+    }
+}
+
+/// A cheap filter: false only when no statement in `sql` can have an effect.
+fn might_matter(sql: &str) -> bool {
+    // "set" also finds "reset" and "set_config"; "end" finds a lot, which costs only a lexer pass.
+    const NEEDLES: &[&[u8]] = &[
+        b"set",
+        b"discard",
+        b"listen",
+        b"prepare",
+        b"load",
+        b"declare",
+        b"temp",
+        b"advisory",
+        b"commit",
+        b"end",
+        b"rollback",
+        b"abort",
+        b"savepoint",
+        b"release",
+    ];
+    let b = sql.as_bytes();
+    b.windows(3).enumerate().any(|(i, w)| {
+        let w0 = w[0].to_ascii_lowercase();
+        NEEDLES.iter().any(|n| {
+            n[0] == w0 && b.len() - i >= n.len() && b[i..i + n.len()].eq_ignore_ascii_case(n)
+        })
+    })
+}
+
+/// The effect of one statement (no `;` separators), e.g. an extended-protocol Parse.
+pub fn classify(stmt: &str) -> Effect {
+    if !might_matter(stmt) {
+        return Effect::None;
+    }
+    classify_statement(stmt)
+}
+
+fn classify_statement(stmt: &str) -> Effect {
+    let mut toks = Lexer::new(stmt);
+    let Some(first) = toks.next() else {
+        return Effect::None;
+    };
+    let rest: Vec<Token<'_>> = toks.collect();
+    let word = |i: usize, w: &str| rest.get(i).is_some_and(|t| t.is_word(w));
+    if first.is_word("set") {
+        return classify_set(stmt, &rest);
+    }
+    if first.is_word("reset") {
+        return classify_reset(&rest);
+    }
+    if first.is_word("discard") {
+        return if word(0, "all") {
+            Effect::DiscardAll
+        } else {
+            Effect::None
+        };
+    }
+    if first.is_word("commit") || first.is_word("end") {
+        // COMMIT PREPARED finishes another transaction, not this one.
+        return if word(0, "prepared") {
+            Effect::None
+        } else {
+            Effect::Commit
+        };
+    }
+    if first.is_word("rollback") || first.is_word("abort") {
+        return classify_rollback(&rest);
+    }
+    if first.is_word("savepoint") {
+        return rest
+            .first()
+            .and_then(Token::ident)
+            .map_or(Effect::None, Effect::Savepoint);
+    }
+    if first.is_word("release") {
+        let name = if word(0, "savepoint") {
+            rest.get(1)
+        } else {
+            rest.first()
+        };
+        return name
+            .and_then(Token::ident)
+            .map_or(Effect::None, Effect::Release);
+    }
+    if first.is_word("listen") {
+        return Effect::Pin(Pin::Listen);
+    }
+    if first.is_word("prepare") {
+        // PREPARE TRANSACTION is two-phase commit, not a statement.
+        return if word(0, "transaction") {
+            Effect::None
+        } else {
+            Effect::Pin(Pin::Prepare)
+        };
+    }
+    if first.is_word("load") {
+        return Effect::Pin(Pin::Load);
+    }
+    if first.is_word("declare")
+        && rest
+            .windows(2)
+            .any(|w| w[0].is_word("with") && w[1].is_word("hold"))
+    {
+        return Effect::Pin(Pin::HoldCursor);
+    }
+    // A temporary table dropped at commit leaves nothing behind.
+    let drops_at_commit = || {
+        rest.windows(3)
+            .any(|w| w[0].is_word("on") && w[1].is_word("commit") && w[2].is_word("drop"))
+    };
+    if first.is_word("create") && creates_temp(&rest) && !drops_at_commit() {
+        return Effect::Pin(Pin::TempObject);
+    }
+    if first.is_word("do") {
+        // The body is a string; look inside it for session advisory locks.
+        let lower = stmt.to_ascii_lowercase();
+        if ADVISORY.iter().any(|f| contains_call(&lower, f)) {
+            return Effect::Pin(Pin::AdvisoryLock);
+        }
+        return Effect::None;
+    }
+    scan_calls(&rest)
+}
+
+fn classify_set(stmt: &str, rest: &[Token<'_>]) -> Effect {
+    let mut i = 0;
+    if rest.first().is_some_and(|t| t.is_word("local")) {
+        return Effect::None;
+    }
+    if rest.first().is_some_and(|t| t.is_word("session")) {
+        i = 1;
+        if rest.get(1).is_some_and(|t| t.is_word("characteristics")) {
+            return Effect::Pin(Pin::SessionCharacteristics);
+        }
+    }
+    let w = |k: usize, s: &str| rest.get(i + k).is_some_and(|t| t.is_word(s));
+    let name = if w(0, "transaction") || w(0, "constraints") {
+        return Effect::None;
+    } else if w(0, "time") && w(1, "zone") {
+        "timezone".to_string()
+    } else if w(0, "names") {
+        "client_encoding".to_string()
+    } else if w(0, "schema") {
+        "search_path".to_string()
+    } else if w(0, "role") {
+        "role".to_string()
+    } else if w(0, "authorization") && i == 1 {
+        "session_authorization".to_string()
+    } else if w(0, "xml") && w(1, "option") {
+        "xmloption".to_string()
+    } else {
+        match dotted_name(&rest[i.min(rest.len())..]) {
+            Some(n) => n,
+            None => return Effect::None, // malformed: the server will say so
+        }
+    };
+    Effect::Set {
+        name,
+        sql: stmt.trim().to_string(),
+    }
+}
+
+fn classify_rollback(rest: &[Token<'_>]) -> Effect {
+    if rest.first().is_some_and(|t| t.is_word("prepared")) {
+        return Effect::None;
+    }
+    let mut i = 0;
+    if rest
+        .first()
+        .is_some_and(|t| t.is_word("work") || t.is_word("transaction"))
+    {
+        i = 1;
+    }
+    if !rest.get(i).is_some_and(|t| t.is_word("to")) {
+        return Effect::Rollback;
+    }
+    i += 1;
+    if rest.get(i).is_some_and(|t| t.is_word("savepoint")) {
+        i += 1;
+    }
+    rest.get(i)
+        .and_then(Token::ident)
+        .map_or(Effect::None, Effect::RollbackTo)
+}
+
+fn classify_reset(rest: &[Token<'_>]) -> Effect {
+    let w = |k: usize, s: &str| rest.get(k).is_some_and(|t| t.is_word(s));
+    let name = if w(0, "all") {
+        return Effect::ResetAll;
+    } else if w(0, "transaction") {
+        return Effect::None;
+    } else if w(0, "time") && w(1, "zone") {
+        "timezone".to_string()
+    } else if w(0, "session") && w(1, "authorization") {
+        "session_authorization".to_string()
+    } else {
+        match dotted_name(rest) {
+            Some(n) => n,
+            None => return Effect::None,
+        }
+    };
+    Effect::Reset { name }
+}
+
+/// `a` or `a.b` (custom settings) at the start of `toks`.
+fn dotted_name(toks: &[Token<'_>]) -> Option<String> {
+    let mut name = toks.first()?.ident()?;
+    let mut k = 1;
+    while toks.get(k) == Some(&Token::Symbol(b'.')) {
+        name.push('.');
+        name.push_str(&toks.get(k + 1)?.ident()?);
+        k += 2;
+    }
+    Some(name)
+}
+
+/// `CREATE [OR REPLACE] [GLOBAL | LOCAL] {TEMP | TEMPORARY} ...`, or a `pg_temp` name.
+fn creates_temp(rest: &[Token<'_>]) -> bool {
+    let lead = rest
+        .iter()
+        .take(5)
+        .take_while(|t| !t.is_word("table") && !t.is_word("view") && !t.is_word("sequence"));
+    lead.into_iter()
+        .any(|t| t.is_word("temp") || t.is_word("temporary"))
+        || rest.iter().any(|t| t.is_word("pg_temp"))
+}
+
+/// Pins from calls and clauses anywhere in a statement: advisory locks, `set_config` that is not
+/// transaction-local, `INTO TEMP`, `pg_temp`.
+fn scan_calls(toks: &[Token<'_>]) -> Effect {
+    for (i, t) in toks.iter().enumerate() {
+        let Token::Word(w) = t else { continue };
+        let call = toks.get(i + 1) == Some(&Token::Symbol(b'('));
+        if call && ADVISORY.iter().any(|f| w.eq_ignore_ascii_case(f)) {
+            return Effect::Pin(Pin::AdvisoryLock);
+        }
+        if call && w.eq_ignore_ascii_case("set_config") && !third_arg_is_true(&toks[i + 2..]) {
+            return Effect::Pin(Pin::SetConfig);
+        }
+        if w.eq_ignore_ascii_case("pg_temp")
+            || (w.eq_ignore_ascii_case("into")
+                && toks
+                    .get(i + 1)
+                    .is_some_and(|t| t.is_word("temp") || t.is_word("temporary")))
+        {
+            return Effect::Pin(Pin::TempObject);
+        }
+    }
+    Effect::None
+}
+
+/// Whether the third argument of a call whose arguments start at `args` is literally true.
+fn third_arg_is_true(args: &[Token<'_>]) -> bool {
+    let mut depth = 0;
+    let mut commas = 0;
+    let mut third = Vec::new();
+    for t in args {
+        match t {
+            Token::Symbol(b'(') => depth += 1,
+            Token::Symbol(b')') if depth == 0 => break,
+            Token::Symbol(b')') => depth -= 1,
+            Token::Symbol(b',') if depth == 0 => {
+                commas += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if commas == 2 {
+            third.push(*t);
+        }
+    }
+    match third.as_slice() {
+        [Token::Word(w)] => w.eq_ignore_ascii_case("true"),
+        [Token::Str(s)] => matches!(
+            s.to_ascii_lowercase().as_str(),
+            "'true'" | "'t'" | "'on'" | "'yes'" | "'1'"
+        ),
+        _ => false,
+    }
+}
+
+fn contains_call(lower: &str, f: &str) -> bool {
+    lower.match_indices(f).any(|(i, _)| {
+        let after = lower[i + f.len()..].trim_start();
+        let before_ok = lower[..i]
+            .chars()
+            .last()
+            .map_or(true, |c| !c.is_ascii_alphanumeric() && c != '_');
+        before_ok && after.starts_with('(')
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(name: &str, sql: &str) -> Effect {
+        Effect::Set {
+            name: name.into(),
+            sql: sql.into(),
+        }
+    }
+
+    #[test]
+    fn settings() {
+        let cases = [
+            (
+                "SET search_path TO app, public",
+                set("search_path", "SET search_path TO app, public"),
+            ),
+            (
+                "set SESSION statement_timeout = '5s'",
+                set("statement_timeout", "set SESSION statement_timeout = '5s'"),
+            ),
+            (
+                "SET \"TimeZone\" = 'UTC'",
+                set("TimeZone", "SET \"TimeZone\" = 'UTC'"),
+            ),
+            (
+                "SET TIME ZONE 'Europe/Paris'",
+                set("timezone", "SET TIME ZONE 'Europe/Paris'"),
+            ),
+            (
+                "SET NAMES 'LATIN1'",
+                set("client_encoding", "SET NAMES 'LATIN1'"),
+            ),
+            ("SET SCHEMA 'app'", set("search_path", "SET SCHEMA 'app'")),
+            ("SET ROLE reporting", set("role", "SET ROLE reporting")),
+            (
+                "SET SESSION AUTHORIZATION bob",
+                set("session_authorization", "SET SESSION AUTHORIZATION bob"),
+            ),
+            (
+                "SET myapp.tenant = '42'",
+                set("myapp.tenant", "SET myapp.tenant = '42'"),
+            ),
+            ("SET LOCAL search_path = x", Effect::None),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Effect::None),
+            ("SET CONSTRAINTS ALL DEFERRED", Effect::None),
+            (
+                "RESET search_path",
+                Effect::Reset {
+                    name: "search_path".into(),
+                },
+            ),
+            (
+                "RESET TIME ZONE",
+                Effect::Reset {
+                    name: "timezone".into(),
+                },
+            ),
+            (
+                "RESET SESSION AUTHORIZATION",
+                Effect::Reset {
+                    name: "session_authorization".into(),
+                },
+            ),
+            (
+                "RESET ROLE",
+                Effect::Reset {
+                    name: "role".into(),
+                },
+            ),
+            ("reset all", Effect::ResetAll),
+            ("DISCARD ALL", Effect::DiscardAll),
+            ("DISCARD PLANS", Effect::None),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                Effect::Pin(Pin::SessionCharacteristics),
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(classify(sql), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn pins() {
+        let cases = [
+            ("LISTEN jobs", Some(Pin::Listen)),
+            ("SELECT pg_advisory_lock(1)", Some(Pin::AdvisoryLock)),
+            (
+                "select pg_catalog.pg_try_advisory_lock_shared(1, 2)",
+                Some(Pin::AdvisoryLock),
+            ),
+            ("SELECT pg_advisory_xact_lock(1)", None),
+            ("SELECT 'pg_advisory_lock(1)'", None),
+            ("CREATE TEMP TABLE t (x int)", Some(Pin::TempObject)),
+            (
+                "create global temporary table t (x int)",
+                Some(Pin::TempObject),
+            ),
+            (
+                "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+                Some(Pin::TempObject),
+            ),
+            ("CREATE TABLE pg_temp.t (x int)", Some(Pin::TempObject)),
+            ("CREATE TABLE temp_data (x int)", None),
+            ("CREATE TEMP TABLE t (x int) ON COMMIT DROP", None),
+            (
+                "CREATE TEMP TABLE t (x int) ON COMMIT DELETE ROWS",
+                Some(Pin::TempObject),
+            ),
+            ("SELECT * INTO TEMP t FROM x", Some(Pin::TempObject)),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Some(Pin::HoldCursor),
+            ),
+            ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", None),
+            ("PREPARE q AS SELECT 1", Some(Pin::Prepare)),
+            ("PREPARE TRANSACTION 'gid'", None),
+            ("LOAD 'auto_explain'", Some(Pin::Load)),
+            (
+                "SELECT pg_catalog.set_config('search_path', '', false)",
+                Some(Pin::SetConfig),
+            ),
+            ("SELECT set_config('a.b', 'x', true)", None),
+            (
+                "SELECT set_config('a.b', f(1, 2), is_local)",
+                Some(Pin::SetConfig),
+            ),
+            (
+                "DO $$BEGIN PERFORM pg_advisory_lock(7); END$$",
+                Some(Pin::AdvisoryLock),
+            ),
+            ("DO $$BEGIN PERFORM pg_advisory_xact_lock(7); END$$", None),
+            ("UPDATE t SET x = 1", None),
+            ("SELECT 1", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(
+                classify(sql),
+                want.map_or(Effect::None, Effect::Pin),
+                "{sql}"
+            );
+        }
+    }
+
+    #[test]
+    fn transaction_control() {
+        let cases = [
+            ("COMMIT", Effect::Commit),
+            ("end transaction", Effect::Commit),
+            ("COMMIT AND CHAIN", Effect::Commit),
+            ("COMMIT PREPARED 'x'", Effect::None),
+            ("ROLLBACK", Effect::Rollback),
+            ("abort", Effect::Rollback),
+            ("ROLLBACK PREPARED 'x'", Effect::None),
+            ("ROLLBACK TO s1", Effect::RollbackTo("s1".into())),
+            (
+                "ROLLBACK WORK TO SAVEPOINT \"S1\"",
+                Effect::RollbackTo("S1".into()),
+            ),
+            ("SAVEPOINT S1", Effect::Savepoint("s1".into())),
+            ("RELEASE SAVEPOINT s1", Effect::Release("s1".into())),
+            ("release s1", Effect::Release("s1".into())),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(classify(sql), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn queries() {
+        assert!(classify_query("SELECT abalance FROM pgbench_accounts WHERE aid = 1;").is_empty());
+        assert!(classify_query("UPDATE t SET x = 1; SELECT 2").is_empty());
+        assert_eq!(
+            classify_query("SELECT 1; SET a.b = 1; SELECT ';set c = 2'"),
+            [Effect::None, set("a.b", "SET a.b = 1"), Effect::None]
+        );
+    }
+}
