@@ -197,10 +197,17 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
         Ok(c) => std::sync::Arc::new(c),
         Err(code) => return code,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.proxy.workers > 0 {
-        builder.worker_threads(config.proxy.workers);
-    }
+    // One worker: a single-threaded scheduler, without the work-stealing machinery.
+    let mut builder = match config.proxy.workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),

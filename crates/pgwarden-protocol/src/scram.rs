@@ -117,6 +117,22 @@ impl Verifier {
     }
 
     /// A verifier with a fresh random salt.
+    /// A verifier no password satisfies, made without key derivation: for running the exchange
+    /// with a user that does not exist, at no cost to the server.
+    pub fn decoy() -> Verifier {
+        let mut rng = rand::thread_rng();
+        let mut v = Verifier {
+            iterations: DEFAULT_ITERATIONS,
+            salt: vec![0; 16],
+            stored_key: [0; 32],
+            server_key: [0; 32],
+        };
+        rng.fill_bytes(&mut v.salt);
+        rng.fill_bytes(&mut v.stored_key);
+        rng.fill_bytes(&mut v.server_key);
+        v
+    }
+
     pub fn generate(password: &str) -> Verifier {
         let mut salt = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut salt);

@@ -46,6 +46,7 @@ pub struct Shared {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub cancels: cancel::CancelMap,
     clients: Arc<Semaphore>,
+    verifiers: session::VerifierCache,
 }
 
 impl Shared {
@@ -122,6 +123,7 @@ impl Proxy {
             topology: Topology::new(rx),
             pools: Mutex::new(HashMap::new()),
             cancels: cancel::CancelMap::default(),
+            verifiers: Default::default(),
         });
         Ok(Proxy { listener, shared })
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::error::ProxyError;
 use crate::server::{self, Login, ServerConn};
@@ -94,20 +94,13 @@ impl Pool {
 
     /// Waits (FIFO, bounded) for a permit, then reuses or opens a server connection.
     pub async fn acquire(&self, topology: &Topology) -> Result<Lease, ProxyError> {
-        let started = Instant::now();
-        let permit = tokio::time::timeout(
-            self.settings.wait_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-            ProxyError::WaitTimeout(self.settings.wait_timeout)
-        })?
-        .map_err(|_| ProxyError::ShuttingDown)?;
-        self.stats
-            .wait_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        // The semaphore is fair, so a free permit means nobody is queued: take it without
+        // arming a timer.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return Err(ProxyError::ShuttingDown),
+            Err(TryAcquireError::NoPermits) => self.wait_for_permit().await?,
+        };
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         let epoch = topology.epoch();
         while let Some(mut conn) = self.pop_idle() {
@@ -134,6 +127,24 @@ impl Pool {
             conn,
             _permit: permit,
         })
+    }
+
+    async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+        let started = Instant::now();
+        let permit = tokio::time::timeout(
+            self.settings.wait_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+            ProxyError::WaitTimeout(self.settings.wait_timeout)
+        })?
+        .map_err(|_| ProxyError::ShuttingDown)?;
+        self.stats
+            .wait_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(permit)
     }
 
     fn pop_idle(&self) -> Option<ServerConn> {

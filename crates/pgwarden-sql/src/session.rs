@@ -101,32 +101,37 @@ pub fn classify_query(sql: &str) -> Vec<Effect> {
     }
 }
 
-/// A cheap filter: false only when no statement in `sql` can have an effect.
+/// A cheap filter: false only when no statement in `sql` can have an effect. Every keyword and
+/// function name the classifier acts on begins a word, where a word may also begin after `_`
+/// or `.` (`pg_temp`, `pg_catalog.set_config`), so only word starts are compared.
 fn might_matter(sql: &str) -> bool {
-    // "set" also finds "reset" and "set_config"; "end" finds a lot, which costs only a lexer pass.
-    const NEEDLES: &[&[u8]] = &[
-        b"set",
-        b"discard",
-        b"listen",
-        b"prepare",
-        b"load",
-        b"declare",
-        b"temp",
-        b"advisory",
-        b"commit",
-        b"end",
-        b"rollback",
-        b"abort",
-        b"savepoint",
-        b"release",
-    ];
     let b = sql.as_bytes();
-    b.windows(3).enumerate().any(|(i, w)| {
-        let w0 = w[0].to_ascii_lowercase();
-        NEEDLES.iter().any(|n| {
-            n[0] == w0 && b.len() - i >= n.len() && b[i..i + n.len()].eq_ignore_ascii_case(n)
-        })
-    })
+    let at = |i: usize, needle: &[u8]| {
+        b.len() - i >= needle.len() && b[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    };
+    let mut prev_alnum = false;
+    for (i, &c) in b.iter().enumerate() {
+        let alnum = c.is_ascii_alphanumeric();
+        if alnum && !prev_alnum {
+            let hit = match c.to_ascii_lowercase() {
+                b's' => at(i, b"set") || at(i, b"savepoint"),
+                b'r' => at(i, b"reset") || at(i, b"rollback") || at(i, b"release"),
+                b'd' => at(i, b"discard") || at(i, b"declare"),
+                b'l' => at(i, b"listen") || at(i, b"load"),
+                b'p' => at(i, b"prepare"),
+                b't' => at(i, b"temp"),
+                b'a' => at(i, b"advisory") || at(i, b"abort"),
+                b'c' => at(i, b"commit"),
+                b'e' => at(i, b"end"),
+                _ => false,
+            };
+            if hit {
+                return true;
+            }
+        }
+        prev_alnum = alnum;
+    }
+    false
 }
 
 /// The effect of one statement (no `;` separators), e.g. an extended-protocol Parse.
@@ -560,6 +565,52 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(classify(sql), want, "{sql}");
         }
+    }
+
+    #[test]
+    fn the_filter_passes_everything_the_classifier_acts_on() {
+        let acted_on = [
+            "SET a = 1",
+            "reset a",
+            "DISCARD ALL",
+            "LISTEN x",
+            "PREPARE q AS SELECT 1",
+            "LOAD 'x'",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "CREATE TEMP TABLE t (x int)",
+            "CREATE TEMPORARY TABLE t (x int)",
+            "CREATE TABLE pg_temp.t (x int)",
+            "SELECT * INTO TEMP t FROM x",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_catalog.set_config('a', 'b', false)",
+            "SELECT(set_config('a', 'b', false))",
+            "COMMIT",
+            "END",
+            "ROLLBACK",
+            "ABORT",
+            "SAVEPOINT s",
+            "RELEASE s",
+            "DO $$BEGIN PERFORM pg_advisory_lock(7); END$$",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        ];
+        for sql in acted_on {
+            assert!(might_matter(sql), "{sql}");
+            assert_ne!(classify(sql), Effect::None, "{sql}");
+        }
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "UPDATE t SET x = 1",
+            "INSERT INTO tempus VALUES (1)",
+        ] {
+            assert_eq!(classify(sql), Effect::None, "{sql}");
+        }
+        assert!(!might_matter(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+        ));
+        assert!(
+            !might_matter("INSERT INTO offsets VALUES (1)"),
+            "set inside a word is not a word start"
+        );
     }
 
     #[test]

@@ -9,6 +9,9 @@ use pgwarden_protocol::frame::{split, MAX_AUTH_MESSAGE};
 use pgwarden_protocol::frontend;
 use pgwarden_protocol::scram::{self, ScramServer, Verifier};
 use pgwarden_protocol::{md5, ProtocolError};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use rand::RngCore;
 use tokio::net::TcpStream;
 
@@ -34,26 +37,55 @@ fn stored(user: &UserConfig) -> Stored {
     }
 }
 
+/// SCRAM verifiers derived from plaintext passwords, per user: deriving one costs thousands of
+/// hash rounds, so it is done once per (user, password), not at every login.
+#[derive(Default)]
+pub struct VerifierCache {
+    by_user: Mutex<HashMap<String, (String, Verifier)>>,
+}
+
+impl VerifierCache {
+    fn get(&self, user: &str, password: &str) -> Verifier {
+        if let Some((p, v)) = self.by_user.lock().expect("verifier cache lock").get(user) {
+            if p == password {
+                return v.clone();
+            }
+        }
+        let v = Verifier::generate(password);
+        self.by_user
+            .lock()
+            .expect("verifier cache lock")
+            .insert(user.to_string(), (password.to_string(), v.clone()));
+        v
+    }
+}
+
 /// Runs the exchange; on success returns what to log into servers with.
 pub async fn authenticate(
     client: &mut Framed<TcpStream>,
     method: AuthMethod,
     name: &str,
     user: Option<&UserConfig>,
+    verifiers: &VerifierCache,
 ) -> Result<Credential, ProxyError> {
     let failed = || ProxyError::AuthFailed(name.to_string());
     let stored = match user {
         Some(u) => stored(u),
         None => {
-            // Unknown user: a secret nobody knows, so the exchange runs and fails like a wrong password.
-            let mut junk = [0u8; 24];
-            rand::thread_rng().fill_bytes(&mut junk);
-            let v = Verifier::generate(&String::from_utf8_lossy(&junk));
-            run_exchange(client, method, name, Stored::Scram(v)).await?;
+            // Unknown user: a secret nobody knows, so the exchange runs and fails like a wrong
+            // password.
+            run_exchange(
+                client,
+                method,
+                name,
+                Stored::Scram(Verifier::decoy()),
+                verifiers,
+            )
+            .await?;
             return Err(failed());
         }
     };
-    run_exchange(client, method, name, stored)
+    run_exchange(client, method, name, stored, verifiers)
         .await?
         .ok_or_else(failed)
 }
@@ -64,6 +96,7 @@ async fn run_exchange(
     method: AuthMethod,
     name: &str,
     stored: Stored,
+    verifiers: &VerifierCache,
 ) -> Result<Option<Credential>, ProxyError> {
     match (method, stored) {
         (AuthMethod::Trust, Stored::Plain(p)) => Ok(Some(Credential::Password(p))),
@@ -88,7 +121,7 @@ async fn run_exchange(
                 }))
         }
         (AuthMethod::ScramSha256, Stored::Plain(p)) => {
-            let v = Verifier::generate(&p);
+            let v = verifiers.get(name, &p);
             Ok(scram_exchange(client, v)
                 .await?
                 .map(|_| Credential::Password(p)))

@@ -7,6 +7,7 @@ mod pipeline;
 mod startup;
 mod state;
 
+pub use auth::VerifierCache;
 pub use params::StartupChecks;
 
 use std::net::SocketAddr;
@@ -61,7 +62,13 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
     let user = config.users.iter().find(|u| u.name == start.user);
     let credential = tokio::time::timeout(
         LOGIN_TIMEOUT,
-        auth::authenticate(client, config.proxy.auth.method, &start.user, user),
+        auth::authenticate(
+            client,
+            config.proxy.auth.method,
+            &start.user,
+            user,
+            &shared.verifiers,
+        ),
     )
     .await
     .map_err(|_| ProxyError::AuthTimeout)??;
