@@ -53,6 +53,9 @@ enum Command {
         port_base: u16,
         #[arg(long, default_value = "async", value_parser = parse_mode)]
         replication: ReplicationMode,
+        /// Where the proxy listens (127.0.0.1).
+        #[arg(long, default_value_t = 6432)]
+        proxy_port: u16,
         /// Stop the cluster in DIR and remove DIR.
         #[arg(long)]
         destroy: bool,
@@ -126,6 +129,7 @@ async fn run(command: Command) -> ExitCode {
             nodes,
             port_base,
             replication,
+            proxy_port,
             destroy,
         } => {
             let opts = pgwarden_demo::DemoOptions {
@@ -133,6 +137,7 @@ async fn run(command: Command) -> ExitCode {
                 nodes: nodes as usize,
                 port_base,
                 replication,
+                proxy_port,
             };
             let result = if destroy {
                 pgwarden_demo::destroy(&opts).await

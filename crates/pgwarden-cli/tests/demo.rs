@@ -121,6 +121,25 @@ fn demo_parent() -> tempfile::TempDir {
     t
 }
 
+async fn proxy_client(config: &Config, port: u16) -> tokio_postgres::Client {
+    let app = config
+        .users
+        .iter()
+        .find(|u| u.name == "app")
+        .expect("app user in config");
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .password(app.password.expose())
+        .dbname("app")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through the proxy");
+    tokio::spawn(conn);
+    client
+}
+
 async fn app_client(config: &Config, node: usize) -> tokio_postgres::Client {
     let app = config
         .users
@@ -149,9 +168,16 @@ fn refused(port: u16) -> bool {
 async fn first_run_sigterm_reuse_and_destroy() {
     let parent = demo_parent();
     let dir = parent.path().join("demo");
-    let base = free_port_range(3);
+    let base = free_port_range(4);
     let port_arg = base.to_string();
-    let args = ["--port-base", port_arg.as_str()];
+    let proxy_port = base + 3;
+    let proxy_arg = proxy_port.to_string();
+    let args = [
+        "--port-base",
+        port_arg.as_str(),
+        "--proxy-port",
+        proxy_arg.as_str(),
+    ];
 
     // First run: builds the cluster and prints connection strings.
     let mut demo = Demo::start(&dir, &args, None);
@@ -171,10 +197,26 @@ async fn first_run_sigterm_reuse_and_destroy() {
         .iter()
         .any(|l| l.contains("postgresql://app:") && l.contains(&base.to_string())));
 
-    let app = app_client(&config, 0).await;
+    assert!(demo
+        .stdout
+        .iter()
+        .any(|l| l.contains("proxy (transaction pooling")
+            && l.contains(&format!("@127.0.0.1:{proxy_port}/app"))));
+    // Clients go through the proxy to the primary.
+    let app = proxy_client(&config, proxy_port).await;
     app.batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives restarts')")
         .await
-        .expect("write as app");
+        .expect("write as app through the proxy");
+    let served_by: i32 = app
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("port")
+        .get(0);
+    assert_eq!(
+        served_by,
+        i32::from(base),
+        "the proxy sends writes to the primary"
+    );
     let status = common::run(&[
         "status",
         "-c",
@@ -186,7 +228,7 @@ async fn first_run_sigterm_reuse_and_destroy() {
     let (code, took) = demo.terminate();
     assert_eq!(code, 0, "{}", demo.stdout.join("\n"));
     assert!(took < Duration::from_secs(10), "stop took {took:?}");
-    for p in base..base + 3 {
+    for p in base..base + 4 {
         assert!(refused(p), "port {p} still open after SIGTERM");
     }
     for n in &config.nodes {
@@ -256,12 +298,16 @@ async fn runs_as_an_ordinary_user_with_quorum_replication() {
     } else {
         None
     };
-    let base = free_port_range(2).to_string();
+    let base = free_port_range(3);
+    let proxy = (base + 2).to_string();
+    let base = base.to_string();
     let mut demo = Demo::start(
         &dir,
         &[
             "--port-base",
             &base,
+            "--proxy-port",
+            &proxy,
             "--nodes",
             "2",
             "--replication",
@@ -370,9 +416,17 @@ fn refuses_a_directory_that_is_not_a_demo() {
 async fn a_killed_demo_leaves_no_server_behind_and_the_next_run_recovers() {
     let parent = demo_parent();
     let dir = parent.path().join("demo");
-    let base = free_port_range(2);
+    let base = free_port_range(3);
     let port_arg = base.to_string();
-    let args = ["--port-base", port_arg.as_str(), "--nodes", "2"];
+    let proxy_arg = (base + 2).to_string();
+    let args = [
+        "--port-base",
+        port_arg.as_str(),
+        "--proxy-port",
+        proxy_arg.as_str(),
+        "--nodes",
+        "2",
+    ];
     let mut demo = Demo::start(&dir, &args, None);
     let config_path = demo.wait_ready();
     let config = Config::load(&config_path).expect("config");

@@ -142,8 +142,14 @@ fn generate_config(opts: &DemoOptions) -> String {
         ));
     }
     s.push_str(&format!(
-        "\n[[proxy.users]]\nname = \"app\"\npassword = {}\n",
-        q(&pw())
+        "\n[proxy]\nlisten = \"127.0.0.1:{port}\"\npool_mode = \"transaction\"\n\
+         # In the demo the app user may use the admin console (database `pgwarden`) too.\n\
+         admin_users = [\"admin\", \"app\"]\n\
+         \n[[proxy.users]]\nname = \"app\"\npassword = {app}\n\
+         \n[[proxy.users]]\nname = \"admin\"\npassword = {admin}\n",
+        port = opts.proxy_port,
+        app = q(&pw()),
+        admin = q(&pw()),
     ));
     s
 }
@@ -173,6 +179,25 @@ pub fn connection_info(config: &Config, primary: &str) -> String {
             config.postgres.superuser,
             config.postgres.superuser_password.expose(),
             p.address()
+        ));
+    }
+    let proxy = config.proxy.listen;
+    if let Some(app) = app {
+        out.push_str(&format!(
+            "  proxy ({} pooling, writes to the primary): postgresql://app:{}@{proxy}/app\n",
+            config.proxy.pool_mode,
+            app.password.expose(),
+        ));
+    }
+    if let Some(admin) = config
+        .users
+        .iter()
+        .find(|u| config.proxy.admin_users.contains(&u.name))
+    {
+        out.push_str(&format!(
+            "  proxy admin console: postgresql://{}:{}@{proxy}/pgwarden (SHOW POOLS, SHOW HELP)\n",
+            admin.name,
+            admin.password.expose(),
         ));
     }
     if let Some(src) = &config.source {

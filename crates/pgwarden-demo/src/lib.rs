@@ -2,8 +2,9 @@
 //!
 //! The first run builds a primary `n1` and standbys `n2`, ... streaming from it, creates the `app`
 //! database and role, and writes `DIR/pgwarden.toml` (mode 0600) with every password. Later runs
-//! reuse what is in `DIR`: they start what is stopped and never initialise again. The process
-//! stays in the foreground, reports nodes that die, and on SIGINT/SIGTERM stops every node.
+//! reuse what is in `DIR`: they start what is stopped and never initialise again. The proxy
+//! serves clients on `--proxy-port` in transaction mode. The process stays in the foreground,
+//! reports nodes that die, and on SIGINT/SIGTERM stops the proxy, then every node.
 //!
 //! # Layout
 //! - [`layout`] — the demo directory, its generated config and pid file.
@@ -15,6 +16,7 @@ pub mod layout;
 pub mod supervise;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use pgwarden_config::ReplicationMode;
 
@@ -25,6 +27,7 @@ pub struct DemoOptions {
     pub nodes: usize,
     pub port_base: u16,
     pub replication: ReplicationMode,
+    pub proxy_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,12 @@ pub enum DemoError {
     Cluster(String),
     #[error("cannot wait for signals: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("the proxy cannot listen on {listen}: {source} (choose another port with --proxy-port, or edit [proxy] listen in the config)")]
+    ProxyListen {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl DemoError {
@@ -81,15 +90,37 @@ pub async fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         .find(|n| n.primary)
         .map(|n| n.instance.name.clone())
         .unwrap_or_default();
+    let config = Arc::new(config);
+    let listen = config.proxy.listen;
+    let proxy = match pgwarden_proxy::Proxy::bind(config.clone()).await {
+        Ok(p) => p,
+        Err(source) => {
+            supervise::stop_all(nodes).await;
+            return Err(DemoError::ProxyListen { listen, source });
+        }
+    };
+    let (stop_proxy, stopped) = tokio::sync::oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(proxy.serve(async move {
+        let _ = stopped.await;
+    }));
     println!("{}", layout::connection_info(&config, &primary));
     println!(
         "pgwarden demo ready: config={}",
         layout.config_path().display()
     );
-    supervise::supervise(&mut nodes).await?;
+    let result = supervise::supervise(&mut nodes).await;
+    // Clients first, then the nodes.
+    let _ = stop_proxy.send(());
+    if tokio::time::timeout(PROXY_STOP, proxy_task).await.is_err() {
+        tracing::warn!("the proxy did not stop within {PROXY_STOP:?}");
+    }
     supervise::stop_all(nodes).await;
-    Ok(())
+    result
 }
+
+/// How long the proxy gets to finish running transactions when the demo stops; the nodes'
+/// shutdown follows, all within the 10 s a stop may take.
+const PROXY_STOP: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Stops the demo in `opts.dir` (its supervisor and any node still running) and removes the dir.
 pub async fn destroy(opts: &DemoOptions) -> Result<(), DemoError> {
