@@ -54,6 +54,7 @@ pub struct FileProxy {
     pub server_idle_timeout: Option<Field<String>>,
     pub server_lifetime: Option<Field<String>>,
     pub idle_transaction_timeout: Option<Field<String>>,
+    pub shutdown_timeout: Option<Field<String>>,
     pub max_prepared_statements: Option<Field<i64>>,
     pub admin_users: Option<Field<Vec<String>>>,
     pub client_tls: FileClientTls,

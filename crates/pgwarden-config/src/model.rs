@@ -110,7 +110,7 @@ pub struct ReplicationConfig {
     pub sync_count: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MonitorConfig {
     /// How often nodes are probed (`status --watch`, the proxy's role discovery).
     pub interval: Duration,
@@ -213,6 +213,8 @@ pub struct ProxyConfig {
     pub server_lifetime: Duration,
     /// `None` when off (`"0s"`).
     pub idle_transaction_timeout: Option<Duration>,
+    /// How long running transactions may go on after SIGINT/SIGTERM/`SHUTDOWN`.
+    pub shutdown_timeout: Duration,
     /// Per server connection; 0 disables prepared-statement tracking.
     pub max_prepared_statements: u32,
     pub admin_users: Vec<String>,

@@ -93,6 +93,7 @@ pub(crate) fn proxy(
         Duration::ZERO,
     ))
     .filter(|d| !d.is_zero());
+    let shutdown_timeout = e.duration("proxy.shutdown_timeout", f.shutdown_timeout, secs(30));
     let max_prepared_statements = int(
         e,
         "proxy.max_prepared_statements",
@@ -121,6 +122,7 @@ pub(crate) fn proxy(
         server_idle_timeout,
         server_lifetime,
         idle_transaction_timeout,
+        shutdown_timeout,
         max_prepared_statements,
         admin_users,
         client_tls: client_tls(e, f.client_tls, base),

@@ -27,6 +27,12 @@ pub enum ProxyError {
     NoUser,
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
+    #[error("user \"{0}\" may not use the admin console (proxy.admin_users)")]
+    NotAdmin(String),
+    #[error("terminating connection due to administrator command")]
+    Killed,
+    #[error("terminating connection due to idle-in-transaction timeout ({})", format_duration(*.0))]
+    IdleInTransaction(Duration),
     #[error("authentication timed out")]
     AuthTimeout,
     #[error("no primary is available (waited {})", format_duration(*.0))]
@@ -75,6 +81,9 @@ impl ProxyError {
             StartupOption(_) => SqlState::SYNTAX_ERROR,
             AuthFailed(_) => SqlState::INVALID_PASSWORD,
             AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            NotAdmin(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            Killed => SqlState::ADMIN_SHUTDOWN,
+            IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             NoPrimary(_) => SqlState::CANNOT_CONNECT_NOW,
             ServerRefused { code, .. } => *code,
             UnsupportedServerAuth(_) => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,

@@ -2,18 +2,20 @@
 //!
 //! A pool's size is a semaphore: a client waits for a permit in FIFO order (tokio's semaphore is
 //! fair) for at most `query_wait_timeout`, then takes an idle connection or opens one. Idle
-//! connections are checked before reuse: cluster epoch, idle time, lifetime, and a non-blocking
-//! peek for EOF or unsolicited data.
+//! connections are checked before reuse: cluster epoch, idle time, lifetime, and after a spell
+//! of idleness a non-blocking peek for EOF or unsolicited data. Settings are live: a reload
+//! resizes the pool and changes its timeouts in place. A paused pool holds new checkouts.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::error::ProxyError;
-use crate::server::{self, Login, ServerConn};
+use crate::registry::Servers;
+use crate::server::{self, Credential, Login, ServerConn};
 use crate::topology::Topology;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,29 +24,85 @@ pub struct PoolKey {
     pub user: String,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PoolSettings {
     pub size: u32,
+    pub min_size: u32,
     pub connect_timeout: Duration,
     pub wait_timeout: Duration,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
 }
 
-/// Counters for `SHOW STATS` / `SHOW POOLS`.
+/// Counters for `SHOW STATS` / `SHOW POOLS`; all totals since the pool was made.
 #[derive(Debug, Default)]
 pub struct PoolStats {
     pub checkouts: AtomicU64,
     pub connects: AtomicU64,
     pub wait_micros: AtomicU64,
     pub wait_timeouts: AtomicU64,
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    /// Client to server.
+    pub bytes_received: AtomicU64,
+    /// Server to client.
+    pub bytes_sent: AtomicU64,
+    pub xact_micros: AtomicU64,
+    pub query_micros: AtomicU64,
 }
+
+/// What one checkout did, added to the pool's stats when the server goes back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Usage {
+    pub transactions: u64,
+    pub queries: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub xact_micros: u64,
+    pub query_micros: u64,
+}
+
+/// The pool's totals at one moment, for averages over the last stats period.
+#[derive(Debug, Clone, Copy)]
+pub struct StatsSample {
+    pub at: Instant,
+    pub checkouts: u64,
+    pub transactions: u64,
+    pub queries: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub xact_micros: u64,
+    pub query_micros: u64,
+    pub wait_micros: u64,
+}
+
+impl PoolStats {
+    pub fn sample(&self) -> StatsSample {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSample {
+            at: Instant::now(),
+            checkouts: l(&self.checkouts),
+            transactions: l(&self.transactions),
+            queries: l(&self.queries),
+            bytes_received: l(&self.bytes_received),
+            bytes_sent: l(&self.bytes_sent),
+            xact_micros: l(&self.xact_micros),
+            query_micros: l(&self.query_micros),
+            wait_micros: l(&self.wait_micros),
+        }
+    }
+}
+
+/// A connection idle longer than this is peeked at before reuse.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub key: PoolKey,
-    login: Login,
-    settings: PoolSettings,
+    login: RwLock<Login>,
+    settings: RwLock<PoolSettings>,
     permits: Arc<Semaphore>,
+    /// Permits to retire as they come back after the pool shrank.
+    owed: AtomicU32,
     idle: Mutex<Vec<ServerConn>>,
     /// ParameterStatus values of the first server connection, shown to clients at login.
     params: Mutex<Option<BTreeMap<String, String>>>,
@@ -53,35 +111,116 @@ pub struct Pool {
     pub statements: crate::prepared::StatementCache,
     /// Startup parameters tried on a server, and what it said.
     pub(crate) startup_checks: crate::session::StartupChecks,
+    pub servers: Servers,
+    server_ids: Arc<AtomicU64>,
+    paused: watch::Sender<bool>,
+    /// Connections being opened to reach `min_pool_size`.
+    warming: AtomicU32,
+    /// The last two stats samples (previous, latest).
+    samples: Mutex<(StatsSample, StatsSample)>,
 }
 
 /// A server connection checked out of a pool, with its permit.
 pub struct Lease {
     pub conn: ServerConn,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, login: Login, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(
+        key: PoolKey,
+        login: Login,
+        settings: PoolSettings,
+        server_ids: Arc<AtomicU64>,
+        paused: bool,
+    ) -> Arc<Pool> {
         Arc::new(Pool {
             key,
-            login,
+            login: RwLock::new(login),
             permits: Arc::new(Semaphore::new(settings.size as usize)),
-            settings,
+            settings: RwLock::new(settings),
+            owed: AtomicU32::new(0),
             idle: Mutex::new(Vec::new()),
             params: Mutex::new(None),
             stats: PoolStats::default(),
             statements: Default::default(),
             startup_checks: Default::default(),
+            servers: Servers::default(),
+            server_ids,
+            paused: watch::Sender::new(paused),
+            warming: AtomicU32::new(0),
+            samples: Mutex::new((PoolStats::default().sample(), PoolStats::default().sample())),
         })
     }
 
+    /// Takes a stats sample; averages are computed over the last two.
+    pub fn sample_stats(&self) {
+        let now = self.stats.sample();
+        let mut s = self.samples.lock().expect("samples lock");
+        s.0 = s.1;
+        s.1 = now;
+    }
+
+    /// The last two samples (previous, latest).
+    pub fn samples(&self) -> (StatsSample, StatsSample) {
+        *self.samples.lock().expect("samples lock")
+    }
+
+    /// Connections being opened for `min_pool_size`.
+    pub fn warming(&self) -> u32 {
+        self.warming.load(Ordering::Relaxed)
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        *self.settings.read().expect("pool settings lock")
+    }
+
+    /// Applies new settings: a bigger pool gets permits at once, a smaller one retires them as
+    /// servers come back.
+    pub fn update(&self, new: PoolSettings) {
+        let mut s = self.settings.write().expect("pool settings lock");
+        if new.size > s.size {
+            let mut grow = new.size - s.size;
+            // Cancel debts first.
+            while grow > 0 {
+                let owed = self.owed.load(Ordering::SeqCst);
+                if owed == 0 {
+                    break;
+                }
+                let take = owed.min(grow);
+                if self
+                    .owed
+                    .compare_exchange(owed, owed - take, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    grow -= take;
+                }
+            }
+            self.permits.add_permits(grow as usize);
+        } else if new.size < s.size {
+            let shrink = s.size - new.size;
+            let forgotten = self.permits.forget_permits(shrink as usize) as u32;
+            self.owed.fetch_add(shrink - forgotten, Ordering::SeqCst);
+        }
+        *s = new;
+    }
+
+    /// The credential for new server connections: the latest client login's.
+    pub fn set_credential(&self, credential: Credential) {
+        self.login.write().expect("pool login lock").credential = credential;
+    }
+
     pub fn size(&self) -> u32 {
-        self.settings.size
+        self.settings().size
     }
 
     pub fn idle_count(&self) -> usize {
         self.idle.lock().expect("pool lock").len()
+    }
+
+    /// Servers checked out now.
+    pub fn active_count(&self) -> usize {
+        (self.size() as usize).saturating_sub(self.permits.available_permits())
     }
 
     pub fn available_permits(&self) -> usize {
@@ -92,59 +231,104 @@ impl Pool {
         self.params.lock().expect("pool lock").clone()
     }
 
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
     /// Waits (FIFO, bounded) for a permit, then reuses or opens a server connection.
     pub async fn acquire(&self, topology: &Topology) -> Result<Lease, ProxyError> {
+        let settings = self.settings();
+        if self.is_paused() {
+            self.wait_resumed(settings.wait_timeout).await?;
+        }
         // The semaphore is fair, so a free permit means nobody is queued: take it without
         // arming a timer.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(TryAcquireError::Closed) => return Err(ProxyError::ShuttingDown),
-            Err(TryAcquireError::NoPermits) => self.wait_for_permit().await?,
+            Err(TryAcquireError::NoPermits) => self.wait_for_permit(settings.wait_timeout).await?,
         };
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         let epoch = topology.epoch();
         while let Some(mut conn) = self.pop_idle() {
-            if conn.epoch == epoch
-                && conn.last_used.elapsed() < self.settings.idle_timeout
-                && conn.is_reusable(self.settings.lifetime)
-            {
-                return Ok(Lease {
-                    conn,
-                    _permit: permit,
-                });
+            let idle = conn.last_used.elapsed();
+            let fresh = conn.epoch == epoch
+                && idle < settings.idle_timeout
+                && !conn.info.close_needed.load(Ordering::Relaxed)
+                && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE);
+            if fresh {
+                return Ok(Lease { conn, permit });
             }
             tokio::spawn(server::close(conn));
         }
-        let (target, epoch) = topology.wait_primary(self.settings.connect_timeout).await?;
-        let conn =
-            server::connect(&target, &self.login, epoch, self.settings.connect_timeout).await?;
+        let conn = self.open(topology, settings).await?;
+        Ok(Lease { conn, permit })
+    }
+
+    /// Opens a new server connection to the current primary.
+    async fn open(
+        &self,
+        topology: &Topology,
+        settings: PoolSettings,
+    ) -> Result<ServerConn, ProxyError> {
+        let (target, epoch) = topology.wait_primary(settings.connect_timeout).await?;
+        let login = self.login.read().expect("pool login lock").clone();
+        let id = self.server_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let conn = server::connect(
+            &target,
+            &login,
+            epoch,
+            settings.connect_timeout,
+            id,
+            &self.servers,
+        )
+        .await?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         self.params
             .lock()
             .expect("pool lock")
             .get_or_insert_with(|| conn.params.clone());
-        Ok(Lease {
-            conn,
-            _permit: permit,
-        })
+        Ok(conn)
     }
 
-    async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
+    async fn wait_for_permit(
+        &self,
+        wait_timeout: Duration,
+    ) -> Result<OwnedSemaphorePermit, ProxyError> {
         let started = Instant::now();
-        let permit = tokio::time::timeout(
-            self.settings.wait_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-            ProxyError::WaitTimeout(self.settings.wait_timeout)
-        })?
-        .map_err(|_| ProxyError::ShuttingDown)?;
+        let permit = tokio::time::timeout(wait_timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                ProxyError::WaitTimeout(wait_timeout)
+            })?
+            .map_err(|_| ProxyError::ShuttingDown)?;
         self.stats
             .wait_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(permit)
+    }
+
+    /// While paused, checkouts wait for RESUME, bounded like any wait for a server.
+    async fn wait_resumed(&self, wait_timeout: Duration) -> Result<(), ProxyError> {
+        let started = Instant::now();
+        let mut rx = self.paused.subscribe();
+        let resumed = tokio::time::timeout(wait_timeout, rx.wait_for(|paused| !paused)).await;
+        self.stats
+            .wait_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match resumed {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ProxyError::ShuttingDown),
+            Err(_) => {
+                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(ProxyError::WaitTimeout(wait_timeout))
+            }
+        }
     }
 
     fn pop_idle(&self) -> Option<ServerConn> {
@@ -152,32 +336,100 @@ impl Pool {
     }
 
     /// Returns a connection; one that is not reusable (or from an old epoch) is closed.
-    pub fn release(&self, lease: Lease, current_epoch: u64) {
-        let Lease { mut conn, _permit } = lease;
+    pub fn release(&self, lease: Lease, current_epoch: u64, usage: &Usage) {
+        let Lease { mut conn, permit } = lease;
+        self.record(usage);
         conn.last_used = Instant::now();
-        if conn.epoch == current_epoch && conn.is_reusable(self.settings.lifetime) {
+        conn.info.set_idle();
+        let lifetime = self.settings().lifetime;
+        if conn.epoch == current_epoch
+            && !conn.info.close_needed.load(Ordering::Relaxed)
+            && conn.is_reusable(lifetime, false)
+        {
             self.idle.lock().expect("pool lock").push(conn);
         } else {
             tokio::spawn(server::close(conn));
         }
+        self.give_back(permit);
     }
 
     /// Drops a connection whose state is unknown.
-    pub fn discard(&self, lease: Lease) {
-        tokio::spawn(server::close(lease.conn));
+    pub fn discard(&self, lease: Lease, usage: &Usage) {
+        let Lease { conn, permit } = lease;
+        self.record(usage);
+        tokio::spawn(server::close(conn));
+        self.give_back(permit);
     }
 
-    /// Closes idle connections past `server_idle_timeout` or their lifetime.
-    pub fn reap_idle(&self) {
+    fn give_back(&self, permit: OwnedSemaphorePermit) {
+        let owed = self.owed.load(Ordering::SeqCst);
+        if owed > 0
+            && self
+                .owed
+                .compare_exchange(owed, owed - 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            permit.forget();
+        }
+    }
+
+    fn record(&self, u: &Usage) {
+        let s = &self.stats;
+        s.transactions.fetch_add(u.transactions, Ordering::Relaxed);
+        s.queries.fetch_add(u.queries, Ordering::Relaxed);
+        s.bytes_received
+            .fetch_add(u.bytes_received, Ordering::Relaxed);
+        s.bytes_sent.fetch_add(u.bytes_sent, Ordering::Relaxed);
+        s.xact_micros.fetch_add(u.xact_micros, Ordering::Relaxed);
+        s.query_micros.fetch_add(u.query_micros, Ordering::Relaxed);
+    }
+
+    /// Closes every idle connection (`KILL`, shutdown, or the primary changed).
+    pub fn close_idle(&self) {
+        let idle: Vec<ServerConn> = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
+        for c in idle {
+            tokio::spawn(server::close(c));
+        }
+    }
+
+    /// Closes idle connections past `server_idle_timeout` or their lifetime, and opens
+    /// connections up to `min_pool_size`.
+    pub fn maintain(self: &Arc<Self>, topology: &Topology) {
+        let settings = self.settings();
+        let epoch = topology.epoch();
         let mut idle = self.idle.lock().expect("pool lock");
         let (keep, old): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-            c.last_used.elapsed() < self.settings.idle_timeout
-                && c.created.elapsed() < self.settings.lifetime
+            c.epoch == epoch
+                && c.last_used.elapsed() < settings.idle_timeout
+                && c.created.elapsed() < settings.lifetime
         });
         *idle = keep;
+        let have = idle.len() + self.active_count() + self.warming.load(Ordering::Relaxed) as usize;
         drop(idle);
         for c in old {
             tokio::spawn(server::close(c));
+        }
+        let want = (settings.min_size.min(settings.size) as usize).saturating_sub(have);
+        if want == 0 || self.params().is_none() || self.is_paused() {
+            // Warm connections only for a pool that has logged in once (its credential works).
+            return;
+        }
+        for _ in 0..want {
+            self.warming.fetch_add(1, Ordering::Relaxed);
+            let pool = self.clone();
+            let topology = topology.clone();
+            tokio::spawn(async move {
+                match pool.open(&topology, settings).await {
+                    Ok(conn) => {
+                        conn.info.set_idle();
+                        pool.idle.lock().expect("pool lock").push(conn);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, db = %pool.key.database, "warm connection failed")
+                    }
+                }
+                pool.warming.fetch_sub(1, Ordering::Relaxed);
+            });
         }
     }
 }

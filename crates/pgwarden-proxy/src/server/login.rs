@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use super::{BackendKey, ServerConn, Target};
 use crate::error::ProxyError;
 use crate::framed::{Framed, Side};
+use crate::registry::Servers;
 
 /// How the proxy proves itself to a server.
 #[derive(Clone)]
@@ -42,9 +43,11 @@ pub async fn connect(
     login: &Login,
     epoch: u64,
     timeout: Duration,
+    id: u64,
+    registry: &Servers,
 ) -> Result<ServerConn, ProxyError> {
     let addr = target.addr();
-    match tokio::time::timeout(timeout, connect_inner(target, login, epoch)).await {
+    match tokio::time::timeout(timeout, connect_inner(target, login, epoch, id, registry)).await {
         Ok(r) => r,
         Err(_) => Err(ProxyError::ConnectTimeout { addr, timeout }),
     }
@@ -54,6 +57,8 @@ async fn connect_inner(
     target: &Target,
     login: &Login,
     epoch: u64,
+    id: u64,
+    registry: &Servers,
 ) -> Result<ServerConn, ProxyError> {
     let stream = TcpStream::connect((target.host.as_str(), target.port))
         .await
@@ -85,7 +90,11 @@ async fn connect_inner(
             BackendMessage::BackendKeyData { pid, secret } => key = BackendKey { pid, secret },
             BackendMessage::ReadyForQuery(status) => {
                 let now = Instant::now();
+                let local = f.io.local_addr().ok();
+                let entry = registry.register(id, target.addr(), local, key.pid);
                 return Ok(ServerConn {
+                    info: entry.info.clone(),
+                    entry,
                     framed: f,
                     target: target.clone(),
                     key,

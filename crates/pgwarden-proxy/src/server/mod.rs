@@ -4,6 +4,7 @@ mod login;
 mod query;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwarden_protocol::backend::TxStatus;
@@ -13,6 +14,7 @@ pub use login::{close, connect, Credential, Login};
 pub use query::{simple_query, Outcome};
 
 use crate::framed::Framed;
+use crate::registry::{ServerEntry, ServerInfo};
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,18 +58,24 @@ pub struct ServerConn {
     pub prepared: crate::prepared::ServerStatements,
     /// Settings the proxy gave it beyond its login defaults (see `session::state`).
     pub applied: BTreeMap<String, String>,
+    /// Its entry in the pool's registry (for `SHOW SERVERS`); removed when it is dropped.
+    pub entry: ServerEntry,
+    pub info: Arc<ServerInfo>,
 }
 
 impl ServerConn {
     /// Whether the connection looks usable without a round trip: not broken, not past its
-    /// lifetime, and nothing unexpected (EOF, an error the server sent while idle) is waiting on
-    /// the socket.
-    pub fn is_reusable(&mut self, lifetime: Duration) -> bool {
+    /// lifetime, nothing left unread, and with `peek`, nothing unexpected (EOF, an error the
+    /// server sent while idle) waiting on the socket.
+    pub fn is_reusable(&mut self, lifetime: Duration, peek: bool) -> bool {
         if self.broken || self.created.elapsed() > lifetime || self.status != TxStatus::Idle {
             return false;
         }
         if !self.framed.rbuf.is_empty() {
             return false;
+        }
+        if !peek {
+            return true;
         }
         let mut probe = [0u8; 1];
         matches!(self.framed.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)

@@ -7,8 +7,12 @@
 //! rewritten to the pool's own names (see `pipeline`). On every checkout the server is given
 //! the client's settings (see `state`). In session mode the server stays until the client
 //! leaves and statements are not rewritten.
+//!
+//! A session ends from outside through its kill signal: at shutdown a running transaction may
+//! finish first; `KILL` ends it at once. A client idle inside a transaction for longer than
+//! `idle_transaction_timeout` is ended and its server closed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pgwarden_config::PoolMode;
@@ -21,7 +25,8 @@ use super::state::SessionState;
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
 use crate::framed::Framed;
-use crate::pool::{Lease, Pool};
+use crate::pool::{Lease, Pool, Usage};
+use crate::registry::{ClientInfo, KillReason};
 use crate::server::simple_query;
 use crate::topology::Topology;
 
@@ -34,6 +39,9 @@ pub struct Forwarder<'a> {
     pub slot: &'a CancelSlot,
     pub mode: PoolMode,
     pub statement_capacity: usize,
+    /// This client's registry entry (state for `SHOW CLIENTS`, kill signal).
+    pub me: &'a ClientInfo,
+    pub idle_transaction_timeout: Option<Duration>,
 }
 
 /// The client's state that outlives any one server connection.
@@ -41,6 +49,58 @@ struct Client {
     pipeline: Pipeline,
     statements: ClientStatements,
     session: SessionState,
+    /// What the current checkout has done, for the pool's stats.
+    usage: Usage,
+    /// When the oldest unanswered query was sent, and when the current transaction began.
+    query_started: Option<Instant>,
+    xact_started: Option<Instant>,
+}
+
+impl Client {
+    /// A server message on its way to the client: queries and transactions are counted at
+    /// ReadyForQuery.
+    fn count_response(&mut self, frame: &[u8]) {
+        self.usage.bytes_sent += frame.len() as u64;
+        if frame[0] != b'Z' {
+            return;
+        }
+        let now = Instant::now();
+        self.usage.queries += 1;
+        if let Some(t) = self.query_started.take() {
+            self.usage.query_micros += now.duration_since(t).as_micros() as u64;
+        }
+        if frame.get(5) == Some(&b'I') {
+            self.usage.transactions += 1;
+            if let Some(t) = self.xact_started.take() {
+                self.usage.xact_micros += now.duration_since(t).as_micros() as u64;
+            }
+        }
+    }
+
+    /// Client messages are about to go to the server.
+    fn count_sending(&mut self) {
+        if self.query_started.is_none() {
+            let now = Instant::now();
+            self.query_started = Some(now);
+            self.xact_started.get_or_insert(now);
+        }
+    }
+
+    fn cx<'a>(
+        &'a mut self,
+        cache: &'a crate::prepared::StatementCache,
+        capacity: usize,
+    ) -> (&'a mut Pipeline, Context<'a>) {
+        (
+            &mut self.pipeline,
+            Context {
+                statements: &mut self.statements,
+                session: &mut self.session,
+                cache,
+                capacity,
+            },
+        )
+    }
 }
 
 impl Forwarder<'_> {
@@ -51,11 +111,15 @@ impl Forwarder<'_> {
             pipeline: Pipeline::default(),
             statements: ClientStatements::new(),
             session,
+            usage: Usage::default(),
+            query_started: None,
+            xact_started: None,
         };
         let result = self.relay(&mut lease, &mut c).await;
         if let Some(l) = lease.take() {
-            self.give_back(l, &c).await;
+            self.give_back(l, &mut c).await;
         }
+        self.me.set_idle();
         result
     }
 
@@ -76,19 +140,13 @@ impl Forwarder<'_> {
                 if frame[0] == b'X' {
                     return Ok(());
                 }
-                let l = self.pool.acquire(self.topology).await?;
-                *self.slot.server.lock().await = Some((l.conn.target.clone(), l.conn.key));
-                let conn = &mut lease.insert(l).conn;
+                let conn = &mut lease.insert(self.checkout().await?).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
                 }
-                let mut cx = Context {
-                    statements: &mut c.statements,
-                    session: &mut c.session,
-                    cache,
-                    capacity,
-                };
-                c.pipeline.send(&frame, conn, &mut cx)?;
+                c.usage.bytes_received += frame.len() as u64;
+                let (pipeline, mut cx) = c.cx(cache, capacity);
+                pipeline.send(&frame, conn, &mut cx)?;
             }
             let conn = &mut lease.as_mut().expect("a server is attached here").conn;
             // Everything the client has already sent goes to the server.
@@ -102,30 +160,33 @@ impl Forwarder<'_> {
                         c.pipeline.send_internal(&sql, conn);
                     }
                 }
-                let mut cx = Context {
-                    statements: &mut c.statements,
-                    session: &mut c.session,
-                    cache,
-                    capacity,
-                };
-                c.pipeline.send(&frame, conn, &mut cx)?;
+                c.usage.bytes_received += frame.len() as u64;
+                let (pipeline, mut cx) = c.cx(cache, capacity);
+                pipeline.send(&frame, conn, &mut cx)?;
             }
             c.pipeline.emit_injects(conn.status, &mut self.client.wbuf);
-            conn.framed.flush().await?;
+            if !conn.framed.wbuf.is_empty() {
+                c.count_sending();
+                conn.framed.flush().await?;
+            }
             self.client.flush().await?;
+            // A client idle inside a transaction holds its server: that gets a bound.
+            let idle_in_tx = match self.idle_transaction_timeout {
+                Some(t) if conn.status != TxStatus::Idle && c.pipeline.settled() => Some(t),
+                _ => None,
+            };
             tokio::select! {
                 r = self.client.fill() => r?,
                 r = conn.framed.fill() => r?,
+                _ = self.me.kill.raised(KillReason::Admin) => return Err(ProxyError::Killed),
+                _ = sleep_or_never(idle_in_tx) => {
+                    return Err(ProxyError::IdleInTransaction(idle_in_tx.unwrap_or_default()));
+                }
             }
             while let Some(frame) = conn.framed.buffered(MAX_MESSAGE)? {
-                let mut cx = Context {
-                    statements: &mut c.statements,
-                    session: &mut c.session,
-                    cache,
-                    capacity,
-                };
-                c.pipeline
-                    .receive(&frame, conn, &mut cx, &mut self.client.wbuf)?;
+                c.count_response(&frame);
+                let (pipeline, mut cx) = c.cx(cache, capacity);
+                pipeline.receive(&frame, conn, &mut cx, &mut self.client.wbuf)?;
             }
             self.client.flush().await?;
             if self.mode == PoolMode::Transaction
@@ -134,32 +195,55 @@ impl Forwarder<'_> {
                 && c.session.pinned().is_none()
             {
                 let l = lease.take().expect("a server is attached here");
-                self.release(l).await;
+                self.release(l, c).await;
             }
         }
     }
 
+    /// Waits for a server (giving up if the session is told to end meanwhile).
+    async fn checkout(&mut self) -> Result<Lease, ProxyError> {
+        self.me.set_waiting();
+        let l = tokio::select! {
+            l = self.pool.acquire(self.topology) => l?,
+            _ = self.me.kill.raised(KillReason::Shutdown) => return Err(self.killed()),
+        };
+        *self.slot.server.lock().await = Some((l.conn.target.clone(), l.conn.key));
+        l.conn.info.set_active(self.me.id);
+        self.me.set_active(l.conn.info.id);
+        Ok(l)
+    }
+
+    /// The error that ends a session whose kill signal is raised.
+    fn killed(&self) -> ProxyError {
+        match self.me.kill.reason() {
+            Some(KillReason::Admin) => ProxyError::Killed,
+            _ => ProxyError::ShuttingDown,
+        }
+    }
+
     /// Reads client messages while no server is attached, answering those that need none (see
-    /// [`Pipeline::answer_detached`]), until one needs a server (or is Terminate).
+    /// [`Pipeline::answer_detached`]), until one needs a server (or is Terminate). A session
+    /// told to end ends here, between transactions.
     async fn next_needing_server(&mut self, c: &mut Client) -> Result<Bytes, ProxyError> {
         let capacity = self.capacity();
         loop {
+            if self.me.kill.reason().is_some() {
+                self.client.flush().await?;
+                return Err(self.killed());
+            }
             let frame = match self.client.buffered(MAX_MESSAGE)? {
                 Some(f) => f,
                 None => {
                     self.client.flush().await?;
-                    self.client.read_frame(MAX_MESSAGE).await?
+                    tokio::select! {
+                        f = self.client.read_frame(MAX_MESSAGE) => f?,
+                        _ = self.me.kill.raised(KillReason::Shutdown) => continue,
+                    }
                 }
             };
             let local = self.mode == PoolMode::Transaction && {
-                let mut cx = Context {
-                    statements: &mut c.statements,
-                    session: &mut c.session,
-                    cache: &self.pool.statements,
-                    capacity,
-                };
-                c.pipeline
-                    .answer_detached(&frame, &mut cx, &mut self.client.wbuf)
+                let (pipeline, mut cx) = c.cx(&self.pool.statements, capacity);
+                pipeline.answer_detached(&frame, &mut cx, &mut self.client.wbuf)
             };
             if !local {
                 return Ok(frame);
@@ -167,40 +251,47 @@ impl Forwarder<'_> {
         }
     }
 
-    async fn release(&self, lease: Lease) {
+    async fn release(&self, lease: Lease, c: &mut Client) {
         *self.slot.server.lock().await = None;
-        self.pool.release(lease, self.topology.epoch());
+        self.me.set_idle();
+        self.pool
+            .release(lease, self.topology.epoch(), &std::mem::take(&mut c.usage));
     }
 
     /// At the end of a session: a server in a clean state is pooled, reset first if the client
     /// had it to itself (session mode, or pinned); any other is closed, never returned dirty.
-    async fn give_back(&self, mut lease: Lease, c: &Client) {
+    async fn give_back(&self, mut lease: Lease, c: &mut Client) {
         *self.slot.server.lock().await = None;
+        let usage = std::mem::take(&mut c.usage);
         let clean =
             c.pipeline.settled() && lease.conn.status == TxStatus::Idle && !lease.conn.broken;
         if !clean {
-            self.pool.discard(lease);
+            self.pool.discard(lease, &usage);
             return;
         }
         if self.mode == PoolMode::Session || c.session.pinned().is_some() {
             let conn = &mut lease.conn;
-            match simple_query(conn, "DISCARD ALL", RESET_TIMEOUT).await {
+            let reset = simple_query(conn, "DISCARD ALL", RESET_TIMEOUT).await;
+            match reset {
                 Ok(o) if o.error.is_none() => {
                     conn.prepared.clear();
                     conn.applied.clear();
                 }
-                Ok(o) => {
-                    tracing::debug!(error = ?o.error, "DISCARD ALL failed; closing the server connection");
-                    self.pool.discard(lease);
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "server reset failed");
-                    self.pool.discard(lease);
+                other => {
+                    tracing::debug!(outcome = ?other.map(|o| o.error), "server reset failed; closing it");
+                    self.pool.discard(lease, &usage);
                     return;
                 }
             }
         }
-        self.pool.release(lease, self.topology.epoch());
+        self.pool.release(lease, self.topology.epoch(), &usage);
+    }
+}
+
+/// Sleeps for `d`, or forever without one.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }

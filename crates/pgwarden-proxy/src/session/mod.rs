@@ -10,6 +10,7 @@ mod state;
 pub use auth::VerifierCache;
 pub use params::StartupChecks;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::framed::{Framed, Side};
+use crate::registry::NewClient;
 use crate::Shared;
 
 /// How long a client has to get through startup and authentication.
@@ -28,8 +30,9 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().ok();
     let mut client = Framed::new(socket, Side::Client);
-    if let Err(e) = session(&mut client, &shared).await {
+    if let Err(e) = session(&mut client, &shared, peer, local).await {
         if e.is_disconnect() {
             tracing::debug!(client_addr = %peer, error = %e, "client disconnected");
         } else {
@@ -46,7 +49,12 @@ pub(crate) async fn report_fatal(client: &mut Framed<TcpStream>, e: &ProxyError)
     let _ = client.flush().await;
 }
 
-async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), ProxyError> {
+async fn session(
+    client: &mut Framed<TcpStream>,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Result<(), ProxyError> {
     let start = tokio::time::timeout(LOGIN_TIMEOUT, startup::read(client))
         .await
         .map_err(|_| ProxyError::AuthTimeout)??;
@@ -72,21 +80,38 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
     )
     .await
     .map_err(|_| ProxyError::AuthTimeout)??;
-    let pool = shared.pool(
-        &start.database,
-        &start.user,
-        user.and_then(|u| u.pool_size),
-        credential,
-        &config,
-    );
+    let application_name = requested
+        .iter()
+        .rev()
+        .find(|(n, _)| n.eq_ignore_ascii_case("application_name"))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let entry = shared.clients.register(NewClient {
+        addr: peer,
+        local,
+        user: start.user.clone(),
+        database: start.database.clone(),
+        application_name,
+        tls: false,
+    });
+    if start.database == crate::ADMIN_DATABASE {
+        if !config.proxy.admin_users.contains(&start.user) {
+            return Err(ProxyError::NotAdmin(start.user.clone()));
+        }
+        let registration = shared.cancels.register();
+        put_login_ok(
+            client,
+            &admin_params(),
+            registration.pid,
+            registration.secret,
+        );
+        client.flush().await?;
+        return crate::admin::run(client, shared, &entry.info).await;
+    }
+    let pool = shared.pool(&start.database, &start.user, credential, &config);
     let (shown, settings) = params::login(&pool, &shared.topology, &requested).await?;
     let registration = shared.cancels.register();
-    backend::put_auth_ok(&mut client.wbuf);
-    for (name, value) in &shown {
-        backend::put_parameter_status(&mut client.wbuf, name, value);
-    }
-    backend::put_backend_key_data(&mut client.wbuf, registration.pid, registration.secret);
-    backend::put_ready_for_query(&mut client.wbuf, TxStatus::Idle);
+    put_login_ok(client, &shown, registration.pid, registration.secret);
     client.flush().await?;
     forward::Forwarder {
         client,
@@ -95,7 +120,43 @@ async fn session(client: &mut Framed<TcpStream>, shared: &Shared) -> Result<(), 
         slot: &registration.slot,
         mode: config.proxy.pool_mode,
         statement_capacity: config.proxy.max_prepared_statements as usize,
+        me: &entry.info,
+        idle_transaction_timeout: config.proxy.idle_transaction_timeout,
     }
     .run(state::SessionState::new(settings))
     .await
+}
+
+fn put_login_ok(
+    client: &mut Framed<TcpStream>,
+    params: &BTreeMap<String, String>,
+    pid: i32,
+    secret: i32,
+) {
+    backend::put_auth_ok(&mut client.wbuf);
+    for (name, value) in params {
+        backend::put_parameter_status(&mut client.wbuf, name, value);
+    }
+    backend::put_backend_key_data(&mut client.wbuf, pid, secret);
+    backend::put_ready_for_query(&mut client.wbuf, TxStatus::Idle);
+}
+
+/// What the admin console reports at login: enough for psql and drivers.
+fn admin_params() -> BTreeMap<String, String> {
+    [
+        (
+            "server_version",
+            concat!("15.0 (pgwarden ", env!("CARGO_PKG_VERSION"), ")"),
+        ),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("TimeZone", "UTC"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", ""),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }

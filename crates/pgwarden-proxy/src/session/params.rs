@@ -182,7 +182,7 @@ async fn check(
         let outcome = match simple_query(&mut lease.conn, &sql, CHECK_TIMEOUT).await {
             Ok(o) => o,
             Err(e) => {
-                pool.discard(lease);
+                pool.discard(lease, &Default::default());
                 return Err(e);
             }
         };
@@ -198,7 +198,7 @@ async fn check(
         };
         pool.startup_checks.put(pair.clone(), checked);
     }
-    pool.release(lease, topology.epoch());
+    pool.release(lease, topology.epoch(), &Default::default());
     match failure {
         Some((code, message)) => Err(ProxyError::ServerRefused { code, message }),
         None => Ok(baseline),

@@ -1,0 +1,402 @@
+//! `SHOW ...` on the admin console.
+
+use std::time::SystemTime;
+
+use pgwarden_config::Config;
+
+use super::Reply;
+use crate::registry::{unix_micros, ClientState, ServerState};
+use crate::Shared;
+
+/// Averages in `SHOW STATS` cover this many seconds.
+pub const STATS_PERIOD_SECS: u64 = 15;
+
+const TEXT: u32 = 25;
+const INT8: u32 = 20;
+
+/// A result set: columns (name, type OID) and rows of text values.
+pub struct Table {
+    pub columns: Vec<(&'static str, u32)>,
+    pub rows: Vec<Vec<Option<String>>>,
+    pub notices: Vec<String>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, u32)]) -> Table {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: Vec<Option<String>>) {
+        debug_assert_eq!(row.len(), self.columns.len());
+        self.rows.push(row);
+    }
+}
+
+fn s(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// `2026-01-01 12:00:00 UTC`, as PgBouncer shows times.
+fn time(t: SystemTime) -> Option<String> {
+    let iso = humantime::format_rfc3339_seconds(t).to_string();
+    Some(format!(
+        "{} UTC",
+        iso.trim_end_matches('Z').replace('T', " ")
+    ))
+}
+
+fn time_us(us: u64) -> Option<String> {
+    time(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(us))
+}
+
+/// `None` for an unknown item.
+pub fn show(what: &str, shared: &Shared) -> Option<Reply> {
+    let table = match what {
+        "help" => return Some(help()),
+        "pools" => pools(shared),
+        "clients" => clients(shared),
+        "servers" => servers(shared),
+        "stats" => stats(shared),
+        "nodes" => nodes(shared),
+        "config" => config(&shared.config()),
+        "version" => {
+            let mut t = Table::new(&[("version", TEXT)]);
+            t.push(vec![s(format!("pgwarden {}", env!("CARGO_PKG_VERSION")))]);
+            t
+        }
+        _ => return None,
+    };
+    Some(Reply::Table(table))
+}
+
+fn help() -> Reply {
+    Reply::Done {
+        tag: "SHOW",
+        notices: vec![[
+            "Console usage",
+            "\tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|NODES|CONFIG|VERSION",
+            "\tRELOAD",
+            "\tPAUSE [<db>]",
+            "\tRESUME [<db>]",
+            "\tKILL <db>",
+            "\tSHUTDOWN",
+        ]
+        .join("\n")],
+    }
+}
+
+fn pools(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", TEXT),
+        ("user", TEXT),
+        ("cl_active", INT8),
+        ("cl_waiting", INT8),
+        ("sv_active", INT8),
+        ("sv_idle", INT8),
+        ("sv_used", INT8),
+        ("sv_tested", INT8),
+        ("sv_login", INT8),
+        ("maxwait", INT8),
+        ("maxwait_us", INT8),
+        ("pool_mode", TEXT),
+        ("pool_size", INT8),
+        ("paused", TEXT),
+    ]);
+    let clients = shared.clients.all();
+    let now = unix_micros(SystemTime::now());
+    let mode = shared.config().proxy.pool_mode;
+    for p in shared.pools() {
+        let mine = clients
+            .iter()
+            .filter(|c| c.database == p.key.database && c.user == p.key.user);
+        let (mut active, mut waiting, mut maxwait) = (0, 0, 0u64);
+        for c in mine {
+            match c.state() {
+                ClientState::Waiting => {
+                    waiting += 1;
+                    maxwait = maxwait.max(now.saturating_sub(c.request_us()));
+                }
+                _ => active += 1,
+            }
+        }
+        t.push(vec![
+            s(&p.key.database),
+            s(&p.key.user),
+            s(active),
+            s(waiting),
+            s(p.active_count()),
+            s(p.idle_count()),
+            s(0),
+            s(0),
+            s(p.warming()),
+            s(maxwait / 1_000_000),
+            s(maxwait % 1_000_000),
+            s(mode),
+            s(p.size()),
+            s(if p.is_paused() { "yes" } else { "no" }),
+        ]);
+    }
+    t
+}
+
+fn clients(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("type", TEXT),
+        ("user", TEXT),
+        ("database", TEXT),
+        ("state", TEXT),
+        ("addr", TEXT),
+        ("port", INT8),
+        ("local_addr", TEXT),
+        ("local_port", INT8),
+        ("connect_time", TEXT),
+        ("request_time", TEXT),
+        ("wait", INT8),
+        ("wait_us", INT8),
+        ("close_needed", INT8),
+        ("ptr", TEXT),
+        ("link", TEXT),
+        ("remote_pid", INT8),
+        ("tls", TEXT),
+        ("application_name", TEXT),
+    ]);
+    let now = unix_micros(SystemTime::now());
+    for c in shared.clients.all() {
+        let waited = match c.state() {
+            ClientState::Waiting => now.saturating_sub(c.request_us()),
+            _ => 0,
+        };
+        let link = c.server.load(std::sync::atomic::Ordering::Relaxed);
+        t.push(vec![
+            s("C"),
+            s(&c.user),
+            s(&c.database),
+            s(match c.state() {
+                ClientState::Waiting => "waiting",
+                _ => "active",
+            }),
+            s(c.addr.ip()),
+            s(c.addr.port()),
+            c.local.map(|a| a.ip().to_string()),
+            c.local.map(|a| a.port().to_string()),
+            time(c.connected),
+            time_us(c.request_us()),
+            s(waited / 1_000_000),
+            s(waited % 1_000_000),
+            s(i32::from(c.kill.reason().is_some())),
+            s(format!("c{}", c.id)),
+            (link != 0).then(|| format!("s{link}")),
+            s(0),
+            s(if c.tls { "TLS" } else { "" }),
+            s(&c.application_name),
+        ]);
+    }
+    t
+}
+
+fn servers(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("type", TEXT),
+        ("user", TEXT),
+        ("database", TEXT),
+        ("state", TEXT),
+        ("addr", TEXT),
+        ("port", INT8),
+        ("local_addr", TEXT),
+        ("local_port", INT8),
+        ("connect_time", TEXT),
+        ("request_time", TEXT),
+        ("wait", INT8),
+        ("wait_us", INT8),
+        ("close_needed", INT8),
+        ("ptr", TEXT),
+        ("link", TEXT),
+        ("remote_pid", INT8),
+        ("tls", TEXT),
+        ("application_name", TEXT),
+    ]);
+    for p in shared.pools() {
+        for sv in p.servers.all() {
+            let link = sv.client.load(std::sync::atomic::Ordering::Relaxed);
+            let (host, port) = sv.addr.rsplit_once(':').unwrap_or((&sv.addr, ""));
+            t.push(vec![
+                s("S"),
+                s(&p.key.user),
+                s(&p.key.database),
+                s(match sv.state() {
+                    ServerState::Active => "active",
+                    ServerState::Idle => "idle",
+                }),
+                s(host.trim_matches(['[', ']'])),
+                s(port),
+                sv.local.map(|a| a.ip().to_string()),
+                sv.local.map(|a| a.port().to_string()),
+                time(sv.connected),
+                time_us(sv.request_us.load(std::sync::atomic::Ordering::Relaxed)),
+                s(0),
+                s(0),
+                s(i32::from(
+                    sv.close_needed.load(std::sync::atomic::Ordering::Relaxed),
+                )),
+                s(format!("s{}", sv.id)),
+                (link != 0).then(|| format!("c{link}")),
+                s(sv.pid),
+                s(""),
+                s("pgwarden"),
+            ]);
+        }
+    }
+    t
+}
+
+fn stats(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("database", TEXT),
+        ("user", TEXT),
+        ("total_xact_count", INT8),
+        ("total_query_count", INT8),
+        ("total_received", INT8),
+        ("total_sent", INT8),
+        ("total_xact_time", INT8),
+        ("total_query_time", INT8),
+        ("total_wait_time", INT8),
+        ("total_wait_timeouts", INT8),
+        ("avg_xact_count", INT8),
+        ("avg_query_count", INT8),
+        ("avg_recv", INT8),
+        ("avg_sent", INT8),
+        ("avg_xact_time", INT8),
+        ("avg_query_time", INT8),
+        ("avg_wait_time", INT8),
+    ]);
+    for p in shared.pools() {
+        let now = p.stats.sample();
+        let (prev, last) = p.samples();
+        let secs = last.at.duration_since(prev.at).as_secs_f64();
+        let per_sec = |a: u64, b: u64| {
+            if secs > 0.0 {
+                ((b - a) as f64 / secs) as u64
+            } else {
+                0
+            }
+        };
+        let per = |a: u64, b: u64, n: u64| (b - a).checked_div(n).unwrap_or(0);
+        let xacts = last.transactions - prev.transactions;
+        let queries = last.queries - prev.queries;
+        let checkouts = last.checkouts - prev.checkouts;
+        t.push(vec![
+            s(&p.key.database),
+            s(&p.key.user),
+            s(now.transactions),
+            s(now.queries),
+            s(now.bytes_received),
+            s(now.bytes_sent),
+            s(now.xact_micros),
+            s(now.query_micros),
+            s(now.wait_micros),
+            s(p.stats
+                .wait_timeouts
+                .load(std::sync::atomic::Ordering::Relaxed)),
+            s(per_sec(prev.transactions, last.transactions)),
+            s(per_sec(prev.queries, last.queries)),
+            s(per_sec(prev.bytes_received, last.bytes_received)),
+            s(per_sec(prev.bytes_sent, last.bytes_sent)),
+            s(per(prev.xact_micros, last.xact_micros, xacts)),
+            s(per(prev.query_micros, last.query_micros, queries)),
+            s(per(prev.wait_micros, last.wait_micros, checkouts)),
+        ]);
+    }
+    t.notices.push(format!(
+        "averages are over the last {STATS_PERIOD_SECS} s; times in microseconds"
+    ));
+    t
+}
+
+fn nodes(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("name", TEXT),
+        ("host", TEXT),
+        ("port", INT8),
+        ("role", TEXT),
+        ("timeline", INT8),
+        ("replay_lag_bytes", INT8),
+        ("epoch", INT8),
+        ("writes", TEXT),
+    ]);
+    let view = shared.topology.view();
+    for (i, n) in view.nodes.iter().enumerate() {
+        t.push(vec![
+            s(&n.name),
+            s(&n.host),
+            s(n.port),
+            s(match n.role {
+                pgwarden_cluster::status::Role::Primary => "primary",
+                pgwarden_cluster::status::Role::Replica => "replica",
+                pgwarden_cluster::status::Role::Down => "down",
+            }),
+            n.timeline.map(|x| x.to_string()),
+            n.replay_lag_bytes.map(|x| x.to_string()),
+            s(view.epoch),
+            s(if view.primary == Some(i) { "yes" } else { "no" }),
+        ]);
+    }
+    t
+}
+
+fn config(c: &Config) -> Table {
+    let mut t = Table::new(&[("key", TEXT), ("value", TEXT), ("changeable", TEXT)]);
+    let p = &c.proxy;
+    let d = |x: std::time::Duration| pgwarden_core::format_duration(x);
+    let rows: Vec<(&str, String, bool)> = vec![
+        ("listen", p.listen.to_string(), false),
+        ("workers", p.workers.to_string(), false),
+        ("pool_mode", p.pool_mode.to_string(), false),
+        ("default_pool_size", p.default_pool_size.to_string(), true),
+        ("min_pool_size", p.min_pool_size.to_string(), true),
+        ("max_client_conn", p.max_client_conn.to_string(), true),
+        ("server_connect_timeout", d(p.server_connect_timeout), true),
+        ("query_wait_timeout", d(p.query_wait_timeout), true),
+        ("server_idle_timeout", d(p.server_idle_timeout), true),
+        ("server_lifetime", d(p.server_lifetime), true),
+        (
+            "idle_transaction_timeout",
+            p.idle_transaction_timeout.map_or("0s".into(), d),
+            true,
+        ),
+        ("shutdown_timeout", d(p.shutdown_timeout), true),
+        (
+            "max_prepared_statements",
+            p.max_prepared_statements.to_string(),
+            false,
+        ),
+        ("admin_users", p.admin_users.join(","), true),
+        (
+            "client_tls.mode",
+            format!("{:?}", p.client_tls.mode).to_lowercase(),
+            false,
+        ),
+        (
+            "auth.method",
+            format!("{:?}", p.auth.method).to_lowercase(),
+            true,
+        ),
+        (
+            "users",
+            c.users
+                .iter()
+                .map(|u| u.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            true,
+        ),
+        ("monitor.interval", d(c.monitor.interval), false),
+    ];
+    for (k, v, changeable) in rows {
+        t.push(vec![s(k), s(v), s(if changeable { "yes" } else { "no" })]);
+    }
+    t
+}

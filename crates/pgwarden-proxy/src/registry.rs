@@ -1,0 +1,355 @@
+//! Who is connected: the clients (for `SHOW CLIENTS`, `KILL`, shutdown) and, per pool, the
+//! server connections (for `SHOW SERVERS`). Entries remove themselves when dropped, so nothing
+//! can be left behind by an early return.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+
+/// Why a session is being ended from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum KillReason {
+    /// The proxy is shutting down: a running transaction may finish first.
+    Shutdown = 1,
+    /// `KILL` or the end of the shutdown grace period: at once.
+    Admin = 2,
+}
+
+/// A level-triggered stop signal: once raised it stays raised (an admin kill outranks shutdown).
+#[derive(Default)]
+pub struct Kill {
+    reason: AtomicU8,
+    notify: Notify,
+}
+
+impl Kill {
+    pub fn raise(&self, reason: KillReason) {
+        self.reason.fetch_max(reason as u8, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn reason(&self) -> Option<KillReason> {
+        match self.reason.load(Ordering::SeqCst) {
+            0 => None,
+            1 => Some(KillReason::Shutdown),
+            _ => Some(KillReason::Admin),
+        }
+    }
+
+    /// Completes once the signal is at least `min`.
+    pub async fn raised(&self, min: KillReason) {
+        loop {
+            let notified = self.notify.notified();
+            if self.reason.load(Ordering::SeqCst) >= min as u8 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What a client is doing, for `SHOW CLIENTS` and `SHOW POOLS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientState {
+    /// Logged in, no server.
+    Idle = 0,
+    /// Waiting for a server.
+    Waiting = 1,
+    /// Holding a server.
+    Active = 2,
+}
+
+pub struct ClientInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub tls: bool,
+    pub connected: SystemTime,
+    state: AtomicU8,
+    /// Unix microseconds when it last asked for a server (and, while waiting, since when).
+    request_us: AtomicU64,
+    /// The server it holds (its id), 0 if none.
+    pub server: AtomicU64,
+    pub kill: Kill,
+}
+
+pub fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl ClientInfo {
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
+    }
+
+    pub fn set_waiting(&self) {
+        self.request_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.state
+            .store(ClientState::Waiting as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_active(&self, server: u64) {
+        self.server.store(server, Ordering::Relaxed);
+        self.state
+            .store(ClientState::Active as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_idle(&self) {
+        self.server.store(0, Ordering::Relaxed);
+        self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
+    }
+
+    pub fn request_us(&self) -> u64 {
+        self.request_us.load(Ordering::Relaxed)
+    }
+}
+
+/// Every logged-in client.
+#[derive(Default)]
+pub struct Clients {
+    next: AtomicU64,
+    map: Arc<Mutex<BTreeMap<u64, Arc<ClientInfo>>>>,
+}
+
+/// A client's entry; dropping it removes the entry.
+pub struct ClientEntry {
+    pub info: Arc<ClientInfo>,
+    map: Arc<Mutex<BTreeMap<u64, Arc<ClientInfo>>>>,
+}
+
+impl Drop for ClientEntry {
+    fn drop(&mut self) {
+        self.map.lock().expect("clients lock").remove(&self.info.id);
+    }
+}
+
+pub struct NewClient {
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub tls: bool,
+}
+
+impl Clients {
+    pub fn register(&self, c: NewClient) -> ClientEntry {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = SystemTime::now();
+        let info = Arc::new(ClientInfo {
+            id,
+            addr: c.addr,
+            local: c.local,
+            user: c.user,
+            database: c.database,
+            application_name: c.application_name,
+            tls: c.tls,
+            connected: now,
+            state: AtomicU8::new(ClientState::Idle as u8),
+            request_us: AtomicU64::new(unix_micros(now)),
+            server: AtomicU64::new(0),
+            kill: Kill::default(),
+        });
+        self.map
+            .lock()
+            .expect("clients lock")
+            .insert(id, info.clone());
+        ClientEntry {
+            info,
+            map: self.map.clone(),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<ClientInfo>> {
+        self.map
+            .lock()
+            .expect("clients lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("clients lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Raises `reason` on every client `which` selects; returns how many.
+    pub fn kill(&self, reason: KillReason, which: impl Fn(&ClientInfo) -> bool) -> usize {
+        let all = self.all();
+        let mut n = 0;
+        for c in all.iter().filter(|c| which(c)) {
+            c.kill.raise(reason);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// What a server connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ServerState {
+    Idle = 0,
+    Active = 1,
+}
+
+pub struct ServerInfo {
+    pub id: u64,
+    pub addr: String,
+    pub local: Option<SocketAddr>,
+    pub pid: i32,
+    pub connected: SystemTime,
+    state: AtomicU8,
+    /// The client holding it (its id), 0 if none.
+    pub client: AtomicU64,
+    /// Unix microseconds of its last checkout.
+    pub request_us: AtomicU64,
+    /// Set when it should be closed at its next release (e.g. its database was killed).
+    pub close_needed: AtomicBool,
+}
+
+impl ServerInfo {
+    pub fn state(&self) -> ServerState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ServerState::Active,
+            _ => ServerState::Idle,
+        }
+    }
+
+    pub fn set_active(&self, client: u64) {
+        self.client.store(client, Ordering::Relaxed);
+        self.request_us
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.state
+            .store(ServerState::Active as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_idle(&self) {
+        self.client.store(0, Ordering::Relaxed);
+        self.state.store(ServerState::Idle as u8, Ordering::Relaxed);
+    }
+}
+
+/// The server connections of one pool.
+#[derive(Default, Clone)]
+pub struct Servers {
+    map: Arc<Mutex<BTreeMap<u64, Arc<ServerInfo>>>>,
+}
+
+/// A server connection's entry; dropping it removes the entry.
+pub struct ServerEntry {
+    pub info: Arc<ServerInfo>,
+    map: Arc<Mutex<BTreeMap<u64, Arc<ServerInfo>>>>,
+}
+
+impl Drop for ServerEntry {
+    fn drop(&mut self) {
+        self.map.lock().expect("servers lock").remove(&self.info.id);
+    }
+}
+
+impl Servers {
+    pub fn register(
+        &self,
+        id: u64,
+        addr: String,
+        local: Option<SocketAddr>,
+        pid: i32,
+    ) -> ServerEntry {
+        let now = SystemTime::now();
+        let info = Arc::new(ServerInfo {
+            id,
+            addr,
+            local,
+            pid,
+            connected: now,
+            state: AtomicU8::new(ServerState::Active as u8),
+            client: AtomicU64::new(0),
+            request_us: AtomicU64::new(unix_micros(now)),
+            close_needed: AtomicBool::new(false),
+        });
+        self.map
+            .lock()
+            .expect("servers lock")
+            .insert(id, info.clone());
+        ServerEntry {
+            info,
+            map: self.map.clone(),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<ServerInfo>> {
+        self.map
+            .lock()
+            .expect("servers lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kill_is_level_triggered_and_admin_outranks_shutdown() {
+        let k = Kill::default();
+        assert_eq!(k.reason(), None);
+        k.raise(KillReason::Shutdown);
+        k.raised(KillReason::Shutdown).await; // already raised: returns at once
+        let admin = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            k.raised(KillReason::Admin),
+        )
+        .await;
+        assert!(admin.is_err(), "shutdown is not an admin kill");
+        k.raise(KillReason::Admin);
+        k.raise(KillReason::Shutdown); // never lowers
+        assert_eq!(k.reason(), Some(KillReason::Admin));
+        k.raised(KillReason::Admin).await;
+    }
+
+    #[test]
+    fn entries_leave_the_registry_when_dropped() {
+        let clients = Clients::default();
+        let e = clients.register(NewClient {
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            local: None,
+            user: "u".into(),
+            database: "d".into(),
+            application_name: String::new(),
+            tls: false,
+        });
+        assert_eq!(clients.len(), 1);
+        assert_eq!(clients.kill(KillReason::Admin, |c| c.database == "d"), 1);
+        assert_eq!(e.info.kill.reason(), Some(KillReason::Admin));
+        drop(e);
+        assert!(clients.is_empty());
+        let servers = Servers::default();
+        let s = servers.register(7, "h:1".into(), None, 42);
+        assert_eq!(servers.all().len(), 1);
+        drop(s);
+        assert!(servers.all().is_empty());
+    }
+}
