@@ -168,9 +168,22 @@ fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
 }
 
 async fn status(config: &Config, json: bool, watch: bool) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
     let colour = std::io::stdout().is_terminal();
+    // One SIGINT stream for the whole watch, made before the first probe: a Ctrl-C that comes
+    // while a probe runs is kept for the next select, not lost.
+    let mut interrupt = match watch.then(|| signal(SignalKind::interrupt())).transpose() {
+        Ok(i) => i,
+        Err(e) => return fail(&format!("cannot listen for Ctrl-C: {e}"), 1),
+    };
     loop {
-        let status = pgwarden_cluster::check(config).await;
+        let status = match interrupt.as_mut() {
+            Some(int) => tokio::select! {
+                s = pgwarden_cluster::check(config) => s,
+                _ = int.recv() => return ExitCode::SUCCESS,
+            },
+            None => pgwarden_cluster::check(config).await,
+        };
         let text = if json {
             status.to_json()
         } else {
@@ -190,9 +203,10 @@ async fn status(config: &Config, json: bool, watch: bool) -> ExitCode {
             print!("\x1b[2J\x1b[H");
         }
         println!("{text}");
+        let int = interrupt.as_mut().expect("watching");
         tokio::select! {
             _ = tokio::time::sleep(config.monitor.interval) => {}
-            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            _ = int.recv() => return ExitCode::SUCCESS,
         }
     }
 }

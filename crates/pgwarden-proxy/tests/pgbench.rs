@@ -2,28 +2,7 @@
 
 mod common;
 
-use common::{setup, Setup, APP_PASSWORD};
-use pgwarden_postgres::PgBinaries;
-
-async fn pgbench(s: &Setup, args: &[&str]) -> String {
-    let bins = PgBinaries::find(None).expect("PostgreSQL binaries");
-    let port = s.addr.port().to_string();
-    let out = tokio::process::Command::new(bins.program("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "app", "-n"])
-        .args(args)
-        .arg("app")
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .await
-        .expect("run pgbench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
+use common::{pgbench, setup};
 
 fn assert_all_done(text: &str, total: u32) {
     let want = format!("number of transactions actually processed: {total}/{total}");

@@ -3,7 +3,6 @@
 pub mod raw;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use pgwarden_config::Config;
@@ -17,7 +16,10 @@ pub struct Setup {
     pub cluster: Cluster,
     pub addr: SocketAddr,
     pub shared: Arc<pgwarden_proxy::Shared>,
-    _stop: oneshot::Sender<()>,
+    /// The config file the proxy was started from (RELOAD reads it again).
+    pub config_path: std::path::PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A cluster with role and database `app`, and a proxy in front of it. `proxy_toml` is added to
@@ -35,29 +37,53 @@ pub async fn setup(replicas: usize, proxy_toml: &str) -> Setup {
         )
         .await;
     cluster.execute(0, "CREATE DATABASE app OWNER app").await;
-    let toml = format!(
-        "{}\n[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_toml}\n[[proxy.users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
-        cluster.config_toml()
-    );
-    let config = Arc::new(Config::from_toml(&toml, Path::new("/")).expect("valid proxy config"));
+    let toml = proxy_config(&cluster, proxy_toml);
+    let config_path = cluster.dir().join("proxy.toml");
+    std::fs::write(&config_path, &toml).expect("write the proxy config");
+    let config = Arc::new(Config::load(&config_path).expect("valid proxy config"));
     let proxy = pgwarden_proxy::Proxy::bind(config)
         .await
         .expect("bind the proxy");
     let addr = proxy.local_addr().expect("address");
     let shared = proxy.shared();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(proxy.serve(async move {
+    let serving = tokio::spawn(proxy.serve(async move {
         let _ = rx.await;
     }));
     Setup {
         cluster,
         addr,
         shared,
-        _stop: tx,
+        config_path,
+        stop: Some(tx),
+        serving: Some(serving),
     }
 }
 
+/// The proxy's config: the cluster's, a `[proxy]` section with `proxy_toml` in it, and the
+/// `app` user.
+pub fn proxy_config(cluster: &Cluster, proxy_toml: &str) -> String {
+    format!(
+        "{}\n[proxy]\nlisten = \"127.0.0.1:0\"\n{proxy_toml}\n[[proxy.users]]\nname = \"app\"\npassword = \"{APP_PASSWORD}\"\n",
+        cluster.config_toml()
+    )
+}
+
 impl Setup {
+    /// Starts the shutdown (as SIGTERM would).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the proxy to have stopped (after `begin_shutdown` or SHUTDOWN).
+    pub async fn stopped(&mut self) {
+        if let Some(h) = self.serving.take() {
+            h.await.expect("serve task");
+        }
+    }
+
     pub fn conninfo(&self, user: &str, password: &str, db: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
@@ -101,4 +127,29 @@ impl Setup {
             .await
             .expect("connect through the proxy")
     }
+}
+
+/// Runs pgbench (libpq) against the proxy of `s` as `app`; panics if pgbench fails.
+pub async fn pgbench(s: &Setup, args: &[&str]) -> String {
+    pgbench_at(s.addr.port(), args).await
+}
+
+pub async fn pgbench_at(port: u16, args: &[&str]) -> String {
+    let bins = pgwarden_postgres::PgBinaries::find(None).expect("PostgreSQL binaries");
+    let port = port.to_string();
+    let out = tokio::process::Command::new(bins.program("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "app", "-n"])
+        .args(args)
+        .arg("app")
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .await
+        .expect("run pgbench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
 }

@@ -1,0 +1,172 @@
+//! `pgwarden proxy -c FILE` as a process: serving, SIGHUP reload (good and bad config), SIGTERM
+//! with a running transaction.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgwarden_testkit::ports::free_ports;
+use pgwarden_testkit::{eventually, Cluster};
+use tokio_postgres::{Client, NoTls};
+
+const PASSWORD: &str = "app-secret";
+
+fn config(cluster: &Cluster, port: u16, proxy: &str) -> String {
+    format!(
+        "{}\n[proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_users = [\"app\"]\n{proxy}\n[[proxy.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n",
+        cluster.config_toml()
+    )
+}
+
+struct Proc {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal the proxy");
+    }
+
+    /// Waits for a log line containing `needle`.
+    fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(100)) {
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        }
+        panic!("no log line with {needle:?}");
+    }
+}
+
+fn start(path: &std::path::Path) -> Proc {
+    let mut child = common::pgwarden()
+        .args(["proxy", "-c", path.to_str().expect("utf-8")])
+        .env("PGWARDEN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pgwarden proxy");
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .for_each(|l| drop(tx.send(l)))
+    });
+    Proc { child, stderr: rx }
+}
+
+async fn connect(port: u16, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user=app password={PASSWORD} dbname={db} connect_timeout=5"
+        ),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+async fn pool_size(console: &Client) -> String {
+    let msgs = console
+        .simple_query("SHOW CONFIG")
+        .await
+        .expect("show config");
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get("key") == Some("default_pool_size") =>
+            {
+                r.get("value").map(str::to_string)
+            }
+            _ => None,
+        })
+        .expect("default_pool_size row")
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_sigterm_lets_the_running_transaction_finish() {
+    let cluster = Cluster::builder().build().await;
+    cluster
+        .execute(0, &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'"))
+        .await;
+    cluster.execute(0, "CREATE DATABASE app OWNER app").await;
+    let port = free_ports(1)[0];
+    let path = cluster.dir().join("proxy.toml");
+    std::fs::write(&path, config(&cluster, port, "default_pool_size = 5")).expect("write");
+    let proxy = start(&path);
+    proxy.wait_log("proxy listening");
+    let console = connect(port, "pgwarden").await.expect("admin console");
+    let app = connect(port, "app").await.expect("app");
+    app.batch_execute("CREATE TABLE t (x int)")
+        .await
+        .expect("create");
+    assert_eq!(pool_size(&console).await, "5");
+
+    // SIGHUP with a good config applies it; clients stay connected.
+    std::fs::write(&path, config(&cluster, port, "default_pool_size = 7")).expect("write");
+    proxy.signal(Signal::SIGHUP);
+    proxy.wait_log("config reloaded");
+    assert_eq!(pool_size(&console).await, "7");
+    // SIGHUP with a bad one is refused with its errors; the running config stays.
+    std::fs::write(&path, config(&cluster, port, "default_pool_size = -1")).expect("write");
+    proxy.signal(Signal::SIGHUP);
+    let line = proxy.wait_log("config reload rejected");
+    assert!(line.contains("proxy.default_pool_size"), "{line}");
+    assert_eq!(pool_size(&console).await, "7");
+    app.batch_execute("SELECT 1")
+        .await
+        .expect("app still connected");
+
+    // SIGTERM: no new clients, the running transaction commits, then the process exits 0.
+    app.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .expect("begin");
+    proxy.signal(Signal::SIGTERM);
+    eventually(Duration::from_secs(5), "new clients refused", || async {
+        connect(port, "app").await.is_err().then_some(())
+    })
+    .await;
+    app.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .expect("the transaction finishes after SIGTERM");
+    let mut proxy = proxy;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = proxy.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let n: i64 = cluster
+        .client_db(0, "app")
+        .await
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2);
+}
