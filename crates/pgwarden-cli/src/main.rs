@@ -235,7 +235,7 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
         let listen = config.proxy.listen;
         let proxy = match pgwarden_proxy::Proxy::bind(config).await {
             Ok(p) => p,
-            Err(e) => return fail(&format!("cannot listen on {listen}: {e}"), 1),
+            Err(e) => return fail(&format!("cannot start the proxy on {listen}: {e}"), 1),
         };
         tracing::info!(%listen, "proxy listening");
         tokio::spawn(reload_on_sighup(proxy.shared()));

@@ -53,7 +53,7 @@ pub enum DemoError {
     Cluster(String),
     #[error("cannot wait for signals: {0}")]
     Signals(#[source] std::io::Error),
-    #[error("the proxy cannot listen on {listen}: {source} (choose another port with --proxy-port, or edit [proxy] listen in the config)")]
+    #[error("the proxy cannot start on {listen}: {source} (choose another port with --proxy-port, or edit [proxy] in the config)")]
     ProxyListen {
         listen: std::net::SocketAddr,
         #[source]

@@ -33,6 +33,8 @@ pub enum ProxyError {
     Killed,
     #[error("terminating connection due to idle-in-transaction timeout ({})", format_duration(*.0))]
     IdleInTransaction(Duration),
+    #[error("TLS is required: connect with sslmode=require (proxy.client_tls.mode = require)")]
+    TlsRequired,
     #[error("authentication timed out")]
     AuthTimeout,
     #[error("no primary is available (waited {})", format_duration(*.0))]
@@ -81,6 +83,7 @@ impl ProxyError {
             StartupOption(_) => SqlState::SYNTAX_ERROR,
             AuthFailed(_) => SqlState::INVALID_PASSWORD,
             AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            TlsRequired => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             NotAdmin(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             Killed => SqlState::ADMIN_SHUTDOWN,
             IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,

@@ -100,7 +100,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let r = self.io.write_all(&self.wbuf).await;
+        let mut r = self.io.write_all(&self.wbuf).await;
+        if r.is_ok() {
+            // A no-op on TCP; TLS sends its buffered records.
+            r = self.io.flush().await;
+        }
         self.wbuf.clear();
         r.map_err(|e| self.io_err(e))
     }

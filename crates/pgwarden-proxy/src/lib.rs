@@ -16,6 +16,7 @@
 //!   pause, live resizing.
 //! - [`prepared`] — named statements shared across server connections (cache, per-server LRU).
 //! - [`registry`] — connected clients and server connections, and the signals that end sessions.
+//! - [`tls`] — TLS for clients (rustls), and the client stream that is plain or encrypted.
 //! - [`cancel`] — the cancel map.
 //! - [`topology`] — the current primary and epoch, from the monitor.
 //! - [`error`] — [`ProxyError`] and what clients are told.
@@ -29,6 +30,7 @@ pub mod prepared;
 pub mod registry;
 pub mod server;
 mod session;
+pub mod tls;
 pub mod topology;
 
 use std::collections::{HashMap, HashSet};
@@ -65,6 +67,8 @@ pub struct Shared {
     paused: Mutex<Paused>,
     /// Raised by `SHUTDOWN`.
     pub shutdown: Kill,
+    /// For clients' SSLRequests (`proxy.client_tls`; changing it needs a restart).
+    tls: Option<tokio_rustls::TlsAcceptor>,
     started: Instant,
 }
 
@@ -299,6 +303,7 @@ pub struct Proxy {
 impl Proxy {
     /// Starts the cluster monitor and binds `proxy.listen`.
     pub async fn bind(config: Arc<Config>) -> std::io::Result<Proxy> {
+        let tls = tls::acceptor(&config.proxy.client_tls)?;
         let rx = pgwarden_cluster::monitor::spawn(config.clone()).await;
         let listener = TcpListener::bind(config.proxy.listen).await?;
         let shared = Arc::new(Shared {
@@ -312,6 +317,7 @@ impl Proxy {
             server_ids: Arc::new(AtomicU64::new(0)),
             paused: Mutex::new(Paused::default()),
             shutdown: Kill::default(),
+            tls,
             started: Instant::now(),
         });
         Ok(Proxy { listener, shared })
@@ -386,7 +392,8 @@ fn accept(socket: tokio::net::TcpStream, peer: SocketAddr, shared: &Arc<Shared>)
         Err(_) => {
             let max = shared.config().proxy.max_client_conn;
             tokio::spawn(async move {
-                let mut client = framed::Framed::new(socket, framed::Side::Client);
+                let mut client =
+                    framed::Framed::new(tls::ClientStream::Plain(socket), framed::Side::Client);
                 // Read the startup packet first so the client is ready to read our answer.
                 let _ = tokio::time::timeout(Duration::from_secs(5), client.read_startup()).await;
                 session::report_fatal(&mut client, &ProxyError::TooManyClients(max)).await;

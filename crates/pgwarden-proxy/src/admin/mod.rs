@@ -11,12 +11,12 @@ mod show;
 
 use std::sync::Arc;
 
+use crate::tls::ClientStream;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::{ErrorReport, Severity};
 use pgwarden_protocol::frame::{split, MAX_MESSAGE};
 use pgwarden_protocol::frontend::FrontendMessage;
 use pgwarden_protocol::SqlState;
-use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::framed::Framed;
@@ -214,7 +214,7 @@ fn write_reply(out: &mut bytes::BytesMut, reply: Reply) {
 
 /// Serves one console client until it leaves.
 pub async fn run(
-    client: &mut Framed<TcpStream>,
+    client: &mut Framed<ClientStream>,
     shared: &Arc<Shared>,
     me: &ClientInfo,
 ) -> Result<(), ProxyError> {

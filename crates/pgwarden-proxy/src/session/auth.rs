@@ -12,8 +12,8 @@ use pgwarden_protocol::{md5, ProtocolError};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::tls::ClientStream;
 use rand::RngCore;
-use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::framed::Framed;
@@ -62,7 +62,7 @@ impl VerifierCache {
 
 /// Runs the exchange; on success returns what to log into servers with.
 pub async fn authenticate(
-    client: &mut Framed<TcpStream>,
+    client: &mut Framed<ClientStream>,
     method: AuthMethod,
     name: &str,
     user: Option<&UserConfig>,
@@ -92,7 +92,7 @@ pub async fn authenticate(
 
 /// `Ok(None)` is a failed login.
 async fn run_exchange(
-    client: &mut Framed<TcpStream>,
+    client: &mut Framed<ClientStream>,
     method: AuthMethod,
     name: &str,
     stored: Stored,
@@ -137,7 +137,9 @@ async fn run_exchange(
     }
 }
 
-async fn read_password_message(client: &mut Framed<TcpStream>) -> Result<bytes::Bytes, ProxyError> {
+async fn read_password_message(
+    client: &mut Framed<ClientStream>,
+) -> Result<bytes::Bytes, ProxyError> {
     let frame = client.read_frame(MAX_AUTH_MESSAGE).await?;
     if frame[0] != b'p' {
         return Err(ProxyError::ClientProtocol(ProtocolError::Invalid {
@@ -151,7 +153,7 @@ async fn read_password_message(client: &mut Framed<TcpStream>) -> Result<bytes::
     Ok(frame)
 }
 
-async fn md5_exchange(client: &mut Framed<TcpStream>, stored: &str) -> Result<bool, ProxyError> {
+async fn md5_exchange(client: &mut Framed<ClientStream>, stored: &str) -> Result<bool, ProxyError> {
     let mut salt = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut salt);
     backend::put_auth_md5(&mut client.wbuf, salt);
@@ -164,7 +166,7 @@ async fn md5_exchange(client: &mut Framed<TcpStream>, stored: &str) -> Result<bo
 
 /// Returns the client's ClientKey on success.
 async fn scram_exchange(
-    client: &mut Framed<TcpStream>,
+    client: &mut Framed<ClientStream>,
     verifier: Verifier,
 ) -> Result<Option<[u8; 32]>, ProxyError> {
     backend::put_auth_sasl(&mut client.wbuf, &[scram::MECHANISM]);

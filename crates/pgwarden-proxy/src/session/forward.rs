@@ -14,11 +14,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::tls::ClientStream;
 use bytes::Bytes;
 use pgwarden_config::PoolMode;
 use pgwarden_protocol::backend::TxStatus;
 use pgwarden_protocol::frame::MAX_MESSAGE;
-use tokio::net::TcpStream;
 
 use super::pipeline::{ClientStatements, Context, Pipeline};
 use super::state::SessionState;
@@ -33,7 +33,7 @@ use crate::topology::Topology;
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Forwarder<'a> {
-    pub client: &'a mut Framed<TcpStream>,
+    pub client: &'a mut Framed<ClientStream>,
     pub pool: &'a Pool,
     pub topology: &'a Topology,
     pub slot: &'a CancelSlot,

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgwarden_config::TlsMode;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::ErrorReport;
 use tokio::net::TcpStream;
@@ -22,6 +23,7 @@ use tokio::net::TcpStream;
 use crate::error::ProxyError;
 use crate::framed::{Framed, Side};
 use crate::registry::NewClient;
+use crate::tls::ClientStream;
 use crate::Shared;
 
 /// How long a client has to get through startup and authentication.
@@ -31,7 +33,7 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = socket.set_nodelay(true);
     let local = socket.local_addr().ok();
-    let mut client = Framed::new(socket, Side::Client);
+    let mut client = Framed::new(ClientStream::Plain(socket), Side::Client);
     if let Err(e) = session(&mut client, &shared, peer, local).await {
         if e.is_disconnect() {
             tracing::debug!(client_addr = %peer, error = %e, "client disconnected");
@@ -43,19 +45,19 @@ pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 }
 
 /// Tells the client why its session ends (best effort: it may be gone already).
-pub(crate) async fn report_fatal(client: &mut Framed<TcpStream>, e: &ProxyError) {
+pub(crate) async fn report_fatal(client: &mut Framed<ClientStream>, e: &ProxyError) {
     let message = e.client_message();
     ErrorReport::fatal(e.sqlstate(), &message).put_error(&mut client.wbuf);
     let _ = client.flush().await;
 }
 
 async fn session(
-    client: &mut Framed<TcpStream>,
+    client: &mut Framed<ClientStream>,
     shared: &Arc<Shared>,
     peer: SocketAddr,
     local: Option<SocketAddr>,
 ) -> Result<(), ProxyError> {
-    let start = tokio::time::timeout(LOGIN_TIMEOUT, startup::read(client))
+    let start = tokio::time::timeout(LOGIN_TIMEOUT, startup::read(client, shared.tls.as_ref()))
         .await
         .map_err(|_| ProxyError::AuthTimeout)??;
     let start = match start {
@@ -67,6 +69,9 @@ async fn session(
     };
     let requested = params::requested(&start)?;
     let config = shared.config();
+    if config.proxy.client_tls.mode == TlsMode::Require && !client.io.is_tls() {
+        return Err(ProxyError::TlsRequired);
+    }
     let user = config.users.iter().find(|u| u.name == start.user);
     let credential = tokio::time::timeout(
         LOGIN_TIMEOUT,
@@ -92,7 +97,7 @@ async fn session(
         user: start.user.clone(),
         database: start.database.clone(),
         application_name,
-        tls: false,
+        tls: client.io.is_tls(),
     });
     if start.database == crate::ADMIN_DATABASE {
         if !config.proxy.admin_users.contains(&start.user) {
@@ -128,7 +133,7 @@ async fn session(
 }
 
 fn put_login_ok(
-    client: &mut Framed<TcpStream>,
+    client: &mut Framed<ClientStream>,
     params: &BTreeMap<String, String>,
     pid: i32,
     secret: i32,

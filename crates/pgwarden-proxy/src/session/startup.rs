@@ -1,12 +1,17 @@
 //! The startup phase: SSLRequest/GSSENCRequest, CancelRequest, StartupMessage.
 
+use crate::tls::ClientStream;
 use bytes::BufMut;
 use pgwarden_protocol::backend;
 use pgwarden_protocol::startup::{self, StartupPacket};
-use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::framed::Framed;
+use tokio_rustls::TlsAcceptor;
+
+fn p_is_ssl(packet: &[u8]) -> bool {
+    matches!(startup::parse(packet), Ok(StartupPacket::SslRequest))
+}
 
 /// What the first packets asked for.
 pub enum Start {
@@ -22,9 +27,13 @@ pub struct Startup {
     pub params: Vec<(String, String)>,
 }
 
-/// Reads packets until a StartupMessage or CancelRequest. Encryption requests are declined
-/// ('N'); the client then goes on in plaintext or gives up.
-pub async fn read(client: &mut Framed<TcpStream>) -> Result<Start, ProxyError> {
+/// Reads packets until a StartupMessage or CancelRequest. An SSLRequest is accepted ('S', then
+/// the TLS handshake) when `tls` is set, else declined ('N'); GSSENCRequest is always declined.
+/// A declined client goes on in plaintext or gives up.
+pub async fn read(
+    client: &mut Framed<ClientStream>,
+    tls: Option<&TlsAcceptor>,
+) -> Result<Start, ProxyError> {
     loop {
         let packet = client.read_startup().await?;
         match startup::parse(&packet).map_err(ProxyError::ClientProtocol)? {
@@ -38,8 +47,21 @@ pub async fn read(client: &mut Framed<TcpStream>) -> Result<Start, ProxyError> {
                         },
                     ));
                 }
-                client.wbuf.put_u8(b'N');
-                client.flush().await?;
+                match (tls, &client.io) {
+                    (Some(acceptor), ClientStream::Plain(_)) if p_is_ssl(&packet) => {
+                        client.wbuf.put_u8(b'S');
+                        client.flush().await?;
+                        client
+                            .io
+                            .upgrade(acceptor)
+                            .await
+                            .map_err(ProxyError::ClientIo)?;
+                    }
+                    _ => {
+                        client.wbuf.put_u8(b'N');
+                        client.flush().await?;
+                    }
+                }
             }
             StartupPacket::Cancel { pid, secret } => return Ok(Start::Cancel { pid, secret }),
             StartupPacket::Startup(p) => {
