@@ -22,10 +22,11 @@ fn tls_toml(dir: &std::path::Path, mode: &str) -> String {
 }
 
 async fn setup_tls(mode: &str) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir").keep();
+    // The files are read when the proxy starts, not after.
+    let dir = tempfile::tempdir().expect("tempdir");
     setup(
         0,
-        &format!("default_pool_size = 2\n{}", tls_toml(&dir, mode)),
+        &format!("default_pool_size = 2\n{}", tls_toml(dir.path(), mode)),
     )
     .await
 }
