@@ -35,6 +35,8 @@ pub enum ProxyError {
     IdleInTransaction(Duration),
     #[error("TLS is required: connect with sslmode=require (proxy.client_tls.mode = require)")]
     TlsRequired,
+    #[error("auth_query: {0}")]
+    AuthQuery(String),
     #[error("authentication timed out")]
     AuthTimeout,
     #[error("no primary is available (waited {})", format_duration(*.0))]
@@ -83,6 +85,7 @@ impl ProxyError {
             StartupOption(_) => SqlState::SYNTAX_ERROR,
             AuthFailed(_) => SqlState::INVALID_PASSWORD,
             AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            AuthQuery(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             TlsRequired => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             NotAdmin(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             Killed => SqlState::ADMIN_SHUTDOWN,

@@ -60,6 +60,7 @@ pub struct Shared {
     pub cancels: cancel::CancelMap,
     client_slots: Arc<Semaphore>,
     verifiers: session::VerifierCache,
+    auth_cache: session::AuthQueryCache,
     pub clients: registry::Clients,
     server_ids: Arc<AtomicU64>,
     /// Databases paused by `PAUSE db` / `KILL db` (pools made later start paused too); `None`
@@ -313,6 +314,7 @@ impl Proxy {
             pools: Mutex::new(HashMap::new()),
             cancels: cancel::CancelMap::default(),
             verifiers: Default::default(),
+            auth_cache: Default::default(),
             clients: Default::default(),
             server_ids: Arc::new(AtomicU64::new(0)),
             paused: Mutex::new(Paused::default()),

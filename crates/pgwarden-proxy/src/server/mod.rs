@@ -11,7 +11,7 @@ use pgwarden_protocol::backend::TxStatus;
 use tokio::net::TcpStream;
 
 pub use login::{close, connect, Credential, Login};
-pub use query::{simple_query, Outcome};
+pub use query::{query_with_param, simple_query, Outcome};
 
 use crate::framed::Framed;
 use crate::registry::{ServerEntry, ServerInfo};

@@ -70,3 +70,105 @@ async fn run(conn: &mut ServerConn, sql: &str) -> Result<Outcome, ProxyError> {
         }
     }
 }
+
+/// Rows of text values, or the server's error.
+pub type Rows = Result<Vec<Vec<Option<String>>>, (SqlState, String)>;
+
+/// Runs `sql` with one text parameter through the extended protocol and returns its rows (text
+/// values) or the server's error, within `timeout`.
+pub async fn query_with_param(
+    conn: &mut ServerConn,
+    sql: &str,
+    param: &str,
+    timeout: Duration,
+) -> Result<Rows, ProxyError> {
+    let r = tokio::time::timeout(timeout, run_with_param(conn, sql, param)).await;
+    match r {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) => {
+            conn.broken = true;
+            Err(e)
+        }
+        Err(_) => {
+            conn.broken = true;
+            Err(ProxyError::QueryTimeout(timeout))
+        }
+    }
+}
+
+async fn run_with_param(conn: &mut ServerConn, sql: &str, param: &str) -> Result<Rows, ProxyError> {
+    use bytes::BufMut;
+    let mut bind = bytes::BytesMut::new();
+    bind.put_i16(0); // parameters in text
+    bind.put_i16(1);
+    bind.put_i32(param.len() as i32);
+    bind.put_slice(param.as_bytes());
+    bind.put_i16(0); // results in text
+    let w = &mut conn.framed.wbuf;
+    frontend::put_parse(w, "", sql, &[0, 0]);
+    frontend::put_bind(w, "", "", &bind);
+    frontend::put_execute(w, "", 0);
+    frontend::put_sync(w);
+    conn.framed.flush().await?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let frame = conn.framed.read_frame(MAX_MESSAGE).await?;
+        let (tag, body) = split(&frame);
+        match tag {
+            b'D' => rows.push(data_row(body).map_err(ProxyError::ServerProtocol)?),
+            b'E' | b'Z' | b'S' => {
+                match BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)? {
+                    BackendMessage::ErrorResponse(e) => {
+                        error.get_or_insert_with(|| {
+                            (
+                                e.code().unwrap_or(SqlState::INTERNAL_ERROR),
+                                e.message().unwrap_or("error").to_string(),
+                            )
+                        });
+                    }
+                    BackendMessage::ParameterStatus { name, value } => {
+                        conn.params.insert(name.to_string(), value.to_string());
+                    }
+                    BackendMessage::ReadyForQuery(status) => {
+                        conn.status = status;
+                        return Ok(match error {
+                            Some(e) => Err(e),
+                            None => Ok(rows),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A DataRow's values as text.
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, pgwarden_protocol::ProtocolError> {
+    let bad = || pgwarden_protocol::ProtocolError::Invalid {
+        what: "DataRow",
+        detail: "truncated".into(),
+    };
+    let n = i16::from_be_bytes(body.get(0..2).ok_or_else(bad)?.try_into().expect("2 bytes"));
+    let mut at = 2;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(
+            body.get(at..at + 4)
+                .ok_or_else(bad)?
+                .try_into()
+                .expect("4 bytes"),
+        );
+        at += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = body.get(at..at + len as usize).ok_or_else(bad)?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        at += len as usize;
+    }
+    Ok(out)
+}

@@ -1,6 +1,7 @@
 //! One client connection, from the first packet to the last.
 
 mod auth;
+mod auth_query;
 mod forward;
 mod params;
 mod pipeline;
@@ -8,6 +9,7 @@ mod startup;
 mod state;
 
 pub use auth::VerifierCache;
+pub use auth_query::AuthQueryCache;
 pub use params::StartupChecks;
 
 use std::collections::BTreeMap;
@@ -72,7 +74,23 @@ async fn session(
     if config.proxy.client_tls.mode == TlsMode::Require && !client.io.is_tls() {
         return Err(ProxyError::TlsRequired);
     }
-    let user = config.users.iter().find(|u| u.name == start.user);
+    let looked_up;
+    let user = match config.users.iter().find(|u| u.name == start.user) {
+        Some(u) => Some(u),
+        None => {
+            looked_up = match auth_query::lookup(shared, &config, &start.database, &start.user)
+                .await
+            {
+                Ok(u) => u,
+                Err(e) => {
+                    // The client learns only that the login failed; the cause is for the log.
+                    tracing::warn!(user = %start.user, db = %start.database, error = %e, "auth_query lookup failed");
+                    None
+                }
+            };
+            looked_up.as_ref()
+        }
+    };
     let credential = tokio::time::timeout(
         LOGIN_TIMEOUT,
         auth::authenticate(
