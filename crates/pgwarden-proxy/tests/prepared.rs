@@ -2,7 +2,9 @@
 
 mod common;
 
+use common::raw::{error_code, first_column};
 use common::setup;
+use pgwarden_protocol::frontend::{self, Target};
 use tokio_postgres::error::SqlState;
 
 #[tokio::test]
@@ -159,5 +161,151 @@ async fn a_statement_the_server_rejected_is_never_answered_by_the_proxy() {
             c.query_one(&st, &[]).await.expect("run").get::<_, i32>(0),
             7
         );
+    }
+}
+
+/// What libpq's PQexecPrepared sends: Bind, Describe portal, Execute, Sync. Returns the message
+/// types and the first column values.
+async fn exec_prepared(
+    c: &mut common::raw::Raw,
+    name: &str,
+) -> (String, Vec<Option<String>>, Option<String>) {
+    c.bind("", name);
+    frontend::put_describe(&mut c.out, Target::Portal, "");
+    c.execute("").sync();
+    c.flush().await;
+    let (tags, msgs) = c.until_ready().await;
+    (tags, first_column(&msgs), error_code(&msgs))
+}
+
+async fn shape_table(s: &common::Setup) -> tokio_postgres::Client {
+    let admin = s.cluster.client_db(0, "app").await;
+    admin
+        .batch_execute(
+            "CREATE TABLE shape (a int); INSERT INTO shape VALUES (1); GRANT ALL ON shape TO app",
+        )
+        .await
+        .expect("table");
+    admin
+}
+
+#[tokio::test]
+async fn ddl_that_changes_a_result_type_is_retried_for_clients_that_describe() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let admin = shape_table(&s).await;
+    let mut c = s.raw(&[]).await;
+    c.parse("st", "SELECT * FROM public.shape").sync();
+    c.flush().await;
+    c.until_ready().await;
+    let (tags, rows, _) = exec_prepared(&mut c, "st").await;
+    assert_eq!(
+        (tags.as_str(), rows),
+        ("2TDCZ", vec![Some("1".to_string())])
+    );
+    // Without the proxy the next execution fails with 0A000 "cached plan must not change
+    // result type"; here it is prepared again and sent again, and the client sees the new
+    // shape in the RowDescription it asked for.
+    admin
+        .batch_execute("ALTER TABLE shape ADD COLUMN b int DEFAULT 5")
+        .await
+        .expect("alter");
+    let (tags, rows, err) = exec_prepared(&mut c, "st").await;
+    assert_eq!(err, None);
+    assert_eq!(tags, "2TDCZ");
+    assert_eq!(rows, vec![Some("1".to_string())]);
+    // Inside a transaction nothing is retried: the client gets PostgreSQL's error.
+    admin
+        .batch_execute("ALTER TABLE shape DROP COLUMN b")
+        .await
+        .expect("alter");
+    c.query("BEGIN");
+    c.flush().await;
+    c.until_ready().await;
+    let (_, _, err) = exec_prepared(&mut c, "st").await;
+    assert_eq!(err.as_deref(), Some("0A000"));
+    c.query("ROLLBACK");
+    c.flush().await;
+    c.until_ready().await;
+    let (_, rows, err) = exec_prepared(&mut c, "st").await;
+    assert_eq!(
+        (err, rows),
+        (None, vec![Some("1".to_string())]),
+        "retried after the transaction"
+    );
+}
+
+#[tokio::test]
+async fn clients_that_decode_with_a_cached_description_get_the_error() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let admin = shape_table(&s).await;
+    let c = s.app().await;
+    let other = s.app().await;
+    let st = c
+        .prepare("SELECT * FROM public.shape")
+        .await
+        .expect("prepare");
+    assert_eq!(
+        c.query_one(&st, &[]).await.expect("run").get::<_, i32>(0),
+        1
+    );
+    admin
+        .batch_execute("ALTER TABLE shape ADD COLUMN b int")
+        .await
+        .expect("alter");
+    // Another client prepares the same text while the server still has the stale statement:
+    // its Describe fails on the stale plan and is retried on a fresh one.
+    let fresh = other
+        .prepare("SELECT * FROM public.shape")
+        .await
+        .expect("prepare");
+    assert_eq!(fresh.columns().len(), 2);
+    assert_eq!(other.query_one(&fresh, &[]).await.expect("run").len(), 2);
+    admin
+        .batch_execute("ALTER TABLE shape ADD COLUMN c int")
+        .await
+        .expect("alter");
+    // tokio-postgres does not describe the portal: rows of a new shape would be misread, so
+    // the client gets PostgreSQL's error...
+    let e = c.query_one(&st, &[]).await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{e:?}");
+    // ...and, as without a proxy, preparing it again works (the stale one is gone).
+    let st = c
+        .prepare("SELECT * FROM public.shape")
+        .await
+        .expect("prepare again");
+    assert_eq!(c.query_one(&st, &[]).await.expect("run").len(), 3);
+}
+
+#[tokio::test]
+async fn a_shared_statement_recovers_on_every_server() {
+    let s = setup(0, "default_pool_size = 2").await;
+    let admin = shape_table(&s).await;
+    let (mut a, mut b) = (s.raw(&[]).await, s.raw(&[]).await);
+    for c in [&mut a, &mut b] {
+        c.parse("st", "SELECT * FROM public.shape").sync();
+        c.flush().await;
+        c.until_ready().await;
+        c.query("BEGIN");
+        c.flush().await;
+        c.until_ready().await;
+    }
+    // Both servers prepare the (shared) statement, in two transactions at once.
+    for c in [&mut a, &mut b] {
+        assert_eq!(exec_prepared(c, "st").await.2, None);
+    }
+    for c in [&mut a, &mut b] {
+        c.query("COMMIT");
+        c.flush().await;
+        c.until_ready().await;
+    }
+    admin
+        .batch_execute("ALTER TABLE shape ADD COLUMN b int")
+        .await
+        .expect("alter");
+    for _ in 0..3 {
+        for c in [&mut a, &mut b] {
+            let (_, rows, err) = exec_prepared(c, "st").await;
+            assert_eq!((err, rows), (None, vec![Some("1".to_string())]));
+        }
     }
 }

@@ -5,6 +5,7 @@ mod auth_query;
 mod forward;
 mod params;
 mod pipeline;
+mod retry;
 mod startup;
 mod state;
 

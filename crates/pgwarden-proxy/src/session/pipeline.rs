@@ -18,6 +18,7 @@ use pgwarden_protocol::frontend::{self, FrontendMessage, Target};
 use pgwarden_protocol::SqlState;
 use pgwarden_sql::{classify, classify_query, Effect};
 
+use super::retry::{is_stale_plan, Batches};
 use super::state::SessionState;
 use crate::error::ProxyError;
 use crate::prepared::{deallocate, Deallocate, Statement, StatementCache};
@@ -36,13 +37,14 @@ enum Undo {
 
 #[derive(Debug)]
 enum Pending {
-    /// A client message sent on; its responses go to the client. `parsed`: a Parse of one of
-    /// our statements, validated when the server answers ParseComplete. `effects`: what the
-    /// statements it runs do to session state, the next one last.
+    /// A client message sent on; its responses go to the client. `stmt`: the statement of ours
+    /// it parses (validated when the server answers ParseComplete), binds or describes (dropped
+    /// from the server when its plan turns out stale). `effects`: what the statements it runs
+    /// do to session state, the next one last.
     Forward {
         tag: u8,
         undo: Vec<Undo>,
-        parsed: Option<Arc<Statement>>,
+        stmt: Option<Arc<Statement>>,
         effects: Vec<Effect>,
     },
     /// Our own Parse ('1') or Close ('3'); the client must not see the answer.
@@ -59,6 +61,11 @@ enum Pending {
     /// Our own query (restoring session state): everything up to its ReadyForQuery is
     /// swallowed; an error ends the session.
     Internal { error: Option<(SqlState, String)> },
+    /// The ReadyForQuery of a batch being sent again (see `retry`): not for the client.
+    SwallowReady,
+    /// One message of this type the client already has (a retried Describe's
+    /// ParameterDescription, sent before its plan failed).
+    SwallowTag(u8),
 }
 
 impl Pending {
@@ -66,7 +73,7 @@ impl Pending {
         Pending::Forward {
             tag,
             undo: vec![],
-            parsed: None,
+            stmt: None,
             effects: vec![],
         }
     }
@@ -81,6 +88,10 @@ pub struct Pipeline {
     /// have one.
     statement_effects: HashMap<String, Effect>,
     portal_effects: HashMap<String, Effect>,
+    /// Unanswered extended-protocol batches, for sending one again (transaction mode).
+    batches: Batches,
+    /// Statements of ours whose plan went stale, to close once the batch is over.
+    stale: Vec<String>,
 }
 
 /// The client's side of things, for sending and receiving.
@@ -127,6 +138,9 @@ impl Pipeline {
             b'S' => self.in_batch = false,
             _ => {}
         }
+        if cx.capacity > 0 {
+            self.batches.sent(tag, frame);
+        }
         match tag {
             b'Q' => self.send_query(frame, body, conn, cx),
             b'P' => self.send_parse(frame, body, conn, cx),
@@ -139,6 +153,72 @@ impl Pipeline {
                 Ok(())
             }
         }
+    }
+
+    /// After a Bind or statement Describe of `stmt` failed with a stale plan: sends the batch
+    /// again if `retry` allows (see there) and returns true; false means the error goes to the
+    /// client.
+    fn retry_stale_plan(
+        &mut self,
+        failed: u8,
+        stmt: &Statement,
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<bool, ProxyError> {
+        // The failed batch must be the last thing in flight: its Sync ends the queue.
+        let ends = |p: &Pending| {
+            matches!(
+                p,
+                Pending::Forward {
+                    tag: b'S' | b'Q' | b'F',
+                    ..
+                }
+            )
+        };
+        let sync_last = matches!(self.queue.back(), Some(Pending::Forward { tag: b'S', .. }))
+            && self.queue.iter().filter(|p| ends(p)).count() == 1;
+        if cx.capacity == 0 || !sync_last {
+            return Ok(false);
+        }
+        let Some(retry) = self
+            .batches
+            .take_retry(failed, conn.status == TxStatus::Idle)
+        else {
+            return Ok(false);
+        };
+        tracing::info!(statement = %stmt.server_name, "cached plan went stale; preparing it again and retrying once");
+        // The server skips to the failed batch's Sync; its ReadyForQuery is ours.
+        while let Some(p) = self.queue.pop_front() {
+            if ends(&p) {
+                break;
+            }
+            self.skipped(p, conn, cx.statements);
+        }
+        self.queue.push_back(Pending::SwallowReady);
+        self.close_on_server(&stmt.server_name, conn);
+        for (i, frame) in retry.frames.iter().enumerate() {
+            self.send(frame, conn, cx)?;
+            if i == 0 && failed == b'D' {
+                // The failed Describe got as far as its ParameterDescription.
+                let describe = self.queue.pop_back().expect("the Describe just queued");
+                self.queue.push_back(Pending::SwallowTag(b't'));
+                self.queue.push_back(describe);
+            }
+        }
+        self.batches.mark_retried();
+        Ok(true)
+    }
+
+    /// Closes one of our statements on `conn` (its answer swallowed); the next use prepares it
+    /// again.
+    fn close_on_server(&mut self, server_name: &str, conn: &mut ServerConn) {
+        frontend::put_close(&mut conn.framed.wbuf, Target::Statement, server_name);
+        conn.prepared.remove(server_name);
+        self.queue.push_back(Pending::Swallow {
+            expect: b'3',
+            undo: vec![],
+            parsed: None,
+        });
     }
 
     fn send_query(
@@ -185,7 +265,7 @@ impl Pipeline {
         self.queue.push_back(Pending::Forward {
             tag: b'Q',
             undo: vec![],
-            parsed: None,
+            stmt: None,
             effects,
         });
         Ok(())
@@ -253,7 +333,7 @@ impl Pipeline {
             self.queue.push_back(Pending::Forward {
                 tag: b'P',
                 undo,
-                parsed: Some(stmt),
+                stmt: Some(stmt),
                 effects: vec![],
             });
         }
@@ -288,16 +368,22 @@ impl Pipeline {
             self.forward_as_is(b'B', frame, conn);
             return Ok(());
         }
-        let name = match cx.statements.get(b.statement).cloned() {
+        let stmt = cx.statements.get(b.statement).cloned();
+        let name = match &stmt {
             Some(stmt) => {
-                self.ensure(conn, &stmt, cx.capacity);
-                stmt.server_name.clone()
+                self.ensure(conn, stmt, cx.capacity);
+                stmt.server_name.as_str()
             }
             // Unknown: the server answers 26000 naming the client's statement.
-            None => b.statement.to_string(),
+            None => b.statement,
         };
-        frontend::put_bind(&mut conn.framed.wbuf, b.portal, &name, b.rest);
-        self.queue.push_back(Pending::forward(b'B'));
+        frontend::put_bind(&mut conn.framed.wbuf, b.portal, name, b.rest);
+        self.queue.push_back(Pending::Forward {
+            tag: b'B',
+            undo: vec![],
+            stmt,
+            effects: vec![],
+        });
         Ok(())
     }
 
@@ -323,7 +409,7 @@ impl Pipeline {
         self.queue.push_back(Pending::Forward {
             tag: b'E',
             undo: vec![],
-            parsed: None,
+            stmt: None,
             effects,
         });
         Ok(())
@@ -341,15 +427,21 @@ impl Pipeline {
                 target: Target::Statement,
                 name,
             } if !name.is_empty() => {
-                let server_name = match cx.statements.get(name).cloned() {
+                let stmt = cx.statements.get(name).cloned();
+                let server_name = match &stmt {
                     Some(stmt) => {
-                        self.ensure(conn, &stmt, cx.capacity);
-                        stmt.server_name.clone()
+                        self.ensure(conn, stmt, cx.capacity);
+                        stmt.server_name.as_str()
                     }
-                    None => name.to_string(),
+                    None => name,
                 };
-                frontend::put_describe(&mut conn.framed.wbuf, Target::Statement, &server_name);
-                self.queue.push_back(Pending::forward(b'D'));
+                frontend::put_describe(&mut conn.framed.wbuf, Target::Statement, server_name);
+                self.queue.push_back(Pending::Forward {
+                    tag: b'D',
+                    undo: vec![],
+                    stmt,
+                    effects: vec![],
+                });
             }
             _ => self.forward_as_is(b'D', frame, conn),
         }
@@ -513,28 +605,45 @@ impl Pipeline {
                 client_out.extend_from_slice(frame);
             }
             b'Z' => {
-                if let BackendMessage::ReadyForQuery(status) =
-                    BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)?
-                {
-                    conn.status = status;
-                    cx.session.ready(status, &mut conn.applied);
+                let status =
+                    match BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)? {
+                        BackendMessage::ReadyForQuery(status) => status,
+                        _ => unreachable!("a Z frame parses as ReadyForQuery"),
+                    };
+                conn.status = status;
+                if matches!(self.queue.front(), Some(Pending::SwallowReady)) {
+                    self.queue.pop_front();
+                    return Ok(());
                 }
+                cx.session.ready(status, &mut conn.applied);
                 // Everything up to and including the Sync/Query this answers is done.
                 while let Some(p) = self.queue.pop_front() {
-                    if matches!(
-                        p,
-                        Pending::Forward {
-                            tag: b'S' | b'Q' | b'F',
-                            ..
+                    if let Pending::Forward {
+                        tag: done @ (b'S' | b'Q' | b'F'),
+                        ..
+                    } = p
+                    {
+                        if done == b'S' {
+                            self.batches.done();
                         }
-                    ) {
                         break;
                     }
                     self.skipped(p, conn, cx.statements);
                 }
+                for name in std::mem::take(&mut self.stale) {
+                    self.close_on_server(&name, conn);
+                }
                 client_out.extend_from_slice(frame);
             }
             b'E' => {
+                if let Some((failed, stmt)) = self.stale_statement(body) {
+                    if self.retry_stale_plan(failed, &stmt, conn, cx)? {
+                        return Ok(());
+                    }
+                    // Not retried: drop it from this server once the batch is over, so the
+                    // client's next use (or its new Parse) prepares it fresh.
+                    self.stale.push(stmt.server_name.clone());
+                }
                 cx.session.error();
                 client_out.extend_from_slice(frame);
                 match self.queue.front() {
@@ -565,15 +674,35 @@ impl Pipeline {
                 }
                 self.receive_response(tag, frame, client_out);
             }
-            _ => self.receive_response(tag, frame, client_out),
+            _ => {
+                if tag == b'2' {
+                    self.batches.bound();
+                }
+                self.receive_response(tag, frame, client_out)
+            }
         }
         self.emit_injects(conn.status, client_out);
         Ok(())
     }
 
+    /// The failed message's statement and type, if the error is a stale plan of ours.
+    fn stale_statement(&self, error_body: &[u8]) -> Option<(u8, Arc<Statement>)> {
+        match self.queue.front() {
+            Some(Pending::Forward {
+                tag: t @ (b'B' | b'D'),
+                stmt: Some(stmt),
+                ..
+            }) if is_stale_plan(error_body) => Some((*t, stmt.clone())),
+            _ => None,
+        }
+    }
+
     /// A response to the message at the front of the queue.
     fn receive_response(&mut self, tag: u8, frame: &Bytes, client_out: &mut BytesMut) {
         match self.queue.front() {
+            Some(Pending::SwallowTag(t)) if *t == tag => {
+                self.queue.pop_front();
+            }
             Some(Pending::Swallow { expect, parsed, .. }) if *expect == tag => {
                 if let Some(stmt) = parsed {
                     stmt.mark_validated();
@@ -581,7 +710,9 @@ impl Pipeline {
                 self.queue.pop_front();
             }
             Some(Pending::Forward {
-                tag: sent, parsed, ..
+                tag: sent,
+                stmt: parsed,
+                ..
             }) => {
                 let done = completes(*sent, tag);
                 client_out.extend_from_slice(frame);
@@ -666,7 +797,10 @@ impl Pipeline {
             Pending::Forward { undo, .. }
             | Pending::Swallow { undo, .. }
             | Pending::Inject { undo, .. } => undo,
-            Pending::InjectQuery { .. } | Pending::Internal { .. } => return,
+            Pending::InjectQuery { .. }
+            | Pending::Internal { .. }
+            | Pending::SwallowReady
+            | Pending::SwallowTag(_) => return,
         };
         for u in undo {
             match u {
