@@ -288,6 +288,14 @@ pub fn put_flush(buf: &mut BytesMut) {
     put_message(buf, b'H', |_| {});
 }
 
+pub fn put_copy_data(buf: &mut BytesMut, data: &[u8]) {
+    put_message(buf, b'd', |b| b.extend_from_slice(data));
+}
+
+pub fn put_copy_done(buf: &mut BytesMut) {
+    put_message(buf, b'c', |_| {});
+}
+
 pub fn put_terminate(buf: &mut BytesMut) {
     put_message(buf, b'X', |_| {});
 }

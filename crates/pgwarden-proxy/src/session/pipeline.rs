@@ -66,6 +66,9 @@ enum Pending {
     /// One message of this type the client already has (a retried Describe's
     /// ParameterDescription, sent before its plan failed).
     SwallowTag(u8),
+    /// Where the client ended a COPY FROM STDIN (CopyDone or CopyFail): answers nothing itself,
+    /// but Syncs sent between the COPY and here are ignored by the server.
+    CopyEnd,
 }
 
 impl Pending {
@@ -92,6 +95,9 @@ pub struct Pipeline {
     batches: Batches,
     /// Statements of ours whose plan went stale, to close once the batch is over.
     stale: Vec<String>,
+    /// The server is in COPY FROM STDIN mode and the client has not ended it yet: a Sync sent
+    /// now is ignored by the server.
+    copy_in: bool,
 }
 
 /// The client's side of things, for sending and receiving.
@@ -136,6 +142,20 @@ impl Pipeline {
         match tag {
             b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.in_batch = true,
             b'S' => self.in_batch = false,
+            _ => {}
+        }
+        match tag {
+            b'c' | b'f' => {
+                self.copy_in = false;
+                conn.framed.wbuf.extend_from_slice(frame);
+                self.queue.push_back(Pending::CopyEnd);
+                return Ok(());
+            }
+            b'S' if self.copy_in => {
+                // Ignored by the server in copy-in mode: no ReadyForQuery will answer it.
+                conn.framed.wbuf.extend_from_slice(frame);
+                return Ok(());
+            }
             _ => {}
         }
         if cx.capacity > 0 {
@@ -674,6 +694,10 @@ impl Pipeline {
                 }
                 self.receive_response(tag, frame, client_out);
             }
+            b'G' => {
+                self.copy_in_started();
+                self.receive_response(tag, frame, client_out);
+            }
             _ => {
                 if tag == b'2' {
                     self.batches.bound();
@@ -683,6 +707,27 @@ impl Pipeline {
         }
         self.emit_injects(conn.status, client_out);
         Ok(())
+    }
+
+    /// CopyInResponse to the query or Execute at the front: the server now ignores Syncs until
+    /// the client's CopyDone/CopyFail, so those already queued will get no ReadyForQuery.
+    fn copy_in_started(&mut self) {
+        let end = self
+            .queue
+            .iter()
+            .position(|p| matches!(p, Pending::CopyEnd))
+            .unwrap_or(self.queue.len());
+        let mut i = 1;
+        let mut limit = end;
+        while i < limit {
+            if matches!(self.queue[i], Pending::Forward { tag: b'S', .. }) {
+                self.queue.remove(i);
+                limit -= 1;
+            } else {
+                i += 1;
+            }
+        }
+        self.copy_in = end == self.queue.len();
     }
 
     /// The failed message's statement and type, if the error is a stale plan of ours.
@@ -785,6 +830,7 @@ impl Pipeline {
                     backend::put_command_complete(client_out, tag);
                     backend::put_ready_for_query(client_out, status);
                 }
+                Some(Pending::CopyEnd) => {}
                 _ => return,
             }
             self.queue.pop_front();
@@ -800,7 +846,8 @@ impl Pipeline {
             Pending::InjectQuery { .. }
             | Pending::Internal { .. }
             | Pending::SwallowReady
-            | Pending::SwallowTag(_) => return,
+            | Pending::SwallowTag(_)
+            | Pending::CopyEnd => return,
         };
         for u in undo {
             match u {
