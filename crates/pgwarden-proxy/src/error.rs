@@ -21,6 +21,9 @@ pub enum ProxyError {
     ClientClosed,
     #[error("server closed the connection")]
     ServerClosed,
+    /// The server ended the session with a FATAL error, which the client has been sent.
+    #[error("the server ended the session (FATAL error passed to the client)")]
+    ServerFatal,
     #[error("invalid command-line argument for server process: {0}")]
     StartupOption(String),
     #[error("no PostgreSQL user name specified in startup packet")]
@@ -77,6 +80,7 @@ impl ProxyError {
             ServerProtocol(_)
             | ServerIo(_)
             | ServerClosed
+            | ServerFatal
             | Connect { .. }
             | ConnectTimeout { .. }
             | QueryTimeout(_) => SqlState::CONNECTION_FAILURE,
@@ -105,7 +109,7 @@ impl ProxyError {
     pub fn client_message(&self) -> String {
         use ProxyError::*;
         match self {
-            ServerIo(_) | ServerClosed | ServerProtocol(_) | QueryTimeout(_) => {
+            ServerIo(_) | ServerClosed | ServerFatal | ServerProtocol(_) | QueryTimeout(_) => {
                 "server connection lost".to_string()
             }
             Connect { .. } | ConnectTimeout { .. } => {

@@ -269,6 +269,32 @@ impl Pool {
         Ok(Lease { conn, permit })
     }
 
+    /// A server connection only if one is free right now (no waiting, not paused).
+    pub async fn try_acquire(&self, topology: &Topology) -> Result<Option<Lease>, ProxyError> {
+        if self.is_paused() {
+            return Ok(None);
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
+        let settings = self.settings();
+        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        let epoch = topology.epoch();
+        while let Some(mut conn) = self.pop_idle() {
+            let idle = conn.last_used.elapsed();
+            if conn.epoch == epoch
+                && idle < settings.idle_timeout
+                && !conn.info.close_needed.load(Ordering::Relaxed)
+                && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE)
+            {
+                return Ok(Some(Lease { conn, permit }));
+            }
+            tokio::spawn(server::close(conn));
+        }
+        let conn = self.open(topology, settings).await?;
+        Ok(Some(Lease { conn, permit }))
+    }
+
     /// Opens a new server connection to the current primary.
     async fn open(
         &self,

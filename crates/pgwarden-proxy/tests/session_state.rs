@@ -301,3 +301,33 @@ async fn deallocate_needs_no_server_and_never_fails_on_another_one() {
     assert_eq!(error_code(&msgs).as_deref(), Some("26000"));
     b.batch_execute("COMMIT").await.expect("commit");
 }
+
+#[tokio::test]
+async fn a_login_does_not_wait_for_a_busy_pool_to_check_its_parameters() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let holder = s.app().await;
+    holder
+        .batch_execute("BEGIN")
+        .await
+        .expect("hold the only server");
+    // New values, every server busy: the login goes through at once...
+    let started = std::time::Instant::now();
+    let mut fine = s
+        .raw(&[("DateStyle", "German"), ("application_name", "late")])
+        .await;
+    let mut bad = s.raw(&[("options", "-c statement_timeout=banana")]).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(fine.param("DateStyle"), Some("German"), "shown as given");
+    holder.batch_execute("COMMIT").await.expect("commit");
+    // ...and the first checkout applies them, or ends the session with the server's error.
+    fine.query("SELECT current_setting('DateStyle')");
+    fine.flush().await;
+    let (_, msgs) = fine.until_ready().await;
+    assert_eq!(first_column(&msgs), [Some("German, DMY".to_string())]);
+    bad.query("SELECT 1");
+    bad.flush().await;
+    let (tag, body) = bad.recv().await;
+    assert_eq!(tag, b'E');
+    assert_eq!(error_code(&[(tag, body)]).as_deref(), Some("22023"));
+    assert!(bad.try_recv().await.is_none(), "the session ended");
+}

@@ -186,7 +186,11 @@ impl Forwarder<'_> {
             while let Some(frame) = conn.framed.buffered(MAX_MESSAGE)? {
                 c.count_response(&frame);
                 let (pipeline, mut cx) = c.cx(cache, capacity);
-                pipeline.receive(&frame, conn, &mut cx, &mut self.client.wbuf)?;
+                if let Err(e) = pipeline.receive(&frame, conn, &mut cx, &mut self.client.wbuf) {
+                    // Whatever was passed on (e.g. the server's FATAL) reaches the client first.
+                    let _ = self.client.flush().await;
+                    return Err(e);
+                }
             }
             self.client.flush().await?;
             if self.mode == PoolMode::Transaction

@@ -40,6 +40,8 @@ pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     if let Err(e) = session(&mut client, &shared, peer, local).await {
         if e.is_disconnect() {
             tracing::debug!(client_addr = %peer, error = %e, "client disconnected");
+        } else if matches!(e, ProxyError::ServerFatal) {
+            tracing::debug!(client_addr = %peer, "the server ended the session");
         } else {
             tracing::info!(client_addr = %peer, error = %e, "session ended with an error");
             report_fatal(&mut client, &e).await;

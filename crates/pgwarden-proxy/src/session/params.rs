@@ -6,6 +6,8 @@
 //! session setting the proxy replays (see `state`). Each (name, value) pair is tried once per
 //! pool on a real server: a bad one fails the login with the server's own error, as it would
 //! without the proxy, and the values the server reports for it are what the client is shown.
+//! A login never waits for a server for this: when none is free, new values are shown as given
+//! and the first checkout's replay checks them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -147,7 +149,17 @@ pub async fn login(
     }
     let mut shown = match pool.params() {
         Some(p) if unchecked.is_empty() => p,
-        _ => check(pool, topology, &unchecked).await?,
+        // New values while every server is busy: a login does not wait for a server to check
+        // them. They are shown as given and checked by the first checkout's replay instead (a
+        // bad one then ends the session with the server's error).
+        Some(p) => match pool.try_acquire(topology).await? {
+            Some(lease) => check(pool, topology, lease, &unchecked).await?,
+            None => p,
+        },
+        None => {
+            let lease = pool.acquire(topology).await?;
+            check(pool, topology, lease, &unchecked).await?
+        }
     };
     for (name, value) in requested {
         let lower = name.to_ascii_lowercase();
@@ -161,7 +173,10 @@ pub async fn login(
         match pool.startup_checks.get(&(lower, value.clone())) {
             Some(Ok(reported)) => shown.extend(reported),
             Some(Err((code, message))) => return Err(ProxyError::ServerRefused { code, message }),
-            None => {} // not cached (the cache is full): checked above
+            // Not checked (no server was free, or the record is full): shown as given.
+            None => {
+                shown.insert(name.clone(), value.clone());
+            }
         }
     }
     Ok((shown, settings))
@@ -172,9 +187,9 @@ pub async fn login(
 async fn check(
     pool: &Pool,
     topology: &Topology,
+    mut lease: crate::pool::Lease,
     unchecked: &[(String, (String, String))],
 ) -> Result<BTreeMap<String, String>, ProxyError> {
-    let mut lease = pool.acquire(topology).await?;
     let baseline = pool.params().unwrap_or_else(|| lease.conn.params.clone());
     let mut failure = None;
     for (name, pair) in unchecked {

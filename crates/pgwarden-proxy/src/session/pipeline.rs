@@ -142,7 +142,17 @@ impl Pipeline {
         match tag {
             b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.in_batch = true,
             b'S' => self.in_batch = false,
-            _ => {}
+            b'Q' | b'F' | b'd' | b'c' | b'f' => {}
+            // Not a message a client may send now: refused here, as PostgreSQL would refuse it,
+            // rather than passed to a server whose answer nothing waits for.
+            other => {
+                return Err(ProxyError::ClientProtocol(
+                    pgwarden_protocol::ProtocolError::Invalid {
+                        what: "message",
+                        detail: format!("invalid frontend message type {other}"),
+                    },
+                ))
+            }
         }
         match tag {
             b'c' | b'f' => {
@@ -666,6 +676,12 @@ impl Pipeline {
                 }
                 cx.session.error();
                 client_out.extend_from_slice(frame);
+                if is_fatal(body) {
+                    // The server is closing this connection: the client's session ends with it,
+                    // as it would without a proxy.
+                    conn.broken = true;
+                    return Err(ProxyError::ServerFatal);
+                }
                 match self.queue.front() {
                     // A simple query (or function call) goes on to its ReadyForQuery.
                     Some(Pending::Forward {
@@ -860,6 +876,14 @@ impl Pipeline {
                 Undo::ServerForget(name) => conn.prepared.remove(&name),
             }
         }
+    }
+}
+
+/// Whether an ErrorResponse body has severity FATAL or PANIC.
+fn is_fatal(body: &[u8]) -> bool {
+    match pgwarden_protocol::error_response::ErrorFields::parse(body) {
+        Ok(e) => matches!(e.severity(), Some("FATAL" | "PANIC")),
+        Err(_) => false,
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Raw {
     pub out: BytesMut,
     /// ParameterStatus values seen so far.
     pub params: Vec<(String, String)>,
+    /// BackendKeyData: (pid, secret).
+    pub key: Option<(i32, i32)>,
 }
 
 /// A server message: its type and body.
@@ -41,6 +43,7 @@ impl Raw {
             rbuf: BytesMut::new(),
             out: BytesMut::new(),
             params: Vec::new(),
+            key: None,
         };
         let mut params = vec![("user", user), ("database", db)];
         params.extend_from_slice(extra);
@@ -69,6 +72,7 @@ impl Raw {
                 BackendMessage::ParameterStatus { name, value } => {
                     raw.params.push((name.to_string(), value.to_string()))
                 }
+                BackendMessage::BackendKeyData { pid, secret } => raw.key = Some((pid, secret)),
                 BackendMessage::ErrorResponse(e) => panic!("login failed: {:?}", e.message()),
                 BackendMessage::ReadyForQuery(_) => return raw,
                 _ => {}
@@ -203,4 +207,14 @@ pub fn error_code(msgs: &[Msg]) -> Option<String> {
             _ => None,
         }
     })
+}
+
+/// Sends a CancelRequest for `key` to `addr`.
+pub async fn cancel(addr: SocketAddr, key: (i32, i32)) {
+    let mut s = TcpStream::connect(addr).await.expect("connect for cancel");
+    let mut buf = BytesMut::new();
+    startup::put_cancel_request(&mut buf, key.0, key.1);
+    s.write_all(&buf).await.expect("send cancel");
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut sink)).await;
 }

@@ -1,0 +1,288 @@
+//! The cases that break poolers (`../shared/reference/poolers.md` §7b), those the other suites
+//! do not already cover: pipelines with a delayed Sync and an error, the same statement name on
+//! two clients, very large Parse and Bind messages, garbage after login and in SCRAM, cancels
+//! under a saturated pool and between statements.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use common::raw::{cancel, error_code, first_column, Msg, Raw};
+use common::{setup, APP_PASSWORD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn comparable(msgs: Vec<Msg>) -> Vec<(char, Vec<u8>)> {
+    msgs.into_iter()
+        .filter(|(t, _)| *t != b'S')
+        .map(|(t, b)| (t as char, b.to_vec()))
+        .collect()
+}
+
+/// P/B/D/E three times, the middle one failing, then (later) one Sync.
+fn pipeline(c: &mut Raw) {
+    for (name, sql) in [("p1", "SELECT 1"), ("p2", "SELECT 1/0"), ("p3", "SELECT 3")] {
+        c.parse(name, sql).bind("", name);
+        pgwarden_protocol::frontend::put_describe(
+            &mut c.out,
+            pgwarden_protocol::frontend::Target::Portal,
+            "",
+        );
+        c.execute("");
+    }
+}
+
+#[tokio::test]
+async fn a_pipeline_with_an_error_and_a_delayed_sync_is_answered_as_postgres_answers_it() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let direct_addr = std::net::SocketAddr::from(([127, 0, 0, 1], s.cluster.port(0)));
+    let mut direct = Raw::connect(direct_addr, "app", APP_PASSWORD, "app", &[]).await;
+    let mut proxied = s.raw(&[]).await;
+    let other = s.app().await;
+    let mut streams = Vec::new();
+    for c in [&mut direct, &mut proxied] {
+        pipeline(c);
+        c.flush().await;
+        // The Sync comes late; meanwhile the pipeline keeps its server (it is never split).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.sync();
+        c.flush().await;
+        streams.push(comparable(c.until_ready().await.1));
+    }
+    assert_eq!(
+        streams[0], streams[1],
+        "direct and proxied pipelines differ"
+    );
+    let tags: String = streams[1].iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tags, "12TDC1EZ",
+        "first statement ran, the error, the rest skipped"
+    );
+    // While the proxied pipeline waited for its Sync, the only server was held.
+    let started = Instant::now();
+    let blocked = tokio::spawn(async move { other.batch_execute("SELECT 1").await.map(|_| other) });
+    pipeline(&mut proxied);
+    proxied.flush().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !blocked.is_finished(),
+        "another client got the server in the middle of a pipeline"
+    );
+    proxied.sync();
+    proxied.flush().await;
+    proxied.until_ready().await;
+    blocked
+        .await
+        .expect("join")
+        .expect("runs once the pipeline is synced");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn two_clients_with_the_same_statement_names_and_different_sql() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let (mut a, mut b) = (s.raw(&[]).await, s.raw(&[]).await);
+    a.parse("s1", "SELECT 'a'").sync();
+    b.parse("s1", "SELECT 'b'").sync();
+    for c in [&mut a, &mut b] {
+        c.flush().await;
+        c.until_ready().await;
+    }
+    async fn run(c: &mut Raw, name: &str) -> Vec<Option<String>> {
+        c.bind("", name).execute("").sync();
+        c.flush().await;
+        first_column(&c.until_ready().await.1)
+    }
+    for _ in 0..3 {
+        assert_eq!(run(&mut a, "s1").await, [Some("a".to_string())]);
+        assert_eq!(run(&mut b, "s1").await, [Some("b".to_string())]);
+    }
+    // Name reuse after Close.
+    a.close_statement("s1").parse("s1", "SELECT 'c'").sync();
+    a.flush().await;
+    assert_eq!(a.until_ready().await.0, "31Z");
+    assert_eq!(run(&mut a, "s1").await, [Some("c".to_string())]);
+    // DISCARD ALL drops a's statements, not b's.
+    a.query("DISCARD ALL");
+    a.flush().await;
+    a.until_ready().await;
+    a.bind("", "s1").execute("").sync();
+    a.flush().await;
+    assert_eq!(
+        error_code(&a.until_ready().await.1).as_deref(),
+        Some("26000")
+    );
+    assert_eq!(run(&mut b, "s1").await, [Some("b".to_string())]);
+}
+
+#[tokio::test]
+async fn very_large_parse_and_bind_messages() {
+    let s = setup(0, "").await;
+    let mut c = s.raw(&[]).await;
+    // A 300 kB query text (several times any read buffer).
+    let padding = "x".repeat(300_000);
+    c.parse("big", &format!("SELECT length('{padding}')"))
+        .bind("", "big")
+        .execute("")
+        .sync();
+    c.flush().await;
+    assert_eq!(
+        first_column(&c.until_ready().await.1),
+        [Some("300000".to_string())]
+    );
+    // A Bind with 20,000 parameters.
+    let n = 20_000;
+    let list: Vec<String> = (1..=n).map(|i| format!("${i}::int")).collect();
+    c.parse(
+        "many",
+        &format!("SELECT array_length(ARRAY[{}], 1)", list.join(",")),
+    );
+    let mut bind = BytesMut::new();
+    bind.put_i16(0);
+    bind.put_i16(n as i16);
+    for i in 0..n {
+        let v = i.to_string();
+        bind.put_i32(v.len() as i32);
+        bind.put_slice(v.as_bytes());
+    }
+    bind.put_i16(0);
+    pgwarden_protocol::frontend::put_bind(&mut c.out, "", "many", &bind);
+    c.execute("").sync();
+    c.flush().await;
+    assert_eq!(
+        first_column(&c.until_ready().await.1),
+        [Some(n.to_string())]
+    );
+}
+
+#[tokio::test]
+async fn garbage_after_login_ends_only_that_session() {
+    let s = setup(0, "default_pool_size = 2").await;
+    let bystander = s.app().await;
+    let junk: [&[u8]; 4] = [
+        b"z\x00\x00\x00\x04",                   // an unknown message type
+        b"Q\x7f\xff\xff\xff",                   // claims 2 GB
+        b"B\x00\x00\x00\x0dportal\x00\x00\x05", // a Bind cut short inside its frame
+        b"Q\x00\x00\x00\x20SELECT 1",           // truncated, then EOF
+    ];
+    for bytes in junk {
+        let mut c = s.raw(&[]).await;
+        c.send_bytes(bytes).await;
+        if bytes.ends_with(b"SELECT 1") {
+            drop(c); // EOF in the middle of a frame
+            continue;
+        }
+        let mut all = Vec::new();
+        let read_all = async {
+            while let Some(m) = c.try_recv().await {
+                all.push(m);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read_all)
+            .await
+            .unwrap_or_else(|_| panic!("{bytes:?}: the session did not end"));
+        let code = error_code(&all);
+        assert!(
+            matches!(code.as_deref(), Some("08P01")),
+            "{bytes:?}: {code:?} {all:?}"
+        );
+    }
+    for _ in 0..3 {
+        bystander
+            .batch_execute("SELECT 1")
+            .await
+            .expect("the bystander never noticed");
+        s.app()
+            .await
+            .batch_execute("SELECT 1")
+            .await
+            .expect("new clients are fine");
+    }
+}
+
+#[tokio::test]
+async fn garbage_in_scram_is_a_protocol_error() {
+    let s = setup(0, "").await;
+    let frame = |body: &[u8]| {
+        let mut b = BytesMut::new();
+        pgwarden_protocol::frame::put_message(&mut b, b'p', |m| m.extend_from_slice(body));
+        b.to_vec()
+    };
+    let cases: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![
+        // A mechanism and no data length.
+        (frame(b"SCRAM-SHA-256\0"), None),
+        // Data that is not a client-first message.
+        (frame(b"SCRAM-SHA-256\0\0\0\0\x05xxxxx"), None),
+        // A good client-first, then a client-final that is junk.
+        (
+            frame(b"SCRAM-SHA-256\0\0\0\0\x13n,,n=,r=abcdefghijk"),
+            Some(frame(b"junk")),
+        ),
+    ];
+    for (first, second) in cases {
+        let mut tcp = tokio::net::TcpStream::connect(s.addr)
+            .await
+            .expect("connect");
+        let mut startup = BytesMut::new();
+        pgwarden_protocol::startup::put_startup(
+            &mut startup,
+            &[("user", "app"), ("database", "app")],
+        );
+        tcp.write_all(&startup).await.expect("startup");
+        let mut buf = vec![0u8; 4096];
+        let _ = tcp.read(&mut buf).await; // AuthenticationSASL
+        tcp.write_all(&first).await.expect("write");
+        if let Some(second) = second {
+            let _ = tcp.read(&mut buf).await; // SASLContinue
+            tcp.write_all(&second).await.expect("write");
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.contains("08P01") || text.contains("28P01"),
+            "{first:?}: {text}"
+        );
+    }
+    s.app()
+        .await
+        .batch_execute("SELECT 1")
+        .await
+        .expect("still serving");
+}
+
+#[tokio::test]
+async fn cancels_under_a_saturated_pool_and_between_statements() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let mut a = s.raw(&[]).await;
+    a.query("SELECT pg_sleep(30)");
+    a.flush().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The pool is saturated: b waits for a's server.
+    let b = s.app().await;
+    let waiting = tokio::spawn(async move { b.batch_execute("SELECT 1").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    cancel(s.addr, a.key.expect("key")).await;
+    let (_, msgs) = a.until_ready().await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("57014"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    waiting
+        .await
+        .expect("join")
+        .expect("b runs once a's query is cancelled");
+    // A cancel while a is idle touches nothing and injects nothing into its stream.
+    cancel(s.addr, a.key.expect("key")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.query("SELECT 1");
+    a.flush().await;
+    assert_eq!(
+        a.until_ready().await.0,
+        "TDCZ",
+        "a stray message after an idle cancel"
+    );
+}
