@@ -5,12 +5,13 @@
 # PgBouncer. Not a test: numbers depend on the machine.
 #
 #   bench/proxy.sh [-T seconds] [-c "1 16 64 256"] [-M "simple extended prepared"] [-s scale]
+#                  [-w proxy worker threads: 1 (default, like PgBouncer's one thread) or more]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-T=10; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20
-while getopts "T:c:M:s:" o; do
-  case $o in T) T=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; *) exit 2;; esac
+T=10; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=1
+while getopts "T:c:M:s:w:" o; do
+  case $o in T) T=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; w) WORKERS=$OPTARG;; *) exit 2;; esac
 done
 
 command -v pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
@@ -52,6 +53,7 @@ $(sed '/^\[\[proxy.users\]\]/,$d' "$CONFIG")
 [proxy]
 listen = "127.0.0.1:$PGW_PORT"
 pool_mode = "transaction"
+workers = $WORKERS
 default_pool_size = $POOL
 max_client_conn = 20000
 $(sed -n '/^\[\[proxy.users\]\]/,$p' "$CONFIG")
@@ -127,26 +129,72 @@ for mode in $MODES; do
   done
 done
 
-# Memory with idle clients.
+# Memory with idle clients: logged in (SCRAM), then silent.
 IDLE=${IDLE_CLIENTS:-10000}
+ulimit -n $(( IDLE * 2 + 1024 )) 2>/dev/null || true
 rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 r0=$(rss $PGW_PID)
+rm -f /tmp/pgwarden-bench-idle-ready
 python3 - "$PGW_PORT" "$IDLE" "$APP_PW" <<'PY' &
-import socket, struct, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
-socks = []
-for _ in range(n):
+import base64, hashlib, hmac, os, resource, socket, struct, sys, time
+port, n, password = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 1024, n + 1024))
+
+def recv_msg(s):
+    head = b""
+    while len(head) < 5:
+        head += s.recv(5 - len(head))
+    tag, length = head[0:1], struct.unpack("!i", head[1:5])[0]
+    body = b""
+    while len(body) < length - 4:
+        body += s.recv(length - 4 - len(body))
+    return tag, body
+
+def msg(tag, body):
+    return tag + struct.pack("!i", len(body) + 4) + body
+
+salted = {}
+def login():
     s = socket.create_connection(("127.0.0.1", port))
     body = b"user\0app\0database\0app\0\0"
-    s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)   # then stay idle mid-auth
-    socks.append(s)
-time.sleep(3)
+    s.sendall(struct.pack("!ii", len(body) + 8, 196608) + body)
+    recv_msg(s)  # AuthenticationSASL
+    nonce = base64.b64encode(os.urandom(18))
+    first_bare = b"n=,r=" + nonce
+    first = b"n,," + first_bare
+    s.sendall(msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+    _, body = recv_msg(s)  # SASLContinue
+    server_first = body[4:]
+    attrs = dict(kv.split(b"=", 1) for kv in server_first.split(b","))
+    key = (attrs[b"s"], int(attrs[b"i"]))
+    if key not in salted:
+        salted[key] = hashlib.pbkdf2_hmac("sha256", password, base64.b64decode(attrs[b"s"]), key[1])
+    sp = salted[key]
+    client_key = hmac.new(sp, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    final_bare = b"c=biws,r=" + attrs[b"r"]
+    auth = first_bare + b"," + server_first + b"," + final_bare
+    sig = hmac.new(stored_key, auth, "sha256").digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig)))
+    s.sendall(msg(b"p", final_bare + b",p=" + proof))
+    while True:
+        tag, body = recv_msg(s)
+        if tag == b"E":
+            raise SystemExit(f"login failed: {body!r}")
+        if tag == b"Z":
+            return s
+
+socks = [login() for _ in range(n)]
 open("/tmp/pgwarden-bench-idle-ready", "w").write("ok")
-time.sleep(5)
+time.sleep(8)
 PY
 IDLE_PID=$!
-until [ -f /tmp/pgwarden-bench-idle-ready ]; do sleep 0.2; done
+until [ -f /tmp/pgwarden-bench-idle-ready ]; do
+  kill -0 $IDLE_PID 2>/dev/null || { echo "idle clients failed to log in" >&2; break; }
+  sleep 0.2
+done
+sleep 1
 r1=$(rss $PGW_PID); rm -f /tmp/pgwarden-bench-idle-ready
 echo
-echo "pgwarden RSS: $r0 KiB before, $r1 KiB with $IDLE idle clients: $(( (r1 - r0) * 1024 / IDLE )) bytes per idle client"
+echo "pgwarden RSS: $r0 KiB before, $r1 KiB with $IDLE idle logged-in clients: $(( (r1 - r0) * 1024 / IDLE )) bytes per idle client"
 wait $IDLE_PID || true

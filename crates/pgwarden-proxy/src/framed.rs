@@ -22,14 +22,34 @@ pub struct Framed<S> {
 use crate::error::ProxyError;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// A client's first read buffer; most client messages are small.
+const CLIENT_READ: usize = 2 * 1024;
+/// Buffer space an idle client may keep (more is given back).
+const IDLE_KEEP: usize = 4 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    /// Server connections start with buffers of a read's size; clients start with none (most of
+    /// them are idle most of the time: see [`Framed::wait_idle`]).
     pub fn new(io: S, side: Side) -> Self {
+        let capacity = match side {
+            Side::Server => READ_CHUNK,
+            Side::Client => 0,
+        };
         Self {
             io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::with_capacity(capacity),
+            wbuf: BytesMut::with_capacity(capacity),
             side,
+        }
+    }
+
+    /// Gives back buffer space beyond `keep` bytes when nothing is buffered.
+    pub fn shrink(&mut self, keep: usize) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > keep {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > keep {
+            self.wbuf = BytesMut::new();
         }
     }
 
@@ -61,11 +81,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
 
     /// Reads once more from the socket (cancel safe: nothing is lost if the future is dropped).
     pub async fn fill(&mut self) -> Result<(), ProxyError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            // Reserve for what is announced, capped: the length was already checked.
+        if self.rbuf.capacity() - self.rbuf.len() < 512 {
+            // Reserve for what is announced (capped: the length was already checked), else grow
+            // geometrically from a small start for clients, a full read for servers.
+            let floor = match self.side {
+                Side::Client => CLIENT_READ.max(self.rbuf.capacity().min(READ_CHUNK)),
+                Side::Server => READ_CHUNK,
+            };
             let want = frame::missing(&self.rbuf)
                 .unwrap_or(0)
-                .clamp(READ_CHUNK, 1 << 20);
+                .clamp(floor, 1 << 20);
             self.rbuf.reserve(want);
         }
         match self.io.read_buf(&mut self.rbuf).await {
@@ -107,5 +132,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
         self.wbuf.clear();
         r.map_err(|e| self.io_err(e))
+    }
+}
+
+impl Framed<crate::tls::ClientStream> {
+    /// Between transactions: with nothing buffered, gives its buffers back and waits until the
+    /// socket has data, so an idle client holds no buffer space. (TLS keeps its own buffers.)
+    pub async fn wait_idle(&mut self) -> Result<(), ProxyError> {
+        if !self.rbuf.is_empty() {
+            return Ok(());
+        }
+        self.shrink(IDLE_KEEP);
+        if let crate::tls::ClientStream::Plain(tcp) = &self.io {
+            tcp.readable().await.map_err(|e| self.io_err(e))?;
+        }
+        Ok(())
     }
 }

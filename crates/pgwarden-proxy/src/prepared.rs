@@ -137,6 +137,10 @@ pub enum Deallocate<'a> {
 /// Recognises a simple query that is exactly one `DEALLOCATE [PREPARE] name|ALL` or
 /// `DISCARD ALL` (an optional trailing `;`). Anything else is `None`.
 pub fn deallocate(sql: &str) -> Option<Deallocate<'_>> {
+    // Nearly every query is something else: one byte tells.
+    if !matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D')) {
+        return None;
+    }
     let s = sql.trim().trim_end_matches(';').trim_end();
     let mut words = s.split_whitespace();
     let first = words.next()?;

@@ -240,7 +240,10 @@ impl Forwarder<'_> {
                 None => {
                     self.client.flush().await?;
                     tokio::select! {
-                        f = self.client.read_frame(MAX_MESSAGE) => f?,
+                        f = async {
+                            self.client.wait_idle().await?;
+                            self.client.read_frame(MAX_MESSAGE).await
+                        } => f?,
                         _ = self.me.kill.raised(KillReason::Shutdown) => continue,
                     }
                 }

@@ -529,6 +529,14 @@ impl Pipeline {
         match tag {
             b'S' => backend::put_ready_for_query(client_out, TxStatus::Idle),
             b'H' => {}
+            // Only a DEALLOCATE is answered here among simple queries: one byte tells.
+            b'Q' if !matches!(
+                body.iter().find(|b| !b.is_ascii_whitespace()),
+                Some(b'd' | b'D')
+            ) =>
+            {
+                return false
+            }
             b'P' | b'C' | b'Q' if cx.capacity > 0 => match FrontendMessage::parse(tag, body) {
                 Ok(FrontendMessage::Parse {
                     name,
