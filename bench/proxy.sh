@@ -19,7 +19,7 @@ cargo build --release -q -p pgwarden-cli
 PGW=$PWD/target/release/pgwarden
 BIN=$(dirname "$(readlink -f "$(ls /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -1)")")
 WORK=$(mktemp -d /tmp/pgwarden-bench.XXXXXX); chmod 755 "$WORK"
-PG_PORT=57432; BOUNCER_PORT=57532; PGW_PORT=57533
+PG_PORT=57432; BOUNCER_PORT=57532; PGW_PORT=57533; DEMO_PROXY_PORT=57534
 
 cleanup() {
   [ -n "${PGW_PID:-}" ] && kill "$PGW_PID" 2>/dev/null || true
@@ -30,7 +30,7 @@ cleanup() {
 trap cleanup EXIT
 
 # PostgreSQL: a one-node demo cluster.
-"$PGW" demo --dir "$WORK/demo" --nodes 1 --port-base $PG_PORT > "$WORK/demo.out" 2> "$WORK/demo.err" &
+"$PGW" demo --dir "$WORK/demo" --nodes 1 --port-base $PG_PORT --proxy-port $DEMO_PROXY_PORT > "$WORK/demo.out" 2> "$WORK/demo.err" &
 DEMO_PID=$!
 until grep -q "pgwarden demo ready" "$WORK/demo.out" 2>/dev/null; do
   kill -0 $DEMO_PID 2>/dev/null || { cat "$WORK/demo.err"; exit 1; }; sleep 0.2
@@ -47,9 +47,9 @@ done
 APP_PW=$(awk '/\[\[proxy.users\]\]/{u=1} u && /^password/{gsub(/"/,"",$3); print $3; exit}' "$CONFIG")
 export PGPASSWORD=$APP_PW
 
-# pgwarden proxy: the demo config plus a [proxy] section.
+# pgwarden proxy: the demo config with a [proxy] section of its own instead of the demo's.
 cat > "$WORK/proxy.toml" <<TOML
-$(sed '/^\[\[proxy.users\]\]/,$d' "$CONFIG")
+$(sed -e '/^\[proxy\]$/,/^\[\[proxy.users\]\]/{/^\[\[proxy.users\]\]/!d}' -e '/^\[\[proxy.users\]\]/,$d' "$CONFIG")
 [proxy]
 listen = "127.0.0.1:$PGW_PORT"
 pool_mode = "transaction"
@@ -87,7 +87,8 @@ else
   pgbouncer -q -d "$WORK/bouncer/pgbouncer.ini"
 fi
 for p in $PGW_PORT $BOUNCER_PORT; do
-  until "$BIN/pg_isready" -q -h 127.0.0.1 -p $p; do sleep 0.1; done
+  for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p $p && break; sleep 0.1; done
+  "$BIN/pg_isready" -q -h 127.0.0.1 -p $p || { echo "nothing listens on $p:" >&2; cat "$WORK/proxy.err" >&2; exit 1; }
 done
 BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
 
