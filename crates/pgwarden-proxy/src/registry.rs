@@ -120,24 +120,80 @@ impl ClientInfo {
     }
 }
 
+/// Entries by id, each removed when its [`Entry`] is dropped.
+pub struct Registry<T> {
+    map: Arc<Mutex<BTreeMap<u64, Arc<T>>>>,
+}
+
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Registry {
+            map: Arc::default(),
+        }
+    }
+}
+
+impl<T> Clone for Registry<T> {
+    fn clone(&self) -> Self {
+        Registry {
+            map: self.map.clone(),
+        }
+    }
+}
+
+/// A registered value; dropping it removes it from its registry.
+pub struct Entry<T> {
+    pub info: Arc<T>,
+    id: u64,
+    map: Arc<Mutex<BTreeMap<u64, Arc<T>>>>,
+}
+
+impl<T> Drop for Entry<T> {
+    fn drop(&mut self) {
+        self.map.lock().expect("registry lock").remove(&self.id);
+    }
+}
+
+impl<T> Registry<T> {
+    fn insert(&self, id: u64, value: T) -> Entry<T> {
+        let info = Arc::new(value);
+        self.map
+            .lock()
+            .expect("registry lock")
+            .insert(id, info.clone());
+        Entry {
+            info,
+            id,
+            map: self.map.clone(),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<T>> {
+        self.map
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Every logged-in client.
 #[derive(Default)]
 pub struct Clients {
     next: AtomicU64,
-    map: Arc<Mutex<BTreeMap<u64, Arc<ClientInfo>>>>,
+    registry: Registry<ClientInfo>,
 }
 
-/// A client's entry; dropping it removes the entry.
-pub struct ClientEntry {
-    pub info: Arc<ClientInfo>,
-    map: Arc<Mutex<BTreeMap<u64, Arc<ClientInfo>>>>,
-}
-
-impl Drop for ClientEntry {
-    fn drop(&mut self) {
-        self.map.lock().expect("clients lock").remove(&self.info.id);
-    }
-}
+pub type ClientEntry = Entry<ClientInfo>;
 
 pub struct NewClient {
     pub addr: SocketAddr,
@@ -152,45 +208,35 @@ impl Clients {
     pub fn register(&self, c: NewClient) -> ClientEntry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let now = SystemTime::now();
-        let info = Arc::new(ClientInfo {
+        self.registry.insert(
             id,
-            addr: c.addr,
-            local: c.local,
-            user: c.user,
-            database: c.database,
-            application_name: c.application_name,
-            tls: c.tls,
-            connected: now,
-            state: AtomicU8::new(ClientState::Idle as u8),
-            request_us: AtomicU64::new(unix_micros(now)),
-            server: AtomicU64::new(0),
-            kill: Kill::default(),
-        });
-        self.map
-            .lock()
-            .expect("clients lock")
-            .insert(id, info.clone());
-        ClientEntry {
-            info,
-            map: self.map.clone(),
-        }
+            ClientInfo {
+                id,
+                addr: c.addr,
+                local: c.local,
+                user: c.user,
+                database: c.database,
+                application_name: c.application_name,
+                tls: c.tls,
+                connected: now,
+                state: AtomicU8::new(ClientState::Idle as u8),
+                request_us: AtomicU64::new(unix_micros(now)),
+                server: AtomicU64::new(0),
+                kill: Kill::default(),
+            },
+        )
     }
 
     pub fn all(&self) -> Vec<Arc<ClientInfo>> {
-        self.map
-            .lock()
-            .expect("clients lock")
-            .values()
-            .cloned()
-            .collect()
+        self.registry.all()
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().expect("clients lock").len()
+        self.registry.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.registry.is_empty()
     }
 
     /// Raises `reason` on every client `which` selects; returns how many.
@@ -251,24 +297,11 @@ impl ServerInfo {
 }
 
 /// The server connections of one pool.
-#[derive(Default, Clone)]
-pub struct Servers {
-    map: Arc<Mutex<BTreeMap<u64, Arc<ServerInfo>>>>,
-}
+pub type Servers = Registry<ServerInfo>;
 
-/// A server connection's entry; dropping it removes the entry.
-pub struct ServerEntry {
-    pub info: Arc<ServerInfo>,
-    map: Arc<Mutex<BTreeMap<u64, Arc<ServerInfo>>>>,
-}
+pub type ServerEntry = Entry<ServerInfo>;
 
-impl Drop for ServerEntry {
-    fn drop(&mut self) {
-        self.map.lock().expect("servers lock").remove(&self.info.id);
-    }
-}
-
-impl Servers {
+impl Registry<ServerInfo> {
     pub fn register(
         &self,
         id: u64,
@@ -277,34 +310,20 @@ impl Servers {
         pid: i32,
     ) -> ServerEntry {
         let now = SystemTime::now();
-        let info = Arc::new(ServerInfo {
+        self.insert(
             id,
-            addr,
-            local,
-            pid,
-            connected: now,
-            state: AtomicU8::new(ServerState::Active as u8),
-            client: AtomicU64::new(0),
-            request_us: AtomicU64::new(unix_micros(now)),
-            close_needed: AtomicBool::new(false),
-        });
-        self.map
-            .lock()
-            .expect("servers lock")
-            .insert(id, info.clone());
-        ServerEntry {
-            info,
-            map: self.map.clone(),
-        }
-    }
-
-    pub fn all(&self) -> Vec<Arc<ServerInfo>> {
-        self.map
-            .lock()
-            .expect("servers lock")
-            .values()
-            .cloned()
-            .collect()
+            ServerInfo {
+                id,
+                addr,
+                local,
+                pid,
+                connected: now,
+                state: AtomicU8::new(ServerState::Active as u8),
+                client: AtomicU64::new(0),
+                request_us: AtomicU64::new(unix_micros(now)),
+                close_needed: AtomicBool::new(false),
+            },
+        )
     }
 }
 

@@ -143,27 +143,30 @@ fn pools(shared: &Shared) -> Table {
     t
 }
 
+/// `SHOW CLIENTS` and `SHOW SERVERS` share PgBouncer's columns.
+const CONNECTION_COLUMNS: &[(&str, u32)] = &[
+    ("type", TEXT),
+    ("user", TEXT),
+    ("database", TEXT),
+    ("state", TEXT),
+    ("addr", TEXT),
+    ("port", INT8),
+    ("local_addr", TEXT),
+    ("local_port", INT8),
+    ("connect_time", TEXT),
+    ("request_time", TEXT),
+    ("wait", INT8),
+    ("wait_us", INT8),
+    ("close_needed", INT8),
+    ("ptr", TEXT),
+    ("link", TEXT),
+    ("remote_pid", INT8),
+    ("tls", TEXT),
+    ("application_name", TEXT),
+];
+
 fn clients(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("type", TEXT),
-        ("user", TEXT),
-        ("database", TEXT),
-        ("state", TEXT),
-        ("addr", TEXT),
-        ("port", INT8),
-        ("local_addr", TEXT),
-        ("local_port", INT8),
-        ("connect_time", TEXT),
-        ("request_time", TEXT),
-        ("wait", INT8),
-        ("wait_us", INT8),
-        ("close_needed", INT8),
-        ("ptr", TEXT),
-        ("link", TEXT),
-        ("remote_pid", INT8),
-        ("tls", TEXT),
-        ("application_name", TEXT),
-    ]);
+    let mut t = Table::new(CONNECTION_COLUMNS);
     let now = unix_micros(SystemTime::now());
     for c in shared.clients.all() {
         let waited = match c.state() {
@@ -199,26 +202,7 @@ fn clients(shared: &Shared) -> Table {
 }
 
 fn servers(shared: &Shared) -> Table {
-    let mut t = Table::new(&[
-        ("type", TEXT),
-        ("user", TEXT),
-        ("database", TEXT),
-        ("state", TEXT),
-        ("addr", TEXT),
-        ("port", INT8),
-        ("local_addr", TEXT),
-        ("local_port", INT8),
-        ("connect_time", TEXT),
-        ("request_time", TEXT),
-        ("wait", INT8),
-        ("wait_us", INT8),
-        ("close_needed", INT8),
-        ("ptr", TEXT),
-        ("link", TEXT),
-        ("remote_pid", INT8),
-        ("tls", TEXT),
-        ("application_name", TEXT),
-    ]);
+    let mut t = Table::new(CONNECTION_COLUMNS);
     for p in shared.pools() {
         for sv in p.servers.all() {
             let link = sv.client.load(std::sync::atomic::Ordering::Relaxed);

@@ -26,17 +26,23 @@ pub async fn simple_query(
     timeout: Duration,
 ) -> Result<Outcome, ProxyError> {
     let r = tokio::time::timeout(timeout, run(conn, sql)).await;
-    match r {
-        Ok(Ok(o)) => Ok(o),
-        Ok(Err(e)) => {
-            conn.broken = true;
-            Err(e)
-        }
-        Err(_) => {
-            conn.broken = true;
-            Err(ProxyError::QueryTimeout(timeout))
-        }
-    }
+    settle(conn, r, timeout)
+}
+
+/// A query of ours that failed or ran out of time leaves the connection in an unknown state:
+/// it is marked broken.
+fn settle<T>(
+    conn: &mut ServerConn,
+    r: Result<Result<T, ProxyError>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<T, ProxyError> {
+    let e = match r {
+        Ok(Ok(o)) => return Ok(o),
+        Ok(Err(e)) => e,
+        Err(_) => ProxyError::QueryTimeout(timeout),
+    };
+    conn.broken = true;
+    Err(e)
 }
 
 async fn run(conn: &mut ServerConn, sql: &str) -> Result<Outcome, ProxyError> {
@@ -83,17 +89,7 @@ pub async fn query_with_param(
     timeout: Duration,
 ) -> Result<Rows, ProxyError> {
     let r = tokio::time::timeout(timeout, run_with_param(conn, sql, param)).await;
-    match r {
-        Ok(Ok(o)) => Ok(o),
-        Ok(Err(e)) => {
-            conn.broken = true;
-            Err(e)
-        }
-        Err(_) => {
-            conn.broken = true;
-            Err(ProxyError::QueryTimeout(timeout))
-        }
-    }
+    settle(conn, r, timeout)
 }
 
 async fn run_with_param(conn: &mut ServerConn, sql: &str, param: &str) -> Result<Rows, ProxyError> {
