@@ -7,6 +7,13 @@
 //! already has, CloseComplete, a DEALLOCATE's CommandComplete). Server responses are matched
 //! to the front of the queue. After an error in an extended-protocol batch the server skips
 //! everything up to Sync; the queue drops those entries too and undoes what they registered.
+//!
+//! - `statements` — named statements rewritten to the pool's (transaction mode), and what is
+//!   answered without a server.
+//! - `stale` — recovering from a stale plan.
+
+mod stale;
+mod statements;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,11 +21,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use pgwarden_protocol::backend::{self, BackendMessage, TxStatus};
 use pgwarden_protocol::frame::split;
-use pgwarden_protocol::frontend::{self, FrontendMessage, Target};
+use pgwarden_protocol::frontend::{self, FrontendMessage};
 use pgwarden_protocol::SqlState;
-use pgwarden_sql::{classify, classify_query, Effect};
+use pgwarden_sql::{classify_query, Effect};
 
-use super::retry::{is_stale_plan, Batches};
+use super::retry::Batches;
 use super::state::SessionState;
 use crate::error::ProxyError;
 use crate::prepared::{deallocate, Deallocate, Statement, StatementCache};
@@ -185,72 +192,6 @@ impl Pipeline {
         }
     }
 
-    /// After a Bind or statement Describe of `stmt` failed with a stale plan: sends the batch
-    /// again if `retry` allows (see there) and returns true; false means the error goes to the
-    /// client.
-    fn retry_stale_plan(
-        &mut self,
-        failed: u8,
-        stmt: &Statement,
-        conn: &mut ServerConn,
-        cx: &mut Context<'_>,
-    ) -> Result<bool, ProxyError> {
-        // The failed batch must be the last thing in flight: its Sync ends the queue.
-        let ends = |p: &Pending| {
-            matches!(
-                p,
-                Pending::Forward {
-                    tag: b'S' | b'Q' | b'F',
-                    ..
-                }
-            )
-        };
-        let sync_last = matches!(self.queue.back(), Some(Pending::Forward { tag: b'S', .. }))
-            && self.queue.iter().filter(|p| ends(p)).count() == 1;
-        if cx.capacity == 0 || !sync_last {
-            return Ok(false);
-        }
-        let Some(retry) = self
-            .batches
-            .take_retry(failed, conn.status == TxStatus::Idle)
-        else {
-            return Ok(false);
-        };
-        tracing::info!(statement = %stmt.server_name, "cached plan went stale; preparing it again and retrying once");
-        // The server skips to the failed batch's Sync; its ReadyForQuery is ours.
-        while let Some(p) = self.queue.pop_front() {
-            if ends(&p) {
-                break;
-            }
-            self.skipped(p, conn, cx.statements);
-        }
-        self.queue.push_back(Pending::SwallowReady);
-        self.close_on_server(&stmt.server_name, conn);
-        for (i, frame) in retry.frames.iter().enumerate() {
-            self.send(frame, conn, cx)?;
-            if i == 0 && failed == b'D' {
-                // The failed Describe got as far as its ParameterDescription.
-                let describe = self.queue.pop_back().expect("the Describe just queued");
-                self.queue.push_back(Pending::SwallowTag(b't'));
-                self.queue.push_back(describe);
-            }
-        }
-        self.batches.mark_retried();
-        Ok(true)
-    }
-
-    /// Closes one of our statements on `conn` (its answer swallowed); the next use prepares it
-    /// again.
-    fn close_on_server(&mut self, server_name: &str, conn: &mut ServerConn) {
-        frontend::put_close(&mut conn.framed.wbuf, Target::Statement, server_name);
-        conn.prepared.remove(server_name);
-        self.queue.push_back(Pending::Swallow {
-            expect: b'3',
-            undo: vec![],
-            parsed: None,
-        });
-    }
-
     fn send_query(
         &mut self,
         frame: &Bytes,
@@ -301,122 +242,6 @@ impl Pipeline {
         Ok(())
     }
 
-    fn note_statement(&mut self, name: &str, query: &str) {
-        match classify(query) {
-            Effect::None => {
-                if !self.statement_effects.is_empty() {
-                    self.statement_effects.remove(name);
-                }
-            }
-            e => {
-                self.statement_effects.insert(name.to_string(), e);
-            }
-        }
-    }
-
-    fn send_parse(
-        &mut self,
-        frame: &Bytes,
-        body: &[u8],
-        conn: &mut ServerConn,
-        cx: &mut Context<'_>,
-    ) -> Result<(), ProxyError> {
-        let FrontendMessage::Parse {
-            name,
-            query,
-            param_types,
-        } = FrontendMessage::parse(b'P', body).map_err(client_protocol)?
-        else {
-            unreachable!("a P frame parses as a Parse");
-        };
-        self.note_statement(name, query);
-        if cx.capacity == 0 || name.is_empty() {
-            self.forward_as_is(b'P', frame, conn);
-            return Ok(());
-        }
-        if let Some(existing) = cx.statements.get(name).cloned() {
-            // Already exists for this client: let the server raise 42P05 with its own
-            // semantics (transaction aborted, batch skipped).
-            self.ensure(conn, &existing, cx.capacity);
-            frontend::put_parse(
-                &mut conn.framed.wbuf,
-                &existing.server_name,
-                query,
-                param_types,
-            );
-            self.queue.push_back(Pending::forward(b'P'));
-            return Ok(());
-        }
-        let stmt = cx.cache.get_or_insert(query, param_types);
-        cx.statements.insert(name.to_string(), stmt.clone());
-        let mut undo = vec![Undo::Unregister(name.to_string())];
-        if conn.prepared.has(&stmt.server_name) {
-            self.queue.push_back(Pending::Inject {
-                response: response(backend::put_parse_complete),
-                undo,
-            });
-        } else {
-            self.evict(conn, cx.capacity, &stmt.server_name);
-            frontend::put_parse(&mut conn.framed.wbuf, &stmt.server_name, query, param_types);
-            conn.prepared.insert(&stmt.server_name);
-            undo.push(Undo::ServerForget(stmt.server_name.clone()));
-            self.queue.push_back(Pending::Forward {
-                tag: b'P',
-                undo,
-                stmt: Some(stmt),
-                effects: vec![],
-            });
-        }
-        Ok(())
-    }
-
-    fn send_bind(
-        &mut self,
-        frame: &Bytes,
-        body: &[u8],
-        conn: &mut ServerConn,
-        cx: &mut Context<'_>,
-    ) -> Result<(), ProxyError> {
-        if cx.capacity == 0 && self.statement_effects.is_empty() && self.portal_effects.is_empty() {
-            self.forward_as_is(b'B', frame, conn);
-            return Ok(());
-        }
-        let FrontendMessage::Bind(b) =
-            FrontendMessage::parse(b'B', body).map_err(client_protocol)?
-        else {
-            unreachable!("a B frame parses as a Bind");
-        };
-        match self.statement_effects.get(b.statement) {
-            Some(e) => {
-                self.portal_effects.insert(b.portal.to_string(), e.clone());
-            }
-            None => {
-                self.portal_effects.remove(b.portal);
-            }
-        }
-        if cx.capacity == 0 || b.statement.is_empty() {
-            self.forward_as_is(b'B', frame, conn);
-            return Ok(());
-        }
-        let stmt = cx.statements.get(b.statement).cloned();
-        let name = match &stmt {
-            Some(stmt) => {
-                self.ensure(conn, stmt, cx.capacity);
-                stmt.server_name.as_str()
-            }
-            // Unknown: the server answers 26000 naming the client's statement.
-            None => b.statement,
-        };
-        frontend::put_bind(&mut conn.framed.wbuf, b.portal, name, b.rest);
-        self.queue.push_back(Pending::Forward {
-            tag: b'B',
-            undo: vec![],
-            stmt,
-            effects: vec![],
-        });
-        Ok(())
-    }
-
     fn send_execute(
         &mut self,
         frame: &Bytes,
@@ -445,176 +270,10 @@ impl Pipeline {
         Ok(())
     }
 
-    fn send_describe(
-        &mut self,
-        frame: &Bytes,
-        body: &[u8],
-        conn: &mut ServerConn,
-        cx: &mut Context<'_>,
-    ) -> Result<(), ProxyError> {
-        match FrontendMessage::parse(b'D', body).map_err(client_protocol)? {
-            FrontendMessage::Describe {
-                target: Target::Statement,
-                name,
-            } if !name.is_empty() => {
-                let stmt = cx.statements.get(name).cloned();
-                let server_name = match &stmt {
-                    Some(stmt) => {
-                        self.ensure(conn, stmt, cx.capacity);
-                        stmt.server_name.as_str()
-                    }
-                    None => name,
-                };
-                frontend::put_describe(&mut conn.framed.wbuf, Target::Statement, server_name);
-                self.queue.push_back(Pending::Forward {
-                    tag: b'D',
-                    undo: vec![],
-                    stmt,
-                    effects: vec![],
-                });
-            }
-            _ => self.forward_as_is(b'D', frame, conn),
-        }
-        Ok(())
-    }
-
-    fn send_close(
-        &mut self,
-        frame: &Bytes,
-        body: &[u8],
-        conn: &mut ServerConn,
-        cx: &mut Context<'_>,
-    ) -> Result<(), ProxyError> {
-        let FrontendMessage::Close { target, name } =
-            FrontendMessage::parse(b'C', body).map_err(client_protocol)?
-        else {
-            unreachable!("a C frame parses as a Close");
-        };
-        match target {
-            Target::Statement => self.statement_effects.remove(name),
-            Target::Portal => self.portal_effects.remove(name),
-        };
-        if cx.capacity == 0 || target == Target::Portal || name.is_empty() {
-            self.forward_as_is(b'C', frame, conn);
-            return Ok(());
-        }
-        // The server keeps the statement for other clients; only this client's name goes.
-        let undo = match cx.statements.remove(name) {
-            Some(stmt) => vec![Undo::Reregister(name.to_string(), stmt)],
-            None => vec![],
-        };
-        self.queue.push_back(Pending::Inject {
-            response: response(backend::put_close_complete),
-            undo,
-        });
-        Ok(())
-    }
-
-    /// While no server is attached (so the client is outside any transaction): answers what
-    /// needs no server and returns true; false means `frame` needs a server. Answered here: a
-    /// named Parse of a statement some server has already accepted, a Close of a statement,
-    /// `DEALLOCATE` of the client's statements, Flush, and a Sync (nothing before it went to a
-    /// server, so the status is idle).
-    pub fn answer_detached(
-        &mut self,
-        frame: &Bytes,
-        cx: &mut Context<'_>,
-        client_out: &mut BytesMut,
-    ) -> bool {
-        debug_assert!(
-            self.settled(),
-            "answering locally with a server exchange in flight"
-        );
-        let (tag, body) = split(frame);
-        match tag {
-            b'S' => backend::put_ready_for_query(client_out, TxStatus::Idle),
-            b'H' => {}
-            // Only a DEALLOCATE is answered here among simple queries: one byte tells.
-            b'Q' if !matches!(
-                body.iter().find(|b| !b.is_ascii_whitespace()),
-                Some(b'd' | b'D')
-            ) =>
-            {
-                return false
-            }
-            b'P' | b'C' | b'Q' if cx.capacity > 0 => match FrontendMessage::parse(tag, body) {
-                Ok(FrontendMessage::Parse {
-                    name,
-                    query,
-                    param_types,
-                }) if !name.is_empty() && !cx.statements.contains_key(name) => {
-                    let stmt = cx.cache.get_or_insert(query, param_types);
-                    if !stmt.is_validated() {
-                        return false;
-                    }
-                    self.note_statement(name, query);
-                    cx.statements.insert(name.to_string(), stmt);
-                    backend::put_parse_complete(client_out);
-                }
-                Ok(FrontendMessage::Close {
-                    target: Target::Statement,
-                    name,
-                }) if !name.is_empty() => {
-                    self.statement_effects.remove(name);
-                    cx.statements.remove(name);
-                    backend::put_close_complete(client_out);
-                }
-                Ok(FrontendMessage::Query(sql)) => {
-                    let tag = match deallocate(sql) {
-                        Some(Deallocate::One(name)) if cx.statements.remove(name).is_some() => {
-                            "DEALLOCATE"
-                        }
-                        Some(Deallocate::All) => {
-                            cx.statements.clear();
-                            "DEALLOCATE ALL"
-                        }
-                        _ => return false,
-                    };
-                    backend::put_command_complete(client_out, tag);
-                    backend::put_ready_for_query(client_out, TxStatus::Idle);
-                }
-                _ => return false,
-            },
-            _ => return false,
-        }
-        true
-    }
-
     fn forward_as_is(&mut self, tag: u8, frame: &Bytes, conn: &mut ServerConn) {
         conn.framed.wbuf.extend_from_slice(frame);
         if answers(tag) {
             self.queue.push_back(Pending::forward(tag));
-        }
-    }
-
-    /// Makes sure `conn` has `stmt`, sending our own Parse if not.
-    fn ensure(&mut self, conn: &mut ServerConn, stmt: &Arc<Statement>, capacity: usize) {
-        if conn.prepared.has(&stmt.server_name) {
-            return;
-        }
-        self.evict(conn, capacity, &stmt.server_name);
-        frontend::put_parse(
-            &mut conn.framed.wbuf,
-            &stmt.server_name,
-            &stmt.query,
-            &stmt.param_types,
-        );
-        conn.prepared.insert(&stmt.server_name);
-        self.queue.push_back(Pending::Swallow {
-            expect: b'1',
-            undo: vec![Undo::ServerForget(stmt.server_name.clone())],
-            parsed: Some(stmt.clone()),
-        });
-    }
-
-    fn evict(&mut self, conn: &mut ServerConn, capacity: usize, keep: &str) {
-        if let Some(victim) = conn.prepared.evict_for(capacity, keep) {
-            frontend::put_close(&mut conn.framed.wbuf, Target::Statement, &victim);
-            self.queue.push_back(Pending::Swallow {
-                expect: b'3',
-                undo: vec![],
-                parsed: None,
-            });
         }
     }
 
@@ -752,18 +411,6 @@ impl Pipeline {
             }
         }
         self.copy_in = end == self.queue.len();
-    }
-
-    /// The failed message's statement and type, if the error is a stale plan of ours.
-    fn stale_statement(&self, error_body: &[u8]) -> Option<(u8, Arc<Statement>)> {
-        match self.queue.front() {
-            Some(Pending::Forward {
-                tag: t @ (b'B' | b'D'),
-                stmt: Some(stmt),
-                ..
-            }) if is_stale_plan(error_body) => Some((*t, stmt.clone())),
-            _ => None,
-        }
     }
 
     /// A response to the message at the front of the queue.

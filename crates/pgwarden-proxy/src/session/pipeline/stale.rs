@@ -1,0 +1,93 @@
+//! Stale plans: sending a batch again after `cached plan must not change result type` (the
+//! conditions are in `session::retry`), or dropping the stale statement from the server.
+
+use std::sync::Arc;
+
+use pgwarden_protocol::backend::TxStatus;
+use pgwarden_protocol::frontend::{self, Target};
+
+use super::{Context, Pending, Pipeline};
+use crate::error::ProxyError;
+use crate::prepared::Statement;
+use crate::server::ServerConn;
+use crate::session::retry::is_stale_plan;
+
+impl Pipeline {
+    /// After a Bind or statement Describe of `stmt` failed with a stale plan: sends the batch
+    /// again if `retry` allows (see there) and returns true; false means the error goes to the
+    /// client.
+    pub(super) fn retry_stale_plan(
+        &mut self,
+        failed: u8,
+        stmt: &Statement,
+        conn: &mut ServerConn,
+        cx: &mut Context<'_>,
+    ) -> Result<bool, ProxyError> {
+        // The failed batch must be the last thing in flight: its Sync ends the queue.
+        let ends = |p: &Pending| {
+            matches!(
+                p,
+                Pending::Forward {
+                    tag: b'S' | b'Q' | b'F',
+                    ..
+                }
+            )
+        };
+        let sync_last = matches!(self.queue.back(), Some(Pending::Forward { tag: b'S', .. }))
+            && self.queue.iter().filter(|p| ends(p)).count() == 1;
+        if cx.capacity == 0 || !sync_last {
+            return Ok(false);
+        }
+        let Some(retry) = self
+            .batches
+            .take_retry(failed, conn.status == TxStatus::Idle)
+        else {
+            return Ok(false);
+        };
+        tracing::info!(statement = %stmt.server_name, "cached plan went stale; preparing it again and retrying once");
+        // The server skips to the failed batch's Sync; its ReadyForQuery is ours.
+        while let Some(p) = self.queue.pop_front() {
+            if ends(&p) {
+                break;
+            }
+            self.skipped(p, conn, cx.statements);
+        }
+        self.queue.push_back(Pending::SwallowReady);
+        self.close_on_server(&stmt.server_name, conn);
+        for (i, frame) in retry.frames.iter().enumerate() {
+            self.send(frame, conn, cx)?;
+            if i == 0 && failed == b'D' {
+                // The failed Describe got as far as its ParameterDescription.
+                let describe = self.queue.pop_back().expect("the Describe just queued");
+                self.queue.push_back(Pending::SwallowTag(b't'));
+                self.queue.push_back(describe);
+            }
+        }
+        self.batches.mark_retried();
+        Ok(true)
+    }
+
+    /// Closes one of our statements on `conn` (its answer swallowed); the next use prepares it
+    /// again.
+    pub(super) fn close_on_server(&mut self, server_name: &str, conn: &mut ServerConn) {
+        frontend::put_close(&mut conn.framed.wbuf, Target::Statement, server_name);
+        conn.prepared.remove(server_name);
+        self.queue.push_back(Pending::Swallow {
+            expect: b'3',
+            undo: vec![],
+            parsed: None,
+        });
+    }
+
+    /// The failed message's statement and type, if the error is a stale plan of ours.
+    pub(super) fn stale_statement(&self, error_body: &[u8]) -> Option<(u8, Arc<Statement>)> {
+        match self.queue.front() {
+            Some(Pending::Forward {
+                tag: t @ (b'B' | b'D'),
+                stmt: Some(stmt),
+                ..
+            }) if is_stale_plan(error_body) => Some((*t, stmt.clone())),
+            _ => None,
+        }
+    }
+}
