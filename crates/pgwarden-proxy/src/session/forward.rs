@@ -192,7 +192,8 @@ impl Forwarder<'_> {
                     return Err(e);
                 }
             }
-            self.client.flush().await?;
+            // The server goes back before the client is written to: its answer is complete and
+            // buffered here, and the next client waiting for a server gets it a write sooner.
             if self.mode == PoolMode::Transaction
                 && c.pipeline.settled()
                 && conn.status == TxStatus::Idle
@@ -201,6 +202,7 @@ impl Forwarder<'_> {
                 let l = lease.take().expect("a server is attached here");
                 self.release(l, c).await;
             }
+            self.client.flush().await?;
         }
     }
 
