@@ -4,9 +4,11 @@
 //! connection, its slot names that server's key. A cancel request is forwarded only to that
 //! server, and the slot's lock is held until the server has taken the request; a session clears
 //! its slot (taking the same lock) before giving the server back to the pool. So a cancel never
-//! reaches a server that has since been handed to another client.
+//! reaches a server that has since been handed to another client. A cancel that comes while the
+//! client waits for a server ends the wait: its query fails with 57014, as a running one would.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,12 +17,41 @@ use pgwarden_protocol::startup;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::server::{BackendKey, Target};
 
 #[derive(Default)]
 pub struct CancelSlot {
     pub server: tokio::sync::Mutex<Option<(Target, BackendKey)>>,
+    /// The session is waiting for a server: a cancel then ends the wait (the query is answered
+    /// with 57014 as PostgreSQL would), instead of letting it run once a server frees up.
+    waiting: AtomicBool,
+    requested: AtomicBool,
+    wake: Notify,
+}
+
+impl CancelSlot {
+    /// The session starts waiting for a server; a cancel from before does not count.
+    pub fn begin_wait(&self) {
+        self.requested.store(false, Ordering::SeqCst);
+        self.waiting.store(true, Ordering::SeqCst);
+    }
+
+    pub fn end_wait(&self) {
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// Completes when a cancel arrives during the wait.
+    pub async fn cancelled(&self) {
+        loop {
+            let woken = self.wake.notified();
+            if self.requested.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 struct Entry {
@@ -92,13 +123,18 @@ impl CancelMap {
             }
         };
         let guard = slot.server.lock().await;
-        if let Some((target, key)) = guard.as_ref() {
-            if tokio::time::timeout(timeout, send_cancel(target, *key))
-                .await
-                .is_err()
-            {
-                tracing::warn!(server = %target.addr(), "cancel request timed out");
+        match guard.as_ref() {
+            Some((target, key)) => {
+                let sent = tokio::time::timeout(timeout, send_cancel(target, *key)).await;
+                if sent.is_err() {
+                    tracing::warn!(server = %target.addr(), "cancel request timed out");
+                }
             }
+            None if slot.waiting.load(Ordering::SeqCst) => {
+                slot.requested.store(true, Ordering::SeqCst);
+                slot.wake.notify_waiters();
+            }
+            None => {}
         }
         drop(guard);
     }

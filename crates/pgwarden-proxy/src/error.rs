@@ -63,6 +63,9 @@ pub enum ProxyError {
     TooManyClients(u32),
     #[error("a query of the proxy's own took longer than {}", format_duration(*.0))]
     QueryTimeout(Duration),
+    /// A cancel came while the client waited for a server; answered, the session goes on.
+    #[error("canceling statement due to user request")]
+    CancelledWaiting,
     #[error("the proxy is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -99,6 +102,7 @@ impl ProxyError {
             UnsupportedServerAuth(_) => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             WaitTimeout(_) | TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
             ShuttingDown => SqlState::ADMIN_SHUTDOWN,
+            CancelledWaiting => SqlState::QUERY_CANCELED,
             Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
             RestoreFailed { code, .. } => *code,
         }

@@ -286,3 +286,46 @@ async fn cancels_under_a_saturated_pool_and_between_statements() {
         "a stray message after an idle cancel"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_reaches_a_query_still_waiting_for_a_server() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let mut holder = s.raw(&[]).await;
+    holder.query("SELECT pg_sleep(30)");
+    holder.flush().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // b's query queues behind the only server; its cancel fails it at once, as a running
+    // query's would (PostgreSQL's 57014), instead of letting it run later.
+    let mut b = s.raw(&[]).await;
+    for extended in [false, true] {
+        if extended {
+            b.parse("", "SELECT 1").bind("", "").execute("").sync();
+        } else {
+            b.query("SELECT 1");
+        }
+        b.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        cancel(s.addr, b.key.expect("key")).await;
+        let (tags, msgs) = b.until_ready().await;
+        assert_eq!(tags, "EZ", "extended: {extended}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("57014"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    // The running query was not touched; cancelling it frees the server for b.
+    cancel(s.addr, holder.key.expect("key")).await;
+    assert_eq!(
+        error_code(&holder.until_ready().await.1).as_deref(),
+        Some("57014")
+    );
+    b.query("SELECT 42");
+    b.flush().await;
+    assert_eq!(
+        first_column(&b.until_ready().await.1),
+        [Some("42".to_string())]
+    );
+}

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use crate::tls::ClientStream;
 use bytes::Bytes;
 use pgwarden_config::PoolMode;
-use pgwarden_protocol::backend::TxStatus;
+use pgwarden_protocol::backend::{self, TxStatus};
+use pgwarden_protocol::error_response::ErrorReport;
 use pgwarden_protocol::frame::MAX_MESSAGE;
+use pgwarden_protocol::SqlState;
 
 use super::pipeline::{ClientStatements, Context, Pipeline};
 use super::state::SessionState;
@@ -140,7 +142,15 @@ impl Forwarder<'_> {
                 if frame[0] == b'X' {
                     return Ok(());
                 }
-                let conn = &mut lease.insert(self.checkout().await?).conn;
+                let l = match self.checkout().await {
+                    Ok(l) => l,
+                    Err(ProxyError::CancelledWaiting) => {
+                        self.answer_cancelled(&frame).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let conn = &mut lease.insert(l).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
                 }
@@ -206,17 +216,50 @@ impl Forwarder<'_> {
         }
     }
 
-    /// Waits for a server (giving up if the session is told to end meanwhile).
+    /// Waits for a server (giving up if the session is told to end, or its query is cancelled,
+    /// meanwhile).
     async fn checkout(&mut self) -> Result<Lease, ProxyError> {
         self.me.set_waiting();
+        self.slot.begin_wait();
         let l = tokio::select! {
-            l = self.pool.acquire(self.topology) => l?,
-            _ = self.me.kill.raised(KillReason::Shutdown) => return Err(self.killed()),
+            l = self.pool.acquire(self.topology) => l,
+            _ = self.me.kill.raised(KillReason::Shutdown) => Err(self.killed()),
+            _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
+        };
+        self.slot.end_wait();
+        let l = match l {
+            Ok(l) => l,
+            Err(e) => {
+                self.me.set_idle();
+                return Err(e);
+            }
         };
         *self.slot.server.lock().await = Some((l.conn.target.clone(), l.conn.key));
         l.conn.info.set_active(self.me.id);
         self.me.set_active(l.conn.info.id);
         Ok(l)
+    }
+
+    /// The query whose `frame` waited for a server was cancelled: it fails with 57014 and, in
+    /// the extended protocol, the rest of its batch is skipped up to Sync, as on a server.
+    async fn answer_cancelled(&mut self, frame: &Bytes) -> Result<(), ProxyError> {
+        ErrorReport::error(
+            SqlState::QUERY_CANCELED,
+            "canceling statement due to user request",
+        )
+        .put_error(&mut self.client.wbuf);
+        if !matches!(frame[0], b'Q' | b'F') {
+            loop {
+                let f = self.client.read_frame(MAX_MESSAGE).await?;
+                match f[0] {
+                    b'S' => break,
+                    b'X' => return Err(ProxyError::ClientClosed),
+                    _ => {}
+                }
+            }
+        }
+        backend::put_ready_for_query(&mut self.client.wbuf, TxStatus::Idle);
+        self.client.flush().await
     }
 
     /// The error that ends a session whose kill signal is raised.
