@@ -309,3 +309,32 @@ async fn a_shared_statement_recovers_on_every_server() {
         }
     }
 }
+
+#[tokio::test]
+async fn errors_about_a_named_statement_name_the_clients_statement() {
+    let s = setup(0, "").await;
+    let direct_addr = std::net::SocketAddr::from(([127, 0, 0, 1], s.cluster.port(0)));
+    let mut direct =
+        common::raw::Raw::connect(direct_addr, "app", common::APP_PASSWORD, "app", &[]).await;
+    let mut proxied = s.raw(&[]).await;
+    let mut errors = Vec::new();
+    for c in [&mut direct, &mut proxied] {
+        c.parse("my_stmt", "SELECT $1::int").sync();
+        c.flush().await;
+        c.until_ready().await;
+        // No parameters for a statement that takes one: PostgreSQL names the statement.
+        c.bind("", "my_stmt").execute("").sync();
+        c.flush().await;
+        let (_, msgs) = c.until_ready().await;
+        let error = msgs
+            .into_iter()
+            .find(|(t, _)| *t == b'E')
+            .expect("an error");
+        errors.push(String::from_utf8_lossy(&error.1).into_owned());
+    }
+    assert!(errors[0].contains("\"my_stmt\""), "{}", errors[0]);
+    assert_eq!(
+        errors[0], errors[1],
+        "the proxy's error differs from PostgreSQL's"
+    );
+}

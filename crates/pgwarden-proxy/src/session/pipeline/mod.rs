@@ -18,7 +18,7 @@ mod statements;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use pgwarden_protocol::backend::{self, BackendMessage, TxStatus};
 use pgwarden_protocol::frame::split;
 use pgwarden_protocol::frontend::{self, FrontendMessage};
@@ -342,7 +342,10 @@ impl Pipeline {
                     self.stale.push(stmt.server_name.clone());
                 }
                 cx.session.error();
-                client_out.extend_from_slice(frame);
+                match self.client_facing_error(body, cx.statements) {
+                    Some(rewritten) => client_out.extend_from_slice(&rewritten),
+                    None => client_out.extend_from_slice(frame),
+                }
                 if is_fatal(body) {
                     // The server is closing this connection: the client's session ends with it,
                     // as it would without a proxy.
@@ -390,6 +393,35 @@ impl Pipeline {
         }
         self.emit_injects(conn.status, client_out);
         Ok(())
+    }
+
+    /// An error about one of our statements names it as the server knows it (`pgwarden_N`);
+    /// the client gets it with its own name instead. `None`: nothing to change.
+    fn client_facing_error(&self, body: &[u8], statements: &ClientStatements) -> Option<Bytes> {
+        let Some(Pending::Forward {
+            tag: b'B' | b'D',
+            stmt: Some(stmt),
+            ..
+        }) = self.queue.front()
+        else {
+            return None;
+        };
+        let quoted = format!("\"{}\"", stmt.server_name);
+        let fields = pgwarden_protocol::error_response::ErrorFields::parse(body).ok()?;
+        if !fields.iter().any(|(_, v)| v.contains(&quoted)) {
+            return None;
+        }
+        let (client_name, _) = statements.iter().find(|(_, s)| Arc::ptr_eq(s, stmt))?;
+        let mine = format!("\"{client_name}\"");
+        let mut out = BytesMut::new();
+        pgwarden_protocol::frame::put_message(&mut out, b'E', |b| {
+            for (code, value) in fields.iter() {
+                b.put_u8(code);
+                pgwarden_protocol::frame::put_cstr(b, &value.replace(&quoted, &mine));
+            }
+            b.put_u8(0);
+        });
+        Some(out.freeze())
     }
 
     /// CopyInResponse to the query or Execute at the front: the server now ignores Syncs until
