@@ -252,6 +252,16 @@ impl Pool {
             Err(TryAcquireError::Closed) => return Err(ProxyError::ShuttingDown),
             Err(TryAcquireError::NoPermits) => self.wait_for_permit(settings.wait_timeout).await?,
         };
+        self.lease(permit, topology, settings).await
+    }
+
+    /// With a permit: an idle connection that is still good, else a new one.
+    async fn lease(
+        &self,
+        permit: OwnedSemaphorePermit,
+        topology: &Topology,
+        settings: PoolSettings,
+    ) -> Result<Lease, ProxyError> {
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         let epoch = topology.epoch();
         while let Some(mut conn) = self.pop_idle() {
@@ -277,22 +287,9 @@ impl Pool {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             return Ok(None);
         };
-        let settings = self.settings();
-        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        let epoch = topology.epoch();
-        while let Some(mut conn) = self.pop_idle() {
-            let idle = conn.last_used.elapsed();
-            if conn.epoch == epoch
-                && idle < settings.idle_timeout
-                && !conn.info.close_needed.load(Ordering::Relaxed)
-                && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE)
-            {
-                return Ok(Some(Lease { conn, permit }));
-            }
-            tokio::spawn(server::close(conn));
-        }
-        let conn = self.open(topology, settings).await?;
-        Ok(Some(Lease { conn, permit }))
+        self.lease(permit, topology, self.settings())
+            .await
+            .map(Some)
     }
 
     /// Opens a new server connection to the current primary.
