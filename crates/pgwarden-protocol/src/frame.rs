@@ -41,6 +41,12 @@ pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError
 /// The next whole tagged message (tag and length included), or `None` if more bytes are needed.
 /// `max` bounds the length field (body plus the 4 length bytes).
 pub fn decode_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ProtocolError> {
+    Ok(message_len(buf, max)?.map(|n| buf.split_to(n).freeze()))
+}
+
+/// The length (tag included) of the complete message at the front of `buf`, checked as
+/// [`decode_message`] checks it, without taking it out: for reading messages in place.
+pub fn message_len(buf: &[u8], max: usize) -> Result<Option<usize>, ProtocolError> {
     let Some(header) = buf.get(..5) else {
         return Ok(None);
     };
@@ -55,7 +61,7 @@ pub fn decode_message(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, P
     if buf.len() < len + 1 {
         return Ok(None);
     }
-    Ok(Some(buf.split_to(len + 1).freeze()))
+    Ok(Some(len + 1))
 }
 
 /// How many more bytes the message at the front of `buf` needs, if its header is buffered: lets

@@ -23,7 +23,7 @@ use crate::server::{BackendKey, Target};
 
 #[derive(Default)]
 pub struct CancelSlot {
-    pub server: tokio::sync::Mutex<Option<(Target, BackendKey)>>,
+    pub server: tokio::sync::Mutex<Option<(Arc<Target>, BackendKey)>>,
     /// The session is waiting for a server: a cancel then ends the wait (the query is answered
     /// with 57014 as PostgreSQL would), instead of letting it run once a server frees up.
     waiting: AtomicBool,

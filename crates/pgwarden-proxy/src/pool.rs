@@ -103,7 +103,9 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     /// Permits to retire as they come back after the pool shrank.
     owed: AtomicU32,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed so that a checkout or a release moves a pointer, not the whole connection.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// ParameterStatus values of the first server connection, shown to clients at login.
     params: Mutex<Option<BTreeMap<String, String>>>,
     pub stats: PoolStats,
@@ -122,7 +124,7 @@ pub struct Pool {
 
 /// A server connection checked out of a pool, with its permit.
 pub struct Lease {
-    pub conn: ServerConn,
+    pub conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -297,7 +299,7 @@ impl Pool {
         &self,
         topology: &Topology,
         settings: PoolSettings,
-    ) -> Result<ServerConn, ProxyError> {
+    ) -> Result<Box<ServerConn>, ProxyError> {
         let (target, epoch) = topology.wait_primary(settings.connect_timeout).await?;
         let login = self.login.read().expect("pool login lock").clone();
         let id = self.server_ids.fetch_add(1, Ordering::Relaxed) + 1;
@@ -354,7 +356,7 @@ impl Pool {
         }
     }
 
-    fn pop_idle(&self) -> Option<ServerConn> {
+    fn pop_idle(&self) -> Option<Box<ServerConn>> {
         self.idle.lock().expect("pool lock").pop()
     }
 
@@ -409,7 +411,7 @@ impl Pool {
 
     /// Closes every idle connection (`KILL`, shutdown, or the primary changed).
     pub fn close_idle(&self) {
-        let idle: Vec<ServerConn> = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
+        let idle: Vec<Box<ServerConn>> = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
         for c in idle {
             tokio::spawn(server::close(c));
         }

@@ -3,11 +3,15 @@
 //! can be left behind by an early return.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 /// Why a session is being ended from outside.
@@ -49,6 +53,43 @@ impl Kill {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+impl Kill {
+    /// Like [`Kill::raised`], for a loop that waits on the signal again and again: the watch
+    /// stays registered between polls (no registering and unregistering per wait), and it can
+    /// be polled again after it completed (it completes again).
+    pub fn watch(&self, min: KillReason) -> KillWatch<'_> {
+        KillWatch {
+            kill: self,
+            min: min as u8,
+            notified: Box::pin(self.notify.notified()),
+        }
+    }
+}
+
+pub struct KillWatch<'a> {
+    kill: &'a Kill,
+    min: u8,
+    notified: Pin<Box<Notified<'a>>>,
+}
+
+impl Future for KillWatch<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let kill = self.kill;
+        loop {
+            // The Notified was made before this check, so a raise in between is not missed.
+            if kill.reason.load(Ordering::SeqCst) >= self.min {
+                return Poll::Ready(());
+            }
+            match self.notified.as_mut().poll(cx) {
+                Poll::Ready(()) => self.notified.set(kill.notify.notified()),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
@@ -282,10 +323,10 @@ impl ServerInfo {
         }
     }
 
-    pub fn set_active(&self, client: u64) {
+    /// Given to `client`, which asked for a server at `request_us` (Unix microseconds).
+    pub fn set_active(&self, client: u64, request_us: u64) {
         self.client.store(client, Ordering::Relaxed);
-        self.request_us
-            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.request_us.store(request_us, Ordering::Relaxed);
         self.state
             .store(ServerState::Active as u8, Ordering::Relaxed);
     }
@@ -347,6 +388,36 @@ mod tests {
         k.raise(KillReason::Shutdown); // never lowers
         assert_eq!(k.reason(), Some(KillReason::Admin));
         k.raised(KillReason::Admin).await;
+    }
+
+    #[tokio::test]
+    async fn a_watch_wakes_on_a_raise_while_waiting_and_can_be_polled_again() {
+        use std::time::Duration;
+        let k = std::sync::Arc::new(Kill::default());
+        let mut admin = k.watch(KillReason::Admin);
+        let mut shutdown = k.watch(KillReason::Shutdown);
+        // Pending (and registered) across several waits.
+        for _ in 0..3 {
+            let r = tokio::time::timeout(Duration::from_millis(10), &mut shutdown).await;
+            assert!(r.is_err(), "nothing raised yet");
+        }
+        let k2 = k.clone();
+        let raiser = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            k2.raise(KillReason::Shutdown);
+        });
+        tokio::time::timeout(Duration::from_secs(5), &mut shutdown)
+            .await
+            .expect("a raise while waiting wakes the watch");
+        raiser.await.expect("raiser");
+        // Completes again when polled again; a lower reason does not complete a higher watch.
+        (&mut shutdown).await;
+        let r = tokio::time::timeout(Duration::from_millis(20), &mut admin).await;
+        assert!(r.is_err(), "shutdown is not an admin kill");
+        k.raise(KillReason::Admin);
+        tokio::time::timeout(Duration::from_secs(5), &mut admin)
+            .await
+            .expect("admin kill");
     }
 
     #[test]

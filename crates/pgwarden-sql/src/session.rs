@@ -111,9 +111,10 @@ fn might_matter(sql: &str) -> bool {
     };
     let mut prev_alnum = false;
     for (i, &c) in b.iter().enumerate() {
-        let alnum = c.is_ascii_alphanumeric();
-        if alnum && !prev_alnum {
-            let hit = match c.to_ascii_lowercase() {
+        // One table look-up per byte: most bytes are neither a word start nor a candidate.
+        let class = BYTE_CLASS[c as usize];
+        if class & CANDIDATE != 0 && !prev_alnum {
+            let hit = match c | 0x20 {
                 b's' => at(i, b"set") || at(i, b"savepoint"),
                 b'r' => at(i, b"reset") || at(i, b"rollback") || at(i, b"release"),
                 b'd' => at(i, b"discard") || at(i, b"declare"),
@@ -129,10 +130,32 @@ fn might_matter(sql: &str) -> bool {
                 return true;
             }
         }
-        prev_alnum = alnum;
+        prev_alnum = class & ALNUM != 0;
     }
     false
 }
+
+const ALNUM: u8 = 1;
+/// The first letter of a keyword `might_matter` looks for, in either case.
+const CANDIDATE: u8 = 2;
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() {
+            t[c] |= ALNUM;
+        }
+        if matches!(
+            b.to_ascii_lowercase(),
+            b's' | b'r' | b'd' | b'l' | b'p' | b't' | b'a' | b'c' | b'e'
+        ) {
+            t[c] |= CANDIDATE;
+        }
+        c += 1;
+    }
+    t
+};
 
 /// The effect of one statement (no `;` separators), e.g. an extended-protocol Parse.
 pub fn classify(stmt: &str) -> Effect {

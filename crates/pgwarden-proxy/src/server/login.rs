@@ -1,6 +1,7 @@
 //! Opening a server connection and logging in.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgwarden_protocol::backend::{Authentication, BackendMessage};
@@ -45,7 +46,7 @@ pub async fn connect(
     timeout: Duration,
     id: u64,
     registry: &Servers,
-) -> Result<ServerConn, ProxyError> {
+) -> Result<Box<ServerConn>, ProxyError> {
     let addr = target.addr();
     match tokio::time::timeout(timeout, connect_inner(target, login, epoch, id, registry)).await {
         Ok(r) => r,
@@ -59,7 +60,7 @@ async fn connect_inner(
     epoch: u64,
     id: u64,
     registry: &Servers,
-) -> Result<ServerConn, ProxyError> {
+) -> Result<Box<ServerConn>, ProxyError> {
     let stream = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|source| ProxyError::Connect {
@@ -92,11 +93,11 @@ async fn connect_inner(
                 let now = Instant::now();
                 let local = f.io.local_addr().ok();
                 let entry = registry.register(id, target.addr(), local, key.pid);
-                return Ok(ServerConn {
+                return Ok(Box::new(ServerConn {
                     info: entry.info.clone(),
                     entry,
                     framed: f,
-                    target: target.clone(),
+                    target: Arc::new(target.clone()),
                     key,
                     params,
                     status,
@@ -106,7 +107,7 @@ async fn connect_inner(
                     broken: false,
                     prepared: Default::default(),
                     applied: Default::default(),
-                });
+                }));
             }
             BackendMessage::ErrorResponse(e) => return Err(refused(&e)),
             BackendMessage::NoticeResponse(_) => {}
@@ -223,7 +224,7 @@ fn unexpected(what: &str) -> ProxyError {
 }
 
 /// Sends Terminate and drops the connection.
-pub async fn close(mut conn: ServerConn) {
+pub async fn close(mut conn: Box<ServerConn>) {
     frontend::put_terminate(&mut conn.framed.wbuf);
     let _ = conn.framed.flush().await;
 }

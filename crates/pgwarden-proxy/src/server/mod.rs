@@ -43,7 +43,7 @@ pub struct BackendKey {
 /// A logged-in server connection.
 pub struct ServerConn {
     pub framed: Framed<TcpStream>,
-    pub target: Target,
+    pub target: Arc<Target>,
     pub key: BackendKey,
     /// Every ParameterStatus the server reported, kept current.
     pub params: BTreeMap<String, String>,

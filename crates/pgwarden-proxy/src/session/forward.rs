@@ -15,11 +15,11 @@
 use std::time::{Duration, Instant};
 
 use crate::tls::ClientStream;
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use pgwarden_config::PoolMode;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::ErrorReport;
-use pgwarden_protocol::frame::MAX_MESSAGE;
+use pgwarden_protocol::frame::{message_len, MAX_MESSAGE};
 use pgwarden_protocol::SqlState;
 
 use super::pipeline::{ClientStatements, Context, Pipeline};
@@ -28,7 +28,7 @@ use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
 use crate::framed::Framed;
 use crate::pool::{Lease, Pool, Usage};
-use crate::registry::{ClientInfo, KillReason};
+use crate::registry::{ClientInfo, KillReason, KillWatch};
 use crate::server::simple_query;
 use crate::topology::Topology;
 
@@ -135,14 +135,18 @@ impl Forwarder<'_> {
     async fn relay(&mut self, lease: &mut Option<Lease>, c: &mut Client) -> Result<(), ProxyError> {
         let capacity = self.capacity();
         let cache = &self.pool.statements;
+        let me = self.me;
+        // Registered once for the whole session, not once per wait.
+        let mut shutdown = me.kill.watch(KillReason::Shutdown);
+        let mut admin_kill = me.kill.watch(KillReason::Admin);
         loop {
             if lease.is_none() {
                 // Idle: wait for the client to need a server.
-                let frame = self.next_needing_server(c).await?;
+                let frame = self.next_needing_server(c, &mut shutdown).await?;
                 if frame[0] == b'X' {
                     return Ok(());
                 }
-                let l = match self.checkout().await {
+                let l = match self.checkout(&mut shutdown).await {
                     Ok(l) => l,
                     Err(ProxyError::CancelledWaiting) => {
                         self.answer_cancelled(&frame).await?;
@@ -186,21 +190,40 @@ impl Forwarder<'_> {
                 _ => None,
             };
             tokio::select! {
-                r = self.client.fill() => r?,
+                biased;
                 r = conn.framed.fill() => r?,
-                _ = self.me.kill.raised(KillReason::Admin) => return Err(ProxyError::Killed),
+                r = self.client.fill() => r?,
+                _ = &mut admin_kill => return Err(ProxyError::Killed),
                 _ = sleep_or_never(idle_in_tx) => {
                     return Err(ProxyError::IdleInTransaction(idle_in_tx.unwrap_or_default()));
                 }
             }
-            while let Some(frame) = conn.framed.buffered(MAX_MESSAGE)? {
-                c.count_response(&frame);
+            // Server messages are handled where they lie in the read buffer (taken out of the
+            // connection meanwhile), and the buffer is advanced past them once.
+            let mut rbuf = std::mem::take(&mut conn.framed.rbuf);
+            let mut at = 0;
+            let mut received = Ok(());
+            while received.is_ok() {
+                let n = match message_len(&rbuf[at..], MAX_MESSAGE) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) => {
+                        received = Err(ProxyError::ServerProtocol(e));
+                        break;
+                    }
+                };
+                let frame = &rbuf[at..at + n];
+                at += n;
+                c.count_response(frame);
                 let (pipeline, mut cx) = c.cx(cache, capacity);
-                if let Err(e) = pipeline.receive(&frame, conn, &mut cx, &mut self.client.wbuf) {
-                    // Whatever was passed on (e.g. the server's FATAL) reaches the client first.
-                    let _ = self.client.flush().await;
-                    return Err(e);
-                }
+                received = pipeline.receive(frame, conn, &mut cx, &mut self.client.wbuf);
+            }
+            rbuf.advance(at);
+            conn.framed.rbuf = rbuf;
+            if let Err(e) = received {
+                // Whatever was passed on (e.g. the server's FATAL) reaches the client first.
+                let _ = self.client.flush().await;
+                return Err(e);
             }
             // The server goes back before the client is written to: its answer is complete and
             // buffered here, and the next client waiting for a server gets it a write sooner.
@@ -218,12 +241,13 @@ impl Forwarder<'_> {
 
     /// Waits for a server (giving up if the session is told to end, or its query is cancelled,
     /// meanwhile).
-    async fn checkout(&mut self) -> Result<Lease, ProxyError> {
+    async fn checkout(&mut self, shutdown: &mut KillWatch<'_>) -> Result<Lease, ProxyError> {
         self.me.set_waiting();
         self.slot.begin_wait();
         let l = tokio::select! {
+            biased;
             l = self.pool.acquire(self.topology) => l,
-            _ = self.me.kill.raised(KillReason::Shutdown) => Err(self.killed()),
+            _ = shutdown => Err(self.killed()),
             _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
         };
         self.slot.end_wait();
@@ -235,7 +259,7 @@ impl Forwarder<'_> {
             }
         };
         *self.slot.server.lock().await = Some((l.conn.target.clone(), l.conn.key));
-        l.conn.info.set_active(self.me.id);
+        l.conn.info.set_active(self.me.id, self.me.request_us());
         self.me.set_active(l.conn.info.id);
         Ok(l)
     }
@@ -273,7 +297,11 @@ impl Forwarder<'_> {
     /// Reads client messages while no server is attached, answering those that need none (see
     /// [`Pipeline::answer_detached`]), until one needs a server (or is Terminate). A session
     /// told to end ends here, between transactions.
-    async fn next_needing_server(&mut self, c: &mut Client) -> Result<Bytes, ProxyError> {
+    async fn next_needing_server(
+        &mut self,
+        c: &mut Client,
+        shutdown: &mut KillWatch<'_>,
+    ) -> Result<Bytes, ProxyError> {
         let capacity = self.capacity();
         loop {
             if self.me.kill.reason().is_some() {
@@ -285,11 +313,12 @@ impl Forwarder<'_> {
                 None => {
                     self.client.flush().await?;
                     tokio::select! {
+                        biased;
                         f = async {
                             self.client.wait_idle().await?;
                             self.client.read_frame(MAX_MESSAGE).await
                         } => f?,
-                        _ = self.me.kill.raised(KillReason::Shutdown) => continue,
+                        _ = &mut *shutdown => continue,
                     }
                 }
             };

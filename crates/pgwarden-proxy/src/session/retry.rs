@@ -35,6 +35,9 @@ struct Batch {
 #[derive(Debug, Default)]
 pub struct Batches {
     queue: VecDeque<Batch>,
+    /// A finished batch's frame list, kept for the next batch (one allocation per session,
+    /// not one per transaction).
+    spare: Vec<Bytes>,
 }
 
 /// A batch to send again, and the statement to prepare anew first.
@@ -49,7 +52,10 @@ impl Batches {
             return;
         }
         if self.queue.back().map_or(true, |b| b.closed) {
-            self.queue.push_back(Batch::default());
+            self.queue.push_back(Batch {
+                frames: std::mem::take(&mut self.spare),
+                ..Batch::default()
+            });
         }
         let b = self.queue.back_mut().expect("just ensured");
         b.frames.push(frame.clone());
@@ -65,7 +71,12 @@ impl Batches {
 
     /// The ReadyForQuery of the oldest batch arrived.
     pub fn done(&mut self) {
-        self.queue.pop_front();
+        if let Some(mut b) = self.queue.pop_front() {
+            if b.frames.capacity() <= 64 {
+                b.frames.clear();
+                self.spare = b.frames;
+            }
+        }
     }
 
     /// Marks the newest batch as a retry (it must not be retried again).

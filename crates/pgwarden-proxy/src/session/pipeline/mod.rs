@@ -100,6 +100,8 @@ pub struct Pipeline {
     portal_effects: HashMap<String, Effect>,
     /// Unanswered extended-protocol batches, for sending one again (transaction mode).
     batches: Batches,
+    /// The query text last classified for session effects, and its effect.
+    last_classified: Option<(String, Effect)>,
     /// Statements of ours whose plan went stale, to close once the batch is over.
     stale: Vec<String>,
     /// The server is in COPY FROM STDIN mode and the client has not ended it yet: a Sync sent
@@ -280,7 +282,7 @@ impl Pipeline {
     /// Handles one server message: what reaches the client goes into `client_out`.
     pub fn receive(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
         client_out: &mut BytesMut,
@@ -446,7 +448,7 @@ impl Pipeline {
     }
 
     /// A response to the message at the front of the queue.
-    fn receive_response(&mut self, tag: u8, frame: &Bytes, client_out: &mut BytesMut) {
+    fn receive_response(&mut self, tag: u8, frame: &[u8], client_out: &mut BytesMut) {
         match self.queue.front() {
             Some(Pending::SwallowTag(t)) if *t == tag => {
                 self.queue.pop_front();
@@ -481,7 +483,7 @@ impl Pipeline {
         &mut self,
         tag: u8,
         body: &[u8],
-        frame: &Bytes,
+        frame: &[u8],
         conn: &mut ServerConn,
         client_out: &mut BytesMut,
     ) -> Result<(), ProxyError> {
@@ -523,7 +525,17 @@ impl Pipeline {
     }
 
     /// Sends the proxy's own answers that are next in line.
+    #[inline]
     pub fn emit_injects(&mut self, status: TxStatus, client_out: &mut BytesMut) {
+        if matches!(
+            self.queue.front(),
+            Some(Pending::Inject { .. } | Pending::InjectQuery { .. } | Pending::CopyEnd)
+        ) {
+            self.emit_injects_now(status, client_out);
+        }
+    }
+
+    fn emit_injects_now(&mut self, status: TxStatus, client_out: &mut BytesMut) {
         loop {
             match self.queue.front() {
                 Some(Pending::Inject { response, .. }) => {

@@ -15,9 +15,29 @@ use crate::error::ProxyError;
 use crate::prepared::{deallocate, Deallocate, Statement};
 use crate::server::ServerConn;
 
+/// The longest query text remembered as the last one classified (a client keeps it while
+/// idle, so it is bounded).
+const REMEMBERED_TEXT: usize = 1024;
+
 impl Pipeline {
     pub(super) fn note_statement(&mut self, name: &str, query: &str) {
-        match classify(query) {
+        // Drivers parse the same text over and over: the last one classified is remembered.
+        let effect = match &self.last_classified {
+            Some((text, e)) if text == query => e.clone(),
+            _ => {
+                let e = classify(query);
+                if query.len() <= REMEMBERED_TEXT {
+                    let (text, last) = self
+                        .last_classified
+                        .get_or_insert_with(|| (String::new(), Effect::None));
+                    text.clear();
+                    text.push_str(query);
+                    *last = e.clone();
+                }
+                e
+            }
+        };
+        match effect {
             Effect::None => {
                 if !self.statement_effects.is_empty() {
                     self.statement_effects.remove(name);
@@ -105,9 +125,10 @@ impl Pipeline {
             Some(e) => {
                 self.portal_effects.insert(b.portal.to_string(), e.clone());
             }
-            None => {
+            None if !self.portal_effects.is_empty() => {
                 self.portal_effects.remove(b.portal);
             }
+            None => {}
         }
         if cx.capacity == 0 || b.statement.is_empty() {
             self.forward_as_is(b'B', frame, conn);
@@ -139,6 +160,11 @@ impl Pipeline {
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
     ) -> Result<(), ProxyError> {
+        // A portal, or the unnamed statement, goes as it is: only a named statement is ours.
+        if body.first() == Some(&b'P') || body == b"S\0" {
+            self.forward_as_is(b'D', frame, conn);
+            return Ok(());
+        }
         match FrontendMessage::parse(b'D', body).map_err(client_protocol)? {
             FrontendMessage::Describe {
                 target: Target::Statement,
@@ -224,6 +250,8 @@ impl Pipeline {
             {
                 return false
             }
+            // A Parse of the unnamed statement always needs a server (its name comes first).
+            b'P' if body.first() == Some(&0) => return false,
             b'P' | b'C' | b'Q' if cx.capacity > 0 => match FrontendMessage::parse(tag, body) {
                 Ok(FrontendMessage::Parse {
                     name,
