@@ -24,3 +24,12 @@ pub async fn check(config: &pgwarden_config::Config) -> ClusterStatus {
     let samples = probe::probe_all(config).await;
     ClusterStatus::build(config, samples, std::time::SystemTime::now())
 }
+
+/// [`check`] with connections kept from one call to the next.
+pub async fn check_with(
+    prober: &mut probe::Prober,
+    config: &pgwarden_config::Config,
+) -> ClusterStatus {
+    let samples = prober.probe_all(config).await;
+    ClusterStatus::build(config, samples, std::time::SystemTime::now())
+}

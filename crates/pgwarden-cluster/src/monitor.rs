@@ -1,6 +1,7 @@
 //! The monitor actor: probes every node each `monitor.interval` and publishes a [`ClusterView`]
 //! over a `watch` channel. Consumers (the proxy, the status API) hold the receiver and never
-//! poll nodes themselves.
+//! poll nodes themselves. It keeps one connection per node between probes (see
+//! [`crate::probe::Prober`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,7 +115,11 @@ pub fn choose_primary(nodes: &[NodeView]) -> Option<usize> {
 /// Starts the monitor on the current runtime. The first view is published before this returns;
 /// the task ends when every receiver is dropped.
 pub async fn spawn(config: Arc<Config>) -> watch::Receiver<Arc<ClusterView>> {
-    let first = Arc::new(ClusterView::from_status(crate::check(&config).await, None));
+    let mut prober = crate::probe::Prober::default();
+    let first = Arc::new(ClusterView::from_status(
+        crate::check_with(&mut prober, &config).await,
+        None,
+    ));
     let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(config.monitor.interval);
@@ -125,7 +130,7 @@ pub async fn spawn(config: Arc<Config>) -> watch::Receiver<Arc<ClusterView>> {
                 _ = tx.closed() => return,
                 _ = tick.tick() => {}
             }
-            let status = crate::check(&config).await;
+            let status = crate::check_with(&mut prober, &config).await;
             let previous = tx.borrow().clone();
             let view = ClusterView::from_status(status, Some(&previous));
             if view.epoch != previous.epoch {

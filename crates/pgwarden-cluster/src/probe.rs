@@ -100,11 +100,68 @@ pub async fn probe_all(config: &Config) -> Vec<NodeSample> {
     futures::future::join_all(probes).await
 }
 
-/// Probes one node within `monitor.timeout`.
+/// Probes one node within `monitor.timeout`, on a connection of its own.
 pub async fn probe(config: &Config, node: &NodeConfig) -> NodeSample {
+    probe_kept(config, node, &mut None).await
+}
+
+/// Probes that keep one connection per node from one round to the next (the monitor's),
+/// instead of logging in every interval: a login costs the node a backend and both sides a
+/// SCRAM exchange (4096 rounds of PBKDF2 each).
+#[derive(Default)]
+pub struct Prober {
+    sessions: Vec<Option<Session>>,
+}
+
+struct Session {
+    client: tokio_postgres::Client,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl Prober {
+    /// Probes every node concurrently, each bounded by `monitor.timeout`.
+    pub async fn probe_all(&mut self, config: &Config) -> Vec<NodeSample> {
+        self.sessions.resize_with(config.nodes.len(), || None);
+        let probes = config
+            .nodes
+            .iter()
+            .zip(self.sessions.iter_mut())
+            .map(|(node, kept)| probe_kept(config, node, kept));
+        futures::future::join_all(probes).await
+    }
+}
+
+/// Probes `node` within `monitor.timeout`, on the kept connection if there is one and it
+/// answers, else on a new one (kept for next time if the probe succeeds). A kept connection
+/// that fails (the node restarted, say) is replaced within the same probe.
+async fn probe_kept(config: &Config, node: &NodeConfig, kept: &mut Option<Session>) -> NodeSample {
     let timeout = config.monitor.timeout;
-    match tokio::time::timeout(timeout, probe_inner(config, node, timeout)).await {
-        Ok(Ok(sample)) => sample,
+    let started = tokio::time::Instant::now();
+    if let Some(s) = kept.take() {
+        if !s.client.is_closed() {
+            if let Ok(Ok(found)) = tokio::time::timeout(timeout, sample(&s.client)).await {
+                *kept = Some(s);
+                return found;
+            }
+        }
+    }
+    let left = timeout.saturating_sub(started.elapsed());
+    let fresh = async {
+        let s = connect(config, node, left).await?;
+        let found = sample(&s.client).await?;
+        Ok::<_, tokio_postgres::Error>((s, found))
+    };
+    match tokio::time::timeout(left, fresh).await {
+        Ok(Ok((s, found))) => {
+            *kept = Some(s);
+            found
+        }
         Ok(Err(e)) => NodeSample::Down(classify(&e)),
         Err(_) => NodeSample::Down(DownReason {
             kind: "timeout".into(),
@@ -117,11 +174,11 @@ pub async fn probe(config: &Config, node: &NodeConfig) -> NodeSample {
     }
 }
 
-async fn probe_inner(
+async fn connect(
     config: &Config,
     node: &NodeConfig,
     timeout: Duration,
-) -> Result<NodeSample, tokio_postgres::Error> {
+) -> Result<Session, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&node.host)
         .port(node.port)
@@ -131,11 +188,10 @@ async fn probe_inner(
         .application_name("pgwarden-monitor")
         .connect_timeout(timeout);
     let (client, conn) = cfg.connect(NoTls).await?;
-    let conn = tokio::spawn(conn);
-    let result = sample(&client).await;
-    drop(client);
-    conn.abort();
-    result
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Session { client, conn })
 }
 
 async fn sample(client: &tokio_postgres::Client) -> Result<NodeSample, tokio_postgres::Error> {

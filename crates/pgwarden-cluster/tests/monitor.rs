@@ -58,3 +58,43 @@ async fn follows_a_promotion_and_bumps_the_epoch_once() {
         .expect("a new view")
         .expect("sender alive");
 }
+
+/// The monitor keeps one connection per node instead of logging in every round, and replaces
+/// a kept connection that broke (the node restarted) within the same probe.
+#[tokio::test]
+async fn probes_reuse_one_connection_per_node_and_survive_a_restart() {
+    let mut cluster = Cluster::builder().build().await;
+    let config = Config::from_toml(&cluster.config_toml(), Path::new("/")).expect("config");
+    let mut prober = pgwarden_cluster::probe::Prober::default();
+    let monitor_backends = "SELECT count(*)::text, coalesce(min(pid), 0)::text \
+        FROM pg_stat_activity WHERE application_name = 'pgwarden-monitor'";
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let samples = prober.probe_all(&config).await;
+        assert!(
+            matches!(
+                samples[0],
+                pgwarden_cluster::probe::NodeSample::Primary { .. }
+            ),
+            "{samples:?}"
+        );
+        let row = &cluster.query(0, monitor_backends).await[0];
+        assert_eq!(row.get::<_, String>(0), "1", "one kept monitor connection");
+        pids.push(row.get::<_, String>(1));
+    }
+    assert!(
+        pids.windows(2).all(|w| w[0] == w[1]),
+        "the same backend: {pids:?}"
+    );
+
+    cluster.stop_node(0).await;
+    cluster.start_node(0).await;
+    let samples = prober.probe_all(&config).await;
+    assert!(
+        matches!(
+            samples[0],
+            pgwarden_cluster::probe::NodeSample::Primary { .. }
+        ),
+        "a broken kept connection is replaced at once: {samples:?}"
+    );
+}

@@ -42,6 +42,15 @@ impl CancelSlot {
         self.waiting.store(false, Ordering::SeqCst);
     }
 
+    /// Names the server now running the client's queries (None: none). Waits while a cancel
+    /// is being forwarded to the previous one.
+    pub async fn set_server(&self, server: Option<(Arc<Target>, BackendKey)>) {
+        match self.server.try_lock() {
+            Ok(mut s) => *s = server,
+            Err(_) => *self.server.lock().await = server,
+        }
+    }
+
     /// Completes when a cancel arrives during the wait.
     pub async fn cancelled(&self) {
         loop {

@@ -267,11 +267,12 @@ impl Pool {
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         let epoch = topology.epoch();
         while let Some(mut conn) = self.pop_idle() {
-            let idle = conn.last_used.elapsed();
+            let now = Instant::now();
+            let idle = now.saturating_duration_since(conn.last_used);
             let fresh = conn.epoch == epoch
                 && idle < settings.idle_timeout
                 && !conn.info.close_needed.load(Ordering::Relaxed)
-                && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE);
+                && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE, now);
             if fresh {
                 return Ok(Lease { conn, permit });
             }
@@ -364,12 +365,13 @@ impl Pool {
     pub fn release(&self, lease: Lease, current_epoch: u64, usage: &Usage) {
         let Lease { mut conn, permit } = lease;
         self.record(usage);
-        conn.last_used = Instant::now();
+        let now = Instant::now();
+        conn.last_used = now;
         conn.info.set_idle();
         let lifetime = self.settings().lifetime;
         if conn.epoch == current_epoch
             && !conn.info.close_needed.load(Ordering::Relaxed)
-            && conn.is_reusable(lifetime, false)
+            && conn.is_reusable(lifetime, false, now)
         {
             self.idle.lock().expect("pool lock").push(conn);
         } else {

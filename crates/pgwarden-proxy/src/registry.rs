@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -28,12 +28,15 @@ pub enum KillReason {
 #[derive(Default)]
 pub struct Kill {
     reason: AtomicU8,
+    /// How many times it was raised: a [`KillWatch`] re-registers only after a raise.
+    raises: AtomicU32,
     notify: Notify,
 }
 
 impl Kill {
     pub fn raise(&self, reason: KillReason) {
         self.reason.fetch_max(reason as u8, Ordering::SeqCst);
+        self.raises.fetch_add(1, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
@@ -58,14 +61,17 @@ impl Kill {
 }
 
 impl Kill {
-    /// Like [`Kill::raised`], for a loop that waits on the signal again and again: the watch
-    /// stays registered between polls (no registering and unregistering per wait), and it can
-    /// be polled again after it completed (it completes again).
+    /// Like [`Kill::raised`], for a loop that waits on the signal again and again in one task:
+    /// the watch registers the task once and then, until the signal is raised, a poll is two
+    /// atomic loads (no lock, no registering and unregistering per wait). It can be polled
+    /// again after it completed (it completes again). It must stay in one task: the waker
+    /// registered first is the one woken.
     pub fn watch(&self, min: KillReason) -> KillWatch<'_> {
         KillWatch {
             kill: self,
             min: min as u8,
             notified: Box::pin(self.notify.notified()),
+            armed_at: None,
         }
     }
 }
@@ -74,6 +80,8 @@ pub struct KillWatch<'a> {
     kill: &'a Kill,
     min: u8,
     notified: Pin<Box<Notified<'a>>>,
+    /// The raise count when `notified` was registered (None: not registered).
+    armed_at: Option<u32>,
 }
 
 impl Future for KillWatch<'_> {
@@ -86,9 +94,16 @@ impl Future for KillWatch<'_> {
             if kill.reason.load(Ordering::SeqCst) >= self.min {
                 return Poll::Ready(());
             }
+            let raises = kill.raises.load(Ordering::SeqCst);
+            if self.armed_at == Some(raises) {
+                return Poll::Pending;
+            }
             match self.notified.as_mut().poll(cx) {
                 Poll::Ready(()) => self.notified.set(kill.notify.notified()),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.armed_at = Some(raises);
+                    return Poll::Pending;
+                }
             }
         }
     }

@@ -200,6 +200,43 @@ async fn garbage_after_login_ends_only_that_session() {
     }
 }
 
+/// The proxy skips decoding a Parse of the unnamed statement whose text it has just seen; a
+/// malformed one with that text is still refused as a protocol violation.
+#[tokio::test]
+async fn a_malformed_repeat_of_the_last_parse_is_still_refused() {
+    let s = setup(0, "").await;
+    let mut c = s.raw(&[]).await;
+    let sql = "SELECT 1";
+    c.parse("", sql)
+        .bind("", "")
+        .execute("")
+        .sync()
+        .flush()
+        .await;
+    let (tags, msgs) = c.until_ready().await;
+    assert_eq!(tags, "12DCZ", "{msgs:?}");
+    // The same text, but the parameter type list claims 3 OIDs and carries one.
+    let mut body = vec![0u8];
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&3i16.to_be_bytes());
+    body.extend_from_slice(&23u32.to_be_bytes());
+    let mut frame = vec![b'P'];
+    frame.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    c.send_bytes(&frame).await;
+    let mut all = Vec::new();
+    let read_all = async {
+        while let Some(m) = c.try_recv().await {
+            all.push(m);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .expect("the session ends");
+    assert_eq!(error_code(&all).as_deref(), Some("08P01"), "{all:?}");
+}
+
 #[tokio::test]
 async fn garbage_in_scram_is_a_protocol_error() {
     let s = setup(0, "").await;

@@ -67,8 +67,11 @@ impl ServerConn {
     /// Whether the connection looks usable without a round trip: not broken, not past its
     /// lifetime, nothing left unread, and with `peek`, nothing unexpected (EOF, an error the
     /// server sent while idle) waiting on the socket.
-    pub fn is_reusable(&mut self, lifetime: Duration, peek: bool) -> bool {
-        if self.broken || self.created.elapsed() > lifetime || self.status != TxStatus::Idle {
+    pub fn is_reusable(&mut self, lifetime: Duration, peek: bool, now: Instant) -> bool {
+        if self.broken
+            || now.saturating_duration_since(self.created) > lifetime
+            || self.status != TxStatus::Idle
+        {
             return false;
         }
         if !self.framed.rbuf.is_empty() {

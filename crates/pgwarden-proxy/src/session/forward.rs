@@ -258,7 +258,9 @@ impl Forwarder<'_> {
                 return Err(e);
             }
         };
-        *self.slot.server.lock().await = Some((l.conn.target.clone(), l.conn.key));
+        self.slot
+            .set_server(Some((l.conn.target.clone(), l.conn.key)))
+            .await;
         l.conn.info.set_active(self.me.id, self.me.request_us());
         self.me.set_active(l.conn.info.id);
         Ok(l)
@@ -333,7 +335,7 @@ impl Forwarder<'_> {
     }
 
     async fn release(&self, lease: Lease, c: &mut Client) {
-        *self.slot.server.lock().await = None;
+        self.slot.set_server(None).await;
         self.me.set_idle();
         self.pool
             .release(lease, self.topology.epoch(), &std::mem::take(&mut c.usage));
@@ -342,7 +344,7 @@ impl Forwarder<'_> {
     /// At the end of a session: a server in a clean state is pooled, reset first if the client
     /// had it to itself (session mode, or pinned); any other is closed, never returned dirty.
     async fn give_back(&self, mut lease: Lease, c: &mut Client) {
-        *self.slot.server.lock().await = None;
+        self.slot.set_server(None).await;
         let usage = std::mem::take(&mut c.usage);
         let clean =
             c.pipeline.settled() && lease.conn.status == TxStatus::Idle && !lease.conn.broken;

@@ -37,6 +37,10 @@ impl Pipeline {
                 e
             }
         };
+        self.set_statement_effect(name, effect);
+    }
+
+    fn set_statement_effect(&mut self, name: &str, effect: Effect) {
         match effect {
             Effect::None => {
                 if !self.statement_effects.is_empty() {
@@ -49,6 +53,21 @@ impl Pipeline {
         }
     }
 
+    /// For the rest of a Parse of the unnamed statement (query, NUL, parameter types): the
+    /// effect of the query if it is the text last classified and the parameter types are well
+    /// formed, so the same text parsed again needs no decoding.
+    fn remembered_effect(&self, rest: &[u8]) -> Option<Effect> {
+        let (text, effect) = self.last_classified.as_ref()?;
+        let t = text.as_bytes();
+        if rest.len() <= t.len() || rest[t.len()] != 0 || &rest[..t.len()] != t {
+            return None;
+        }
+        // count:i16, then count OIDs, and nothing after.
+        let types = &rest[t.len() + 1..];
+        let count = i16::from_be_bytes(types.get(..2)?.try_into().ok()?);
+        (count >= 0 && types.len() == 2 + 4 * count as usize).then(|| effect.clone())
+    }
+
     pub(super) fn send_parse(
         &mut self,
         frame: &Bytes,
@@ -56,6 +75,16 @@ impl Pipeline {
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
     ) -> Result<(), ProxyError> {
+        // The unnamed statement again with the text of last time (what drivers do for each
+        // unprepared query): passed on without decoding; a malformed rest is the server's to
+        // refuse.
+        if body.first() == Some(&0) {
+            if let Some(effect) = self.remembered_effect(&body[1..]) {
+                self.set_statement_effect("", effect);
+                self.forward_as_is(b'P', frame, conn);
+                return Ok(());
+            }
+        }
         let FrontendMessage::Parse {
             name,
             query,
@@ -160,8 +189,8 @@ impl Pipeline {
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
     ) -> Result<(), ProxyError> {
-        // A portal, or the unnamed statement, goes as it is: only a named statement is ours.
-        if body.first() == Some(&b'P') || body == b"S\0" {
+        // The unnamed portal or statement goes as it is: only a named statement is ours.
+        if body == b"P\0" || body == b"S\0" {
             self.forward_as_is(b'D', frame, conn);
             return Ok(());
         }
