@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use crate::tls::ClientStream;
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use pgwarden_config::PoolMode;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::ErrorReport;
@@ -141,15 +141,15 @@ impl Forwarder<'_> {
         let mut admin_kill = me.kill.watch(KillReason::Admin);
         loop {
             if lease.is_none() {
-                // Idle: wait for the client to need a server.
-                let frame = self.next_needing_server(c, &mut shutdown).await?;
-                if frame[0] == b'X' {
+                // Idle: wait for the client to need a server (its message stays buffered).
+                let tag = self.next_needing_server(c, &mut shutdown).await?;
+                if tag == b'X' {
                     return Ok(());
                 }
                 let l = match self.checkout(&mut shutdown).await {
                     Ok(l) => l,
                     Err(ProxyError::CancelledWaiting) => {
-                        self.answer_cancelled(&frame).await?;
+                        self.answer_cancelled().await?;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -158,25 +158,46 @@ impl Forwarder<'_> {
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
                 }
-                c.usage.bytes_received += frame.len() as u64;
-                let (pipeline, mut cx) = c.cx(cache, capacity);
-                pipeline.send(&frame, conn, &mut cx)?;
             }
             let conn = &mut lease.as_mut().expect("a server is attached here").conn;
-            // Everything the client has already sent goes to the server.
-            while let Some(frame) = self.client.buffered(MAX_MESSAGE)? {
+            // Everything the client has already sent goes to the server, handled where it lies
+            // in the read buffer (taken out meanwhile), which is then advanced past it once.
+            let mut rbuf = std::mem::take(&mut self.client.rbuf);
+            let mut at = 0;
+            let mut sent = Ok(false);
+            loop {
+                let n = match message_len(&rbuf[at..], MAX_MESSAGE) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) => {
+                        sent = Err(ProxyError::ClientProtocol(e));
+                        break;
+                    }
+                };
+                let frame = &rbuf[at..at + n];
+                at += n;
                 if frame[0] == b'X' {
-                    conn.framed.flush().await?;
-                    return Ok(());
+                    sent = Ok(true);
+                    break;
                 }
                 if c.session.is_dirty() && c.pipeline.settled() && conn.status == TxStatus::Idle {
                     if let Some(sql) = c.session.sync(&mut conn.applied) {
                         c.pipeline.send_internal(&sql, conn);
                     }
                 }
-                c.usage.bytes_received += frame.len() as u64;
+                c.usage.bytes_received += n as u64;
                 let (pipeline, mut cx) = c.cx(cache, capacity);
-                pipeline.send(&frame, conn, &mut cx)?;
+                if let Err(e) = pipeline.send(frame, conn, &mut cx) {
+                    sent = Err(e);
+                    break;
+                }
+            }
+            rbuf.advance(at);
+            self.client.rbuf = rbuf;
+            if sent? {
+                // Terminate: what was sent before it still goes.
+                conn.framed.flush().await?;
+                return Ok(());
             }
             c.pipeline.emit_injects(conn.status, &mut self.client.wbuf);
             if !conn.framed.wbuf.is_empty() {
@@ -266,9 +287,11 @@ impl Forwarder<'_> {
         Ok(l)
     }
 
-    /// The query whose `frame` waited for a server was cancelled: it fails with 57014 and, in
-    /// the extended protocol, the rest of its batch is skipped up to Sync, as on a server.
-    async fn answer_cancelled(&mut self, frame: &Bytes) -> Result<(), ProxyError> {
+    /// The query that waited for a server (the client's next message, still buffered) was
+    /// cancelled: it fails with 57014 and, in the extended protocol, the rest of its batch is
+    /// skipped up to Sync, as on a server.
+    async fn answer_cancelled(&mut self) -> Result<(), ProxyError> {
+        let frame = self.client.read_frame(MAX_MESSAGE).await?;
         ErrorReport::error(
             SqlState::QUERY_CANCELED,
             "canceling statement due to user request",
@@ -297,40 +320,44 @@ impl Forwarder<'_> {
     }
 
     /// Reads client messages while no server is attached, answering those that need none (see
-    /// [`Pipeline::answer_detached`]), until one needs a server (or is Terminate). A session
-    /// told to end ends here, between transactions.
+    /// [`Pipeline::answer_detached`]), until one needs a server (or is Terminate): that one is
+    /// left complete at the front of the read buffer, and its type returned. A session told to
+    /// end ends here, between transactions.
     async fn next_needing_server(
         &mut self,
         c: &mut Client,
         shutdown: &mut KillWatch<'_>,
-    ) -> Result<Bytes, ProxyError> {
+    ) -> Result<u8, ProxyError> {
         let capacity = self.capacity();
         loop {
             if self.me.kill.reason().is_some() {
                 self.client.flush().await?;
                 return Err(self.killed());
             }
-            let frame = match self.client.buffered(MAX_MESSAGE)? {
-                Some(f) => f,
-                None => {
-                    self.client.flush().await?;
-                    tokio::select! {
-                        biased;
-                        f = async {
-                            self.client.wait_idle().await?;
-                            self.client.read_frame(MAX_MESSAGE).await
-                        } => f?,
-                        _ = &mut *shutdown => continue,
-                    }
+            let client = &mut *self.client;
+            let Some(n) =
+                message_len(&client.rbuf, MAX_MESSAGE).map_err(ProxyError::ClientProtocol)?
+            else {
+                client.flush().await?;
+                tokio::select! {
+                    biased;
+                    r = async {
+                        client.wait_idle().await?;
+                        client.fill().await
+                    } => r?,
+                    _ = &mut *shutdown => {}
                 }
+                continue;
             };
+            let frame = &client.rbuf[..n];
             let local = self.mode == PoolMode::Transaction && {
                 let (pipeline, mut cx) = c.cx(&self.pool.statements, capacity);
-                pipeline.answer_detached(&frame, &mut cx, &mut self.client.wbuf)
+                pipeline.answer_detached(frame, &mut cx, &mut client.wbuf)
             };
             if !local {
-                return Ok(frame);
+                return Ok(frame[0]);
             }
+            client.rbuf.advance(n);
         }
     }
 

@@ -11,8 +11,9 @@
 //! them). Inside an explicit transaction, when the batch had already done something, or without
 //! that Describe, the client gets the error as PostgreSQL would give it.
 //!
-//! For this, [`Batches`] keeps the client's extended-protocol frames of every batch that has
-//! not had its ReadyForQuery yet (clones of `Bytes`, no copies).
+//! For this, [`Batches`] keeps a copy of the client's extended-protocol frames of every batch
+//! that has not had its ReadyForQuery yet (one after another in one buffer, reused from batch to
+//! batch; a batch past [`MAX_KEPT`] bytes is not kept, and so never retried).
 
 use std::collections::VecDeque;
 
@@ -20,9 +21,15 @@ use bytes::Bytes;
 use pgwarden_protocol::backend::BackendMessage;
 use pgwarden_protocol::SqlState;
 
+/// The most bytes of frames kept for one batch.
+pub const MAX_KEPT: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 struct Batch {
-    frames: Vec<Bytes>,
+    /// Its frames, one after another (empty once `oversized`).
+    bytes: Vec<u8>,
+    /// More than [`MAX_KEPT`] bytes: not kept, not retried.
+    oversized: bool,
     /// The batch's Sync has been sent.
     closed: bool,
     /// A Bind of it has completed: the batch is past its first Bind.
@@ -35,9 +42,9 @@ struct Batch {
 #[derive(Debug, Default)]
 pub struct Batches {
     queue: VecDeque<Batch>,
-    /// A finished batch's frame list, kept for the next batch (one allocation per session,
-    /// not one per transaction).
-    spare: Vec<Bytes>,
+    /// A finished batch's buffer, kept for the next batch (one allocation per session, not one
+    /// per transaction).
+    spare: Vec<u8>,
 }
 
 /// A batch to send again, and the statement to prepare anew first.
@@ -45,37 +52,54 @@ pub struct Retry {
     pub frames: Vec<Bytes>,
 }
 
+/// Frames stored one after another.
+fn frames(mut rest: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = u32::from_be_bytes(rest.get(1..5)?.try_into().ok()?) as usize;
+        let (frame, after) = rest.split_at((1 + len).min(rest.len()));
+        rest = after;
+        Some(frame)
+    })
+}
+
 impl Batches {
     /// A client message of type `tag` went to the server.
-    pub fn sent(&mut self, tag: u8, frame: &Bytes) {
+    pub fn sent(&mut self, tag: u8, frame: &[u8]) {
         if !matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') {
             return;
         }
         if self.queue.back().map_or(true, |b| b.closed) {
             self.queue.push_back(Batch {
-                frames: std::mem::take(&mut self.spare),
+                bytes: std::mem::take(&mut self.spare),
                 ..Batch::default()
             });
         }
         let b = self.queue.back_mut().expect("just ensured");
-        b.frames.push(frame.clone());
+        if !b.oversized {
+            if b.bytes.len() + frame.len() > MAX_KEPT {
+                b.oversized = true;
+                b.bytes = Vec::new();
+            } else {
+                b.bytes.extend_from_slice(frame);
+            }
+        }
         b.closed = tag == b'S';
+    }
+
+    /// The ReadyForQuery of the oldest batch arrived.
+    pub fn done(&mut self) {
+        if let Some(mut b) = self.queue.pop_front() {
+            if b.bytes.capacity() <= 16 * 1024 {
+                b.bytes.clear();
+                self.spare = b.bytes;
+            }
+        }
     }
 
     /// A Bind completed.
     pub fn bound(&mut self) {
         if let Some(b) = self.queue.front_mut() {
             b.bound = true;
-        }
-    }
-
-    /// The ReadyForQuery of the oldest batch arrived.
-    pub fn done(&mut self) {
-        if let Some(mut b) = self.queue.pop_front() {
-            if b.frames.capacity() <= 64 {
-                b.frames.clear();
-                self.spare = b.frames;
-            }
         }
     }
 
@@ -95,15 +119,16 @@ impl Batches {
             return None;
         }
         let b = self.queue.front()?;
-        if !idle_before || b.bound || b.retried || !b.closed {
+        if !idle_before || b.bound || b.retried || !b.closed || b.oversized {
             return None;
         }
-        let first = b.frames.iter().position(|f| match failed {
+        let all: Vec<&[u8]> = frames(&b.bytes).collect();
+        let first = all.iter().position(|f| match failed {
             b'D' => f[0] == b'D' && f.get(5) == Some(&b'S'),
             t => f[0] == t,
         })?;
         // Nothing that runs may come before it (only Parse/Describe/Close/Flush).
-        if b.frames[..first]
+        if all[..first]
             .iter()
             .any(|f| matches!(f[0], b'B' | b'E' | b'Q' | b'F'))
         {
@@ -113,7 +138,7 @@ impl Batches {
             // The client must learn the new result shape: a Describe of the portal before the
             // first Execute (libpq always sends one). A driver that decodes rows with a
             // description it cached would misread them, so it gets the error instead.
-            let after = &b.frames[first + 1..];
+            let after = &all[first + 1..];
             let execute = after
                 .iter()
                 .position(|f| f[0] == b'E')
@@ -125,10 +150,14 @@ impl Batches {
                 return None;
             }
         }
-        let b = self.queue.pop_front().expect("front exists");
-        Some(Retry {
-            frames: b.frames[first..].to_vec(),
-        })
+        let retry = Retry {
+            frames: all[first..]
+                .iter()
+                .map(|f| Bytes::copy_from_slice(f))
+                .collect(),
+        };
+        self.queue.pop_front();
+        Some(retry)
     }
 }
 
@@ -207,6 +236,24 @@ mod tests {
         let mut b = Batches::default();
         send(&mut b, b"BDE");
         assert!(b.take_retry(b'B', true).is_none());
+    }
+
+    #[test]
+    fn an_oversized_batch_is_not_kept_nor_retried() {
+        let mut b = Batches::default();
+        let len = (MAX_KEPT + 10) as u32;
+        let mut big = vec![b'B'];
+        big.extend_from_slice(&len.to_be_bytes());
+        big.resize(1 + len as usize, 0);
+        b.sent(b'B', &big);
+        send(&mut b, b"DES");
+        assert!(b.take_retry(b'B', true).is_none());
+        b.done();
+        send(&mut b, b"BDES");
+        let r = b
+            .take_retry(b'B', true)
+            .expect("the next batch is kept again");
+        assert_eq!(r.frames.len(), 4);
     }
 
     #[test]

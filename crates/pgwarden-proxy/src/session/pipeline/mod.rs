@@ -143,7 +143,7 @@ impl Pipeline {
     /// Sends a client message to `conn`, rewritten as needed.
     pub fn send(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
     ) -> Result<(), ProxyError> {
@@ -196,7 +196,7 @@ impl Pipeline {
 
     fn send_query(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         body: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
@@ -246,7 +246,7 @@ impl Pipeline {
 
     fn send_execute(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         body: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
@@ -272,7 +272,7 @@ impl Pipeline {
         Ok(())
     }
 
-    fn forward_as_is(&mut self, tag: u8, frame: &Bytes, conn: &mut ServerConn) {
+    fn forward_as_is(&mut self, tag: u8, frame: &[u8], conn: &mut ServerConn) {
         conn.framed.wbuf.extend_from_slice(frame);
         if answers(tag) {
             self.queue.push_back(Pending::forward(tag));

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::frame::split;
 use pgwarden_protocol::frontend::{self, FrontendMessage, Target};
@@ -70,7 +70,7 @@ impl Pipeline {
 
     pub(super) fn send_parse(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         body: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
@@ -136,7 +136,7 @@ impl Pipeline {
 
     pub(super) fn send_bind(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         body: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
@@ -184,7 +184,7 @@ impl Pipeline {
 
     pub(super) fn send_describe(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         body: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
@@ -222,7 +222,7 @@ impl Pipeline {
 
     pub(super) fn send_close(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         body: &[u8],
         conn: &mut ServerConn,
         cx: &mut Context<'_>,
@@ -259,7 +259,7 @@ impl Pipeline {
     /// server, so the status is idle).
     pub fn answer_detached(
         &mut self,
-        frame: &Bytes,
+        frame: &[u8],
         cx: &mut Context<'_>,
         client_out: &mut BytesMut,
     ) -> bool {
