@@ -4,14 +4,19 @@
 # runs. Prints tps, average latency, the proxy's CPU seconds per 10,000 transactions, and ratios to
 # PgBouncer. Not a test: numbers depend on the machine.
 #
-#   bench/proxy.sh [-T seconds] [-c "1 16 64 256"] [-M "simple extended prepared"] [-s scale]
+#   bench/proxy.sh [-T seconds per run] [-r rounds] [-c "1 16 64 256"]
+#                  [-M "simple extended prepared"] [-s scale]
 #                  [-w proxy worker threads: 1 (default, like PgBouncer's one thread) or more]
+#
+# Each cell is the median of -r rounds (default 3) that alternate which proxy runs first; runs
+# of the same setup on a small VM vary by ±20%, so single runs cannot settle 10% differences.
+# The last column is the range of the per-round tps ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-T=10; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=1
-while getopts "T:c:M:s:w:" o; do
-  case $o in T) T=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; w) WORKERS=$OPTARG;; *) exit 2;; esac
+T=6; ROUNDS=3; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=1
+while getopts "T:r:c:M:s:w:" o; do
+  case $o in T) T=$OPTARG;; r) ROUNDS=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; w) WORKERS=$OPTARG;; *) exit 2;; esac
 done
 
 command -v pgbouncer >/dev/null || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
@@ -115,18 +120,40 @@ run() { # target mode clients -> "tps latency_ms cpu_s_per_10k"
   echo "$tps $lat $cpu"
 }
 
-printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s\n" \
-  mode clients direct_tps lat_ms bouncer_tps lat_ms cpu/10k pgw_tps lat_ms cpu/10k tps_x cpu_x
+median() { # values (n/a ignored) -> median, or n/a
+  printf "%s\n" "$@" | { grep -v '^n/a$' || true; } | sort -g |
+    awk '{a[NR]=$1} END{ if (NR == 0) print "n/a"; else if (NR % 2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
+
+printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s %11s\n" \
+  mode clients direct_tps lat_ms bouncer_tps lat_ms cpu/10k pgw_tps lat_ms cpu/10k tps_x cpu_x tps_x_range
 for mode in $MODES; do
   for c in $CLIENTS; do
-    # Alternate the order so neither proxy always runs on a warmer cache.
-    read -r dt dl _ < <(run direct "$mode" "$c")
-    read -r wt wl wc < <(run pgwarden "$mode" "$c")
-    read -r bt bl bc < <(run pgbouncer "$mode" "$c")
-    if [ "$mode" = prepared ]; then bt=n/a; bl=n/a; bc=n/a; fi   # PgBouncer 1.18: no prepared statements in transaction mode
-    ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
-    printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s\n" \
-      "$mode" "$c" "$dt" "$dl" "$bt" "$bl" "$bc" "$wt" "$wl" "$wc" "$(ratio "$wt" "$bt")" "$(ratio "$wc" "$bc")"
+    DT=(); DL=(); WT=(); WL=(); WC=(); BT=(); BL=(); BC=(); XR=()
+    for r in $(seq "$ROUNDS"); do
+      read -r dt dl _ < <(run direct "$mode" "$c")
+      # Alternate the order so neither proxy always runs first.
+      if [ "$mode" = prepared ]; then
+        # PgBouncer 1.18 cannot do prepared statements in transaction mode.
+        read -r wt wl wc < <(run pgwarden "$mode" "$c"); bt=n/a; bl=n/a; bc=n/a
+      elif [ $((r % 2)) -eq 1 ]; then
+        read -r wt wl wc < <(run pgwarden "$mode" "$c")
+        read -r bt bl bc < <(run pgbouncer "$mode" "$c")
+      else
+        read -r bt bl bc < <(run pgbouncer "$mode" "$c")
+        read -r wt wl wc < <(run pgwarden "$mode" "$c")
+      fi
+      DT+=("$dt"); DL+=("$dl"); WT+=("$wt"); WL+=("$wl"); WC+=("$wc"); BT+=("$bt"); BL+=("$bl"); BC+=("$bc")
+      XR+=("$(ratio "$wt" "$bt")")
+    done
+    dt=$(median "${DT[@]}"); dl=$(median "${DL[@]}"); wt=$(median "${WT[@]}"); wl=$(median "${WL[@]}")
+    wc=$(median "${WC[@]}"); bt=$(median "${BT[@]}"); bl=$(median "${BL[@]}"); bc=$(median "${BC[@]}")
+    range=$(printf "%s\n" "${XR[@]}" | { grep -v '^-$' || true; } | sort -g | awk 'NR==1{lo=$1} {hi=$1} END{ if (NR) printf "%s-%s", lo, hi; else print "-" }')
+    num() { if [ "$1" = n/a ]; then echo n/a; else printf "%.0f" "$1"; fi; }
+    printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s %11s\n" \
+      "$mode" "$c" "$(num "$dt")" "$dl" "$(num "$bt")" "$bl" "$bc" "$(num "$wt")" "$wl" "$wc" \
+      "$(ratio "$wt" "$bt")" "$(ratio "$wc" "$bc")" "$range"
   done
 done
 

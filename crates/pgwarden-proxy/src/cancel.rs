@@ -2,13 +2,14 @@
 //!
 //! Each client gets its own BackendKeyData from the proxy. While a client holds a server
 //! connection, its slot names that server's key. A cancel request is forwarded only to that
-//! server, and the slot's lock is held until the server has taken the request; a session clears
-//! its slot (taking the same lock) before giving the server back to the pool. So a cancel never
-//! reaches a server that has since been handed to another client. A cancel that comes while the
-//! client waits for a server ends the wait: its query fails with 57014, as a running one would.
+//! server, and counts as in flight until the server has taken it; a session clears its slot
+//! before giving the server back to the pool, and waits for cancels in flight first (both under
+//! the slot's lock, so neither misses the other). So a cancel never reaches a server that has
+//! since been handed to another client. A cancel that comes while the client waits for a
+//! server ends the wait: its query fails with 57014, as a running one would.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,10 @@ use crate::server::{BackendKey, Target};
 
 #[derive(Default)]
 pub struct CancelSlot {
-    pub server: tokio::sync::Mutex<Option<(Arc<Target>, BackendKey)>>,
+    server: Mutex<Option<(Arc<Target>, BackendKey)>>,
+    /// Cancels taken from `server` and not yet delivered.
+    in_flight: AtomicUsize,
+    delivered: Notify,
     /// The session is waiting for a server: a cancel then ends the wait (the query is answered
     /// with 57014 as PostgreSQL would), instead of letting it run once a server frees up.
     waiting: AtomicBool,
@@ -45,9 +49,16 @@ impl CancelSlot {
     /// Names the server now running the client's queries (None: none). Waits while a cancel
     /// is being forwarded to the previous one.
     pub async fn set_server(&self, server: Option<(Arc<Target>, BackendKey)>) {
-        match self.server.try_lock() {
-            Ok(mut s) => *s = server,
-            Err(_) => *self.server.lock().await = server,
+        loop {
+            let delivered = self.delivered.notified();
+            {
+                let mut s = self.server.lock().expect("cancel slot lock");
+                if self.in_flight.load(Ordering::SeqCst) == 0 {
+                    *s = server;
+                    return;
+                }
+            }
+            delivered.await;
         }
     }
 
@@ -131,21 +142,42 @@ impl CancelMap {
                 }
             }
         };
-        let guard = slot.server.lock().await;
-        match guard.as_ref() {
-            Some((target, key)) => {
-                let sent = tokio::time::timeout(timeout, send_cancel(target, *key)).await;
-                if sent.is_err() {
-                    tracing::warn!(server = %target.addr(), "cancel request timed out");
+        let to = {
+            let server = slot.server.lock().expect("cancel slot lock");
+            match server.as_ref() {
+                Some(to) => {
+                    slot.in_flight.fetch_add(1, Ordering::SeqCst);
+                    Some(to.clone())
+                }
+                None => {
+                    if slot.waiting.load(Ordering::SeqCst) {
+                        slot.requested.store(true, Ordering::SeqCst);
+                        slot.wake.notify_waiters();
+                    }
+                    None
                 }
             }
-            None if slot.waiting.load(Ordering::SeqCst) => {
-                slot.requested.store(true, Ordering::SeqCst);
-                slot.wake.notify_waiters();
-            }
-            None => {}
+        };
+        let Some((target, key)) = to else {
+            return;
+        };
+        // Delivered (or given up) however this ends, even if this task is dropped.
+        let _in_flight = InFlight(&slot);
+        let sent = tokio::time::timeout(timeout, send_cancel(&target, key)).await;
+        if sent.is_err() {
+            tracing::warn!(server = %target.addr(), "cancel request timed out");
         }
-        drop(guard);
+    }
+}
+
+/// A cancel counted in its slot's `in_flight` until dropped.
+struct InFlight<'a>(&'a CancelSlot);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.delivered.notify_waiters();
+        }
     }
 }
 

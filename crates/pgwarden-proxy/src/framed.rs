@@ -1,6 +1,6 @@
 //! A socket with a read buffer and a write buffer, speaking whole frames.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgwarden_protocol::frame;
 use pgwarden_protocol::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,7 +27,18 @@ const CLIENT_READ: usize = 2 * 1024;
 /// Buffer space an idle client may keep (more is given back).
 const IDLE_KEEP: usize = 4 * 1024;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+/// A write that never waits (`WouldBlock` when it would): for flushing without a future.
+pub trait TryWrite {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+impl TryWrite for tokio::net::TcpStream {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::net::TcpStream::try_write(self, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + TryWrite + Unpin> Framed<S> {
     /// Server connections start with buffers of a read's size; clients start with none (most of
     /// them are idle most of the time: see [`Framed::wait_idle`]).
     pub fn new(io: S, side: Side) -> Self {
@@ -124,6 +135,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub async fn flush(&mut self) -> Result<(), ProxyError> {
         if self.wbuf.is_empty() {
             return Ok(());
+        }
+        // Usually the socket takes it all at once: no future to set up.
+        match self.io.try_write(&self.wbuf) {
+            Ok(n) if n == self.wbuf.len() => {
+                self.wbuf.clear();
+                return Ok(());
+            }
+            Ok(n) => self.wbuf.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                self.wbuf.clear();
+                return Err(self.io_err(e));
+            }
         }
         let mut r = self.io.write_all(&self.wbuf).await;
         if r.is_ok() {

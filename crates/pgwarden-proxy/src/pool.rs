@@ -269,7 +269,7 @@ impl Pool {
         while let Some(mut conn) = self.pop_idle() {
             let now = Instant::now();
             let idle = now.saturating_duration_since(conn.last_used);
-            let fresh = conn.epoch == epoch
+            let fresh = conn.epoch >= epoch
                 && idle < settings.idle_timeout
                 && !conn.info.close_needed.load(Ordering::Relaxed)
                 && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE, now);
@@ -369,7 +369,7 @@ impl Pool {
         conn.last_used = now;
         conn.info.set_idle();
         let lifetime = self.settings().lifetime;
-        if conn.epoch == current_epoch
+        if conn.epoch >= current_epoch
             && !conn.info.close_needed.load(Ordering::Relaxed)
             && conn.is_reusable(lifetime, false, now)
         {
@@ -426,7 +426,7 @@ impl Pool {
         let epoch = topology.epoch();
         let mut idle = self.idle.lock().expect("pool lock");
         let (keep, old): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-            c.epoch == epoch
+            c.epoch >= epoch
                 && c.last_used.elapsed() < settings.idle_timeout
                 && c.created.elapsed() < settings.lifetime
         });

@@ -62,6 +62,16 @@ pub enum ClientStream {
     Upgrading,
 }
 
+impl crate::framed::TryWrite for ClientStream {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Plain(s) => s.try_write(buf),
+            // TLS buffers records of its own: always through its writer.
+            _ => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
 impl ClientStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientStream::Tls(_))

@@ -1,5 +1,6 @@
 //! Where writes go: the proxy's reading of the monitor's [`ClusterView`]s.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +13,27 @@ use crate::server::Target;
 #[derive(Clone)]
 pub struct Topology {
     rx: watch::Receiver<Arc<ClusterView>>,
+    /// The current view's epoch, kept by a task that follows the views: read on every checkout
+    /// and release, so an atomic load instead of the watch channel's lock.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Topology {
+    /// Follows the views `rx` brings (a task on the current runtime keeps the epoch).
     pub fn new(rx: watch::Receiver<Arc<ClusterView>>) -> Self {
-        Self { rx }
+        let epoch = Arc::new(AtomicU64::new(rx.borrow().epoch));
+        let (mut follow, kept) = (rx.clone(), epoch.clone());
+        tokio::spawn(async move {
+            while follow.changed().await.is_ok() {
+                let e = follow.borrow_and_update().epoch;
+                kept.store(e, Ordering::Release);
+            }
+        });
+        Self { rx, epoch }
     }
 
     pub fn epoch(&self) -> u64 {
-        self.rx.borrow().epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     pub fn view(&self) -> Arc<ClusterView> {

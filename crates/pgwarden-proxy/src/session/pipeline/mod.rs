@@ -287,6 +287,12 @@ impl Pipeline {
         cx: &mut Context<'_>,
         client_out: &mut BytesMut,
     ) -> Result<(), ProxyError> {
+        // The bulk of a result: a DataRow answering a client's Execute or query goes straight
+        // through (it completes nothing and changes nothing).
+        if frame[0] == b'D' && matches!(self.queue.front(), Some(Pending::Forward { .. })) {
+            client_out.extend_from_slice(frame);
+            return Ok(());
+        }
         self.emit_injects(conn.status, client_out);
         let (tag, body) = split(frame);
         if let Some(Pending::Internal { .. }) = self.queue.front() {
