@@ -92,13 +92,17 @@ impl<S: AsyncRead + AsyncWrite + TryWrite + Unpin> Framed<S> {
 
     /// Reads once more from the socket (cancel safe: nothing is lost if the future is dropped).
     pub async fn fill(&mut self) -> Result<(), ProxyError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 512 {
+        let floor = match self.side {
+            Side::Client => CLIENT_READ.max(self.rbuf.capacity().min(READ_CHUNK)),
+            Side::Server => READ_CHUNK,
+        };
+        if self.rbuf.is_empty() && self.rbuf.capacity() < floor {
+            // Everything read was consumed: read into the start of the buffer again (the same
+            // memory every time, warm in the cache) rather than on along it.
+            self.rbuf.reserve(floor);
+        } else if self.rbuf.capacity() - self.rbuf.len() < 512 {
             // Reserve for what is announced (capped: the length was already checked), else grow
             // geometrically from a small start for clients, a full read for servers.
-            let floor = match self.side {
-                Side::Client => CLIENT_READ.max(self.rbuf.capacity().min(READ_CHUNK)),
-                Side::Server => READ_CHUNK,
-            };
             let want = frame::missing(&self.rbuf)
                 .unwrap_or(0)
                 .clamp(floor, 1 << 20);
