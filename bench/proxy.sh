@@ -24,7 +24,8 @@ cargo build --release -q -p pgwarden-cli
 PGW=$PWD/target/release/pgwarden
 BIN=$(dirname "$(readlink -f "$(ls /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -1)")")
 WORK=$(mktemp -d /tmp/pgwarden-bench.XXXXXX); chmod 755 "$WORK"
-PG_PORT=57432; BOUNCER_PORT=57532; PGW_PORT=57533; DEMO_PROXY_PORT=57534
+# Below the ephemeral port range (32768-60999), so no outgoing connection can hold them.
+PG_PORT=27432; BOUNCER_PORT=27532; PGW_PORT=27533; DEMO_PROXY_PORT=27534
 
 cleanup() {
   [ -n "${PGW_PID:-}" ] && kill "$PGW_PID" 2>/dev/null || true
