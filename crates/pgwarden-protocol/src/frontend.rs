@@ -91,10 +91,7 @@ impl<'a> FrontendMessage<'a> {
                 let name = c.cstr()?;
                 let query = c.cstr()?;
                 let param_types = c.rest();
-                let mut t = Cursor::new(param_types, "Parse message");
-                let n = t.count(4)?;
-                t.bytes(n * 4)?;
-                t.finish()?;
+                check_param_types(param_types)?;
                 FrontendMessage::Parse {
                     name,
                     query,
@@ -208,6 +205,15 @@ fn format_code(f: i16) -> Result<(), ProtocolError> {
 }
 
 /// A SASLInitialResponse: the mechanism and the client-first message (`None` if absent).
+/// Checks the parameter-type list that ends a Parse body: `count:i16`, then `count` OIDs, and
+/// nothing after.
+pub fn check_param_types(param_types: &[u8]) -> Result<(), ProtocolError> {
+    let mut t = Cursor::new(param_types, "Parse message");
+    let n = t.count(4)?;
+    t.bytes(n * 4)?;
+    t.finish()
+}
+
 pub fn parse_sasl_initial(body: &[u8]) -> Result<(&str, Option<&[u8]>), ProtocolError> {
     let mut c = Cursor::new(body, "SASLInitialResponse message");
     let mechanism = c.cstr()?;

@@ -27,6 +27,40 @@ const CLIENT_READ: usize = 2 * 1024;
 /// Buffer space an idle client may keep (more is given back).
 const IDLE_KEEP: usize = 4 * 1024;
 
+/// Hands each complete message at the front of `buf` to `each` where it lies (no copy, no
+/// split), then advances `buf` past every message handed over, including the one that stopped
+/// the loop. `each` returns true to stop early; a malformed length is `bad_length`'s error.
+/// The caller takes `buf` out of its connection first, so `each` may use the connection.
+pub fn each_message(
+    buf: &mut BytesMut,
+    bad_length: fn(ProtocolError) -> ProxyError,
+    mut each: impl FnMut(&[u8]) -> Result<bool, ProxyError>,
+) -> Result<bool, ProxyError> {
+    let mut at = 0;
+    let mut outcome = Ok(false);
+    loop {
+        let n = match frame::message_len(&buf[at..], frame::MAX_MESSAGE) {
+            Ok(Some(n)) => n,
+            Ok(None) => break,
+            Err(e) => {
+                outcome = Err(bad_length(e));
+                break;
+            }
+        };
+        let message = &buf[at..at + n];
+        at += n;
+        match each(message) {
+            Ok(false) => {}
+            stop => {
+                outcome = stop;
+                break;
+            }
+        }
+    }
+    buf.advance(at);
+    outcome
+}
+
 /// A write that never waits (`WouldBlock` when it would): for flushing without a future.
 pub trait TryWrite {
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;

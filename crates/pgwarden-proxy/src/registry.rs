@@ -50,13 +50,7 @@ impl Kill {
 
     /// Completes once the signal is at least `min`.
     pub async fn raised(&self, min: KillReason) {
-        loop {
-            let notified = self.notify.notified();
-            if self.reason.load(Ordering::SeqCst) >= min as u8 {
-                return;
-            }
-            notified.await;
-        }
+        self.watch(min).await
     }
 }
 

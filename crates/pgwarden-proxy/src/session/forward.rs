@@ -26,7 +26,7 @@ use super::pipeline::{ClientStatements, Context, Pipeline};
 use super::state::SessionState;
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
-use crate::framed::Framed;
+use crate::framed::{each_message, Framed};
 use crate::pool::{Lease, Pool, Usage};
 use crate::registry::{ClientInfo, KillReason, KillWatch};
 use crate::server::simple_query;
@@ -161,38 +161,21 @@ impl Forwarder<'_> {
             }
             let conn = &mut lease.as_mut().expect("a server is attached here").conn;
             // Everything the client has already sent goes to the server, handled where it lies
-            // in the read buffer (taken out meanwhile), which is then advanced past it once.
+            // in the read buffer (taken out meanwhile). Terminate stops it.
             let mut rbuf = std::mem::take(&mut self.client.rbuf);
-            let mut at = 0;
-            let mut sent = Ok(false);
-            loop {
-                let n = match message_len(&rbuf[at..], MAX_MESSAGE) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => break,
-                    Err(e) => {
-                        sent = Err(ProxyError::ClientProtocol(e));
-                        break;
-                    }
-                };
-                let frame = &rbuf[at..at + n];
-                at += n;
+            let sent = each_message(&mut rbuf, ProxyError::ClientProtocol, |frame| {
                 if frame[0] == b'X' {
-                    sent = Ok(true);
-                    break;
+                    return Ok(true);
                 }
                 if c.session.is_dirty() && c.pipeline.settled() && conn.status == TxStatus::Idle {
                     if let Some(sql) = c.session.sync(&mut conn.applied) {
                         c.pipeline.send_internal(&sql, conn);
                     }
                 }
-                c.usage.bytes_received += n as u64;
+                c.usage.bytes_received += frame.len() as u64;
                 let (pipeline, mut cx) = c.cx(cache, capacity);
-                if let Err(e) = pipeline.send(frame, conn, &mut cx) {
-                    sent = Err(e);
-                    break;
-                }
-            }
-            rbuf.advance(at);
+                pipeline.send(frame, conn, &mut cx).map(|()| false)
+            });
             self.client.rbuf = rbuf;
             if sent? {
                 // Terminate: what was sent before it still goes.
@@ -220,26 +203,15 @@ impl Forwarder<'_> {
                 }
             }
             // Server messages are handled where they lie in the read buffer (taken out of the
-            // connection meanwhile), and the buffer is advanced past them once.
+            // connection meanwhile).
             let mut rbuf = std::mem::take(&mut conn.framed.rbuf);
-            let mut at = 0;
-            let mut received = Ok(());
-            while received.is_ok() {
-                let n = match message_len(&rbuf[at..], MAX_MESSAGE) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => break,
-                    Err(e) => {
-                        received = Err(ProxyError::ServerProtocol(e));
-                        break;
-                    }
-                };
-                let frame = &rbuf[at..at + n];
-                at += n;
+            let received = each_message(&mut rbuf, ProxyError::ServerProtocol, |frame| {
                 c.count_response(frame);
                 let (pipeline, mut cx) = c.cx(cache, capacity);
-                received = pipeline.receive(frame, conn, &mut cx, &mut self.client.wbuf);
-            }
-            rbuf.advance(at);
+                pipeline
+                    .receive(frame, conn, &mut cx, &mut self.client.wbuf)
+                    .map(|()| false)
+            });
             conn.framed.rbuf = rbuf;
             if let Err(e) = received {
                 // Whatever was passed on (e.g. the server's FATAL) reaches the client first.

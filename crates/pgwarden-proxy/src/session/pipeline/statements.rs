@@ -62,10 +62,9 @@ impl Pipeline {
         if rest.len() <= t.len() || rest[t.len()] != 0 || &rest[..t.len()] != t {
             return None;
         }
-        // count:i16, then count OIDs, and nothing after.
-        let types = &rest[t.len() + 1..];
-        let count = i16::from_be_bytes(types.get(..2)?.try_into().ok()?);
-        (count >= 0 && types.len() == 2 + 4 * count as usize).then(|| effect.clone())
+        frontend::check_param_types(&rest[t.len() + 1..])
+            .ok()
+            .map(|()| effect.clone())
     }
 
     pub(super) fn send_parse(
@@ -76,8 +75,8 @@ impl Pipeline {
         cx: &mut Context<'_>,
     ) -> Result<(), ProxyError> {
         // The unnamed statement again with the text of last time (what drivers do for each
-        // unprepared query): passed on without decoding; a malformed rest is the server's to
-        // refuse.
+        // unprepared query): passed on without decoding the text again (its parameter types
+        // are still checked; anything malformed takes the full decoding below).
         if body.first() == Some(&0) {
             if let Some(effect) = self.remembered_effect(&body[1..]) {
                 self.set_statement_effect("", effect);
