@@ -44,9 +44,10 @@ pub enum BackendMessage<'a> {
         pid: i32,
         secret: i32,
     },
+    /// In the client's encoding (a value may not be UTF-8): see [`Cursor::cstr_lossy`].
     ParameterStatus {
-        name: &'a str,
-        value: &'a str,
+        name: std::borrow::Cow<'a, str>,
+        value: std::borrow::Cow<'a, str>,
     },
     ReadyForQuery(TxStatus),
     ErrorResponse(ErrorFields<'a>),
@@ -86,7 +87,7 @@ impl<'a> BackendMessage<'a> {
             }
             b'S' => {
                 let mut c = Cursor::new(body, "ParameterStatus message");
-                let (name, value) = (c.cstr()?, c.cstr()?);
+                let (name, value) = (c.cstr_lossy()?, c.cstr_lossy()?);
                 c.finish()?;
                 BackendMessage::ParameterStatus { name, value }
             }
@@ -368,8 +369,8 @@ mod tests {
         assert_eq!(
             msgs[7],
             BackendMessage::ParameterStatus {
-                name: "TimeZone",
-                value: "UTC"
+                name: "TimeZone".into(),
+                value: "UTC".into()
             }
         );
         assert_eq!(

@@ -76,6 +76,13 @@ impl<'a> Cursor<'a> {
         std::str::from_utf8(b).map_err(|_| ProtocolError::InvalidUtf8 { what: self.what })
     }
 
+    /// A NUL-terminated string in whatever encoding the peer uses (PostgreSQL sends and takes
+    /// text in the client's `client_encoding`): UTF-8 as is, anything else with replacement
+    /// characters (for display and comparison, never to send back).
+    pub fn cstr_lossy(&mut self) -> Result<std::borrow::Cow<'a, str>, ProtocolError> {
+        Ok(String::from_utf8_lossy(self.cstr_bytes()?))
+    }
+
     /// Everything left.
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)

@@ -97,7 +97,11 @@ pub fn put_sized(buf: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
 /// A NUL-terminated string. Callers pass strings without interior NULs; one would end the string
 /// early on the wire, so it is cut there rather than corrupting the message.
 pub fn put_cstr(buf: &mut BytesMut, s: &str) {
-    let b = s.as_bytes();
+    put_cstr_bytes(buf, s.as_bytes())
+}
+
+/// Bytes up to the first NUL (if any), then a NUL.
+pub fn put_cstr_bytes(buf: &mut BytesMut, b: &[u8]) {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     buf.put_slice(&b[..end]);
     buf.put_u8(0);

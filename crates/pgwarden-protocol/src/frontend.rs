@@ -4,7 +4,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::cursor::Cursor;
 use crate::error::ProtocolError;
-use crate::frame::{put_cstr, put_message};
+use crate::frame::{put_cstr, put_cstr_bytes, put_message};
 
 /// What a Describe or Close names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,10 +44,11 @@ pub struct Bind<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontendMessage<'a> {
-    Query(&'a str),
+    /// Query texts are in the client's `client_encoding`, which need not be UTF-8.
+    Query(&'a [u8]),
     Parse {
         name: &'a str,
-        query: &'a str,
+        query: &'a [u8],
         /// `count:i16` then `count` OIDs, as on the wire.
         param_types: &'a [u8],
     },
@@ -82,14 +83,14 @@ impl<'a> FrontendMessage<'a> {
         let msg = match tag {
             b'Q' => {
                 let mut c = Cursor::new(body, "Query message");
-                let q = c.cstr()?;
+                let q = c.cstr_bytes()?;
                 c.finish()?;
                 FrontendMessage::Query(q)
             }
             b'P' => {
                 let mut c = Cursor::new(body, "Parse message");
                 let name = c.cstr()?;
-                let query = c.cstr()?;
+                let query = c.cstr_bytes()?;
                 let param_types = c.rest();
                 check_param_types(param_types)?;
                 FrontendMessage::Parse {
@@ -240,14 +241,16 @@ pub fn parse_password(body: &[u8]) -> Result<&str, ProtocolError> {
     Ok(p)
 }
 
-pub fn put_query(buf: &mut BytesMut, sql: &str) {
-    put_message(buf, b'Q', |b| put_cstr(b, sql));
+/// `sql` in the client's encoding (see [`FrontendMessage::Query`]).
+pub fn put_query(buf: &mut BytesMut, sql: impl AsRef<[u8]>) {
+    put_message(buf, b'Q', |b| put_cstr_bytes(b, sql.as_ref()));
 }
 
-pub fn put_parse(buf: &mut BytesMut, name: &str, query: &str, param_types: &[u8]) {
+/// `query` in the client's encoding (see [`FrontendMessage::Query`]).
+pub fn put_parse(buf: &mut BytesMut, name: &str, query: &[u8], param_types: &[u8]) {
     put_message(buf, b'P', |b| {
         put_cstr(b, name);
-        put_cstr(b, query);
+        put_cstr_bytes(b, query);
         if param_types.is_empty() {
             b.put_i16(0);
         } else {
@@ -359,7 +362,7 @@ mod tests {
         let types = [0u8, 1, 0, 0, 0, 23];
         let mut buf = BytesMut::new();
         put_query(&mut buf, "SELECT 1");
-        put_parse(&mut buf, "s1", "SELECT $1", &types);
+        put_parse(&mut buf, "s1", b"SELECT $1", &types);
         put_bind(&mut buf, "p1", "s1", &rest);
         put_describe(&mut buf, Target::Portal, "p1");
         put_execute(&mut buf, "p1", 0);
@@ -379,10 +382,10 @@ mod tests {
         assert_eq!(
             msgs,
             vec![
-                FrontendMessage::Query("SELECT 1"),
+                FrontendMessage::Query(b"SELECT 1"),
                 FrontendMessage::Parse {
                     name: "s1",
-                    query: "SELECT $1",
+                    query: b"SELECT $1",
                     param_types: &types
                 },
                 FrontendMessage::Bind(Bind {

@@ -100,7 +100,7 @@ mod tests {
     fn valid_stream() -> Vec<u8> {
         let mut b = BytesMut::new();
         frontend::put_query(&mut b, "SELECT 1; SELECT 2");
-        frontend::put_parse(&mut b, "s", "SELECT $1::int", &[0, 1, 0, 0, 0, 23]);
+        frontend::put_parse(&mut b, "s", b"SELECT $1::int", &[0, 1, 0, 0, 0, 23]);
         frontend::put_bind(&mut b, "", "s", &[0, 0, 0, 1, 0, 0, 0, 1, b'7', 0, 0]);
         frontend::put_describe(&mut b, Target::Portal, "");
         frontend::put_execute(&mut b, "", 0);

@@ -18,7 +18,8 @@ use bytes::Bytes;
 #[derive(Debug)]
 pub struct Statement {
     pub server_name: String,
-    pub query: String,
+    /// In the encoding of the client that first parsed it (see `FrontendMessage::Query`).
+    pub query: Bytes,
     /// `count:i16` and OIDs, as in the Parse message.
     pub param_types: Bytes,
     /// Set once a server has answered our Parse of it with ParseComplete: from then on a
@@ -39,14 +40,17 @@ impl Statement {
 /// The per-pool cache of statements by exact text.
 #[derive(Default)]
 pub struct StatementCache {
-    by_text: Mutex<HashMap<(String, Bytes), Arc<Statement>>>,
+    by_text: Mutex<HashMap<(Bytes, Bytes), Arc<Statement>>>,
     next: AtomicU64,
 }
 
 impl StatementCache {
     /// The entry for this exact text and parameter types, made if new.
-    pub fn get_or_insert(&self, query: &str, param_types: &[u8]) -> Arc<Statement> {
-        let key = (query.to_string(), Bytes::copy_from_slice(param_types));
+    pub fn get_or_insert(&self, query: &[u8], param_types: &[u8]) -> Arc<Statement> {
+        let key = (
+            Bytes::copy_from_slice(query),
+            Bytes::copy_from_slice(param_types),
+        );
         let mut map = self.by_text.lock().expect("statement cache lock");
         map.entry(key)
             .or_insert_with_key(|(query, types)| {
@@ -135,12 +139,15 @@ pub enum Deallocate<'a> {
 }
 
 /// Recognises a simple query that is exactly one `DEALLOCATE [PREPARE] name|ALL` or
-/// `DISCARD ALL` (an optional trailing `;`). Anything else is `None`.
-pub fn deallocate(sql: &str) -> Option<Deallocate<'_>> {
+/// `DISCARD ALL` (an optional trailing `;`). Anything else is `None` (also a text that is not
+/// UTF-8: the server gets it as it is).
+pub fn deallocate(sql: &[u8]) -> Option<Deallocate<'_>> {
     // Nearly every query is something else: one byte tells.
-    if !matches!(sql.trim_start().as_bytes().first(), Some(b'd' | b'D')) {
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace());
+    if !matches!(first, Some(b'd' | b'D')) {
         return None;
     }
+    let sql = std::str::from_utf8(sql).ok()?;
     let s = sql.trim().trim_end_matches(';').trim_end();
     let mut words = s.split_whitespace();
     let first = words.next()?;
@@ -175,17 +182,17 @@ mod tests {
     #[test]
     fn the_cache_compares_full_text() {
         let c = StatementCache::default();
-        let a = c.get_or_insert("SELECT $1", &[0, 0]);
-        let b = c.get_or_insert("SELECT $1", &[0, 0]);
-        let other = c.get_or_insert("SELECT $1 ", &[0, 0]);
-        let typed = c.get_or_insert("SELECT $1", &[0, 1, 0, 0, 0, 23]);
+        let a = c.get_or_insert(b"SELECT $1", &[0, 0]);
+        let b = c.get_or_insert(b"SELECT $1", &[0, 0]);
+        let other = c.get_or_insert(b"SELECT $1 ", &[0, 0]);
+        let typed = c.get_or_insert(b"SELECT $1", &[0, 1, 0, 0, 0, 23]);
         assert!(Arc::ptr_eq(&a, &b));
         assert_ne!(a.server_name, other.server_name);
         assert_ne!(a.server_name, typed.server_name);
         assert_eq!(c.len(), 3);
         assert!(!a.is_validated());
         b.mark_validated();
-        assert!(c.get_or_insert("SELECT $1", &[0, 0]).is_validated());
+        assert!(c.get_or_insert(b"SELECT $1", &[0, 0]).is_validated());
     }
 
     #[test]
@@ -203,16 +210,16 @@ mod tests {
 
     #[test]
     fn deallocate_forms() {
-        assert_eq!(deallocate("DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(deallocate(b"DEALLOCATE ALL"), Some(Deallocate::All));
         assert_eq!(
-            deallocate("deallocate prepare s1;"),
+            deallocate(b"deallocate prepare s1;"),
             Some(Deallocate::One("s1"))
         );
-        assert_eq!(deallocate("  Deallocate s2 "), Some(Deallocate::One("s2")));
-        assert_eq!(deallocate("DISCARD ALL"), Some(Deallocate::Discard));
-        assert_eq!(deallocate("DISCARD PLANS"), None);
-        assert_eq!(deallocate("DEALLOCATE a; SELECT 1"), None);
-        assert_eq!(deallocate("SELECT 1"), None);
-        assert_eq!(deallocate("DEALLOCATE \"Q\""), None);
+        assert_eq!(deallocate(b"  Deallocate s2 "), Some(Deallocate::One("s2")));
+        assert_eq!(deallocate(b"DISCARD ALL"), Some(Deallocate::Discard));
+        assert_eq!(deallocate(b"DISCARD PLANS"), None);
+        assert_eq!(deallocate(b"DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(deallocate(b"SELECT 1"), None);
+        assert_eq!(deallocate(b"DEALLOCATE \"Q\""), None);
     }
 }

@@ -121,7 +121,7 @@ async fn very_large_parse_and_bind_messages() {
     let mut c = s.raw(&[]).await;
     // A 300 kB query text (several times any read buffer).
     let padding = "x".repeat(300_000);
-    c.parse("big", &format!("SELECT length('{padding}')"))
+    c.parse("big", format!("SELECT length('{padding}')"))
         .bind("", "big")
         .execute("")
         .sync();
@@ -135,7 +135,7 @@ async fn very_large_parse_and_bind_messages() {
     let list: Vec<String> = (1..=n).map(|i| format!("${i}::int")).collect();
     c.parse(
         "many",
-        &format!("SELECT array_length(ARRAY[{}], 1)", list.join(",")),
+        format!("SELECT array_length(ARRAY[{}], 1)", list.join(",")),
     );
     let mut bind = BytesMut::new();
     bind.put_i16(0);

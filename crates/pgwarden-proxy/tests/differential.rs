@@ -56,7 +56,7 @@ async fn simple(c: &mut Raw, sql: &str) -> Vec<Msg> {
 }
 
 async fn extended(c: &mut Raw, sql: &str, params: &[&str], binary: bool) -> Vec<Msg> {
-    frontend::put_parse(&mut c.out, "", sql, &[0, 0]);
+    frontend::put_parse(&mut c.out, "", sql.as_bytes(), &[0, 0]);
     let mut bind = BytesMut::new();
     bind.put_i16(0);
     bind.put_i16(params.len() as i16);

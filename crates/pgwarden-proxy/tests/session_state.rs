@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::raw::{error_code, first_column};
+use common::raw::{error_code, first_column, first_column_bytes};
 use common::setup;
 use pgwarden_testkit::eventually;
 use tokio_postgres::Client;
@@ -330,4 +330,49 @@ async fn a_login_does_not_wait_for_a_busy_pool_to_check_its_parameters() {
     assert_eq!(tag, b'E');
     assert_eq!(error_code(&[(tag, body)]).as_deref(), Some("22023"));
     assert!(bad.try_recv().await.is_none(), "the session ended");
+}
+
+#[tokio::test]
+async fn a_client_encoding_other_than_utf8_works_and_its_settings_pin() {
+    let s = setup(0, "default_pool_size = 2").await;
+    let mut a = s.raw(&[("client_encoding", "LATIN1")]).await;
+    assert_eq!(a.param("client_encoding"), Some("LATIN1"));
+    let b = s.app().await;
+    // Latin-1 bytes in a simple query, both ways.
+    a.query(b"SELECT length('\xe9\xe8')::text || ' \xe9t\xe9'");
+    a.flush().await;
+    let (tags, msgs) = a.until_ready().await;
+    assert_eq!(tags, "TDCZ");
+    assert_eq!(first_column_bytes(&msgs), [Some(b"2 \xe9t\xe9".to_vec())]);
+    // A named statement with Latin-1 text, used again after another client had the servers.
+    for round in 0..3 {
+        if round == 0 {
+            a.parse("s1", b"SELECT 'caf\xe9'::text");
+        }
+        a.bind("", "s1").execute("").sync();
+        a.flush().await;
+        let (_, msgs) = a.until_ready().await;
+        assert_eq!(error_code(&msgs), None, "round {round}");
+        assert_eq!(first_column_bytes(&msgs), [Some(b"caf\xe9".to_vec())]);
+        b.batch_execute("SELECT 1; SELECT 2").await.expect("b");
+    }
+    // A setting made in Latin-1 cannot be replayed from UTF-8 text: it keeps its server.
+    a.query(b"SET my.v = 'caf\xe9'");
+    a.flush().await;
+    let (tags, _) = a.until_ready().await;
+    assert_eq!(tags, "CZ");
+    a.query("SELECT pg_backend_pid()");
+    a.flush().await;
+    let (_, msgs) = a.until_ready().await;
+    let pinned = first_column(&msgs);
+    for round in 0..3 {
+        futures::future::join_all((0..2).map(|_| b.batch_execute("SELECT pg_sleep(0.01)"))).await;
+        a.query("SELECT pg_backend_pid()")
+            .query("SELECT current_setting('my.v')");
+        a.flush().await;
+        let (_, pid) = a.until_ready().await;
+        let (_, value) = a.until_ready().await;
+        assert_eq!(first_column(&pid), pinned, "round {round}: a moved");
+        assert_eq!(first_column_bytes(&value), [Some(b"caf\xe9".to_vec())]);
+    }
 }

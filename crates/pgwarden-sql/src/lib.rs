@@ -14,4 +14,4 @@ pub mod lex;
 pub mod session;
 
 pub use lex::split;
-pub use session::{classify, classify_query, Effect, Pin};
+pub use session::{classify, classify_bytes, classify_query, classify_query_bytes, Effect, Pin};

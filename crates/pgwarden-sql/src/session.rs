@@ -35,6 +35,10 @@ pub enum Pin {
     Load,
     SetConfig,
     SessionCharacteristics,
+    /// A setting made by a text that is not UTF-8 (a client whose `client_encoding` is not
+    /// UTF8): replaying it on another server would need the client's bytes, which the
+    /// proxy's state does not keep, so the setting stays on its server with the client.
+    NonUtf8Setting,
 }
 
 impl Pin {
@@ -48,6 +52,7 @@ impl Pin {
             Pin::Load => "LOAD",
             Pin::SetConfig => "set_config(..., false)",
             Pin::SessionCharacteristics => "SET SESSION CHARACTERISTICS",
+            Pin::NonUtf8Setting => "SET with text that is not UTF-8",
         }
     }
 }
@@ -90,7 +95,7 @@ const ADVISORY: &[&str] = &[
 /// The effect of each statement of a simple-protocol query string, in order; empty when no
 /// statement has any (the common case, without allocating per statement).
 pub fn classify_query(sql: &str) -> Vec<Effect> {
-    if !might_matter(sql) {
+    if !might_matter(sql.as_bytes()) {
         return Vec::new();
     }
     let effects: Vec<Effect> = split(sql).into_iter().map(classify_statement).collect();
@@ -104,35 +109,51 @@ pub fn classify_query(sql: &str) -> Vec<Effect> {
 /// A cheap filter: false only when no statement in `sql` can have an effect. Every keyword and
 /// function name the classifier acts on begins a word, where a word may also begin after `_`
 /// or `.` (`pg_temp`, `pg_catalog.set_config`), so only word starts are compared.
-fn might_matter(sql: &str) -> bool {
-    let b = sql.as_bytes();
-    let at = |i: usize, needle: &[u8]| {
-        b.len() - i >= needle.len() && b[i..i + needle.len()].eq_ignore_ascii_case(needle)
-    };
+fn might_matter(b: &[u8]) -> bool {
     let mut prev_alnum = false;
     for (i, &c) in b.iter().enumerate() {
         // One table look-up per byte: most bytes are neither a word start nor a candidate.
         let class = BYTE_CLASS[c as usize];
-        if class & CANDIDATE != 0 && !prev_alnum {
-            let hit = match c | 0x20 {
-                b's' => at(i, b"set") || at(i, b"savepoint"),
-                b'r' => at(i, b"reset") || at(i, b"rollback") || at(i, b"release"),
-                b'd' => at(i, b"discard") || at(i, b"declare"),
-                b'l' => at(i, b"listen") || at(i, b"load"),
-                b'p' => at(i, b"prepare"),
-                b't' => at(i, b"temp"),
-                b'a' => at(i, b"advisory") || at(i, b"abort"),
-                b'c' => at(i, b"commit"),
-                b'e' => at(i, b"end"),
-                _ => false,
-            };
-            if hit {
-                return true;
-            }
+        if class & CANDIDATE != 0 && !prev_alnum && keyword_prefix_at(&b[i..]) {
+            return true;
         }
         prev_alnum = class & ALNUM != 0;
     }
     false
+}
+
+/// Whether `rest` begins with the first four letters (in either case) of a keyword the
+/// classifier acts on (`set` and `end` are three letters long): one comparison of a 32-bit word
+/// each, no branch per letter. Four letters admit more than the whole words would (`settings`,
+/// `temperature`): a false positive only costs a full classification.
+fn keyword_prefix_at(rest: &[u8]) -> bool {
+    const fn word(s: &[u8; 4]) -> u32 {
+        u32::from_le_bytes(*s)
+    }
+    const THREE: u32 = 0x00ff_ffff;
+    let mut w = [b' '; 4];
+    let n = rest.len().min(4);
+    w[..n].copy_from_slice(&rest[..n]);
+    // ASCII upper case to lower case; no other byte becomes a letter this way, and the space
+    // padding stays a space.
+    let w = u32::from_le_bytes(w) | 0x2020_2020;
+    let three = w & THREE;
+    const FOUR: [u32; 13] = [
+        word(b"save"),
+        word(b"rese"),
+        word(b"roll"),
+        word(b"rele"),
+        word(b"disc"),
+        word(b"decl"),
+        word(b"list"),
+        word(b"load"),
+        word(b"prep"),
+        word(b"temp"),
+        word(b"advi"),
+        word(b"abor"),
+        word(b"comm"),
+    ];
+    three == word(b"set\0") & THREE || three == word(b"end\0") & THREE || FOUR.contains(&w)
 }
 
 const ALNUM: u8 = 1;
@@ -159,10 +180,51 @@ static BYTE_CLASS: [u8; 256] = {
 
 /// The effect of one statement (no `;` separators), e.g. an extended-protocol Parse.
 pub fn classify(stmt: &str) -> Effect {
-    if !might_matter(stmt) {
+    if !might_matter(stmt.as_bytes()) {
         return Effect::None;
     }
     classify_statement(stmt)
+}
+
+/// [`classify_query`] for a text in the client's encoding, which need not be UTF-8. Every
+/// keyword is ASCII and every encoding PostgreSQL accepts from a client keeps ASCII bytes as
+/// they are (in the multi-byte encodings SJIS, BIG5, GBK, UHC and GB18030 a second byte may
+/// look like ASCII, which can only make the classifier see more than is there), so a text that
+/// is not UTF-8 is classified byte by byte (each byte read as one Latin-1 character, keeping
+/// names distinct); a setting it makes pins the client (see [`Pin::NonUtf8Setting`]).
+pub fn classify_query_bytes(sql: &[u8]) -> Vec<Effect> {
+    if !might_matter(sql) {
+        return Vec::new();
+    }
+    match std::str::from_utf8(sql) {
+        Ok(s) => classify_query(s),
+        Err(_) => classify_query(&latin1(sql))
+            .into_iter()
+            .map(pin_settings)
+            .collect(),
+    }
+}
+
+/// [`classify`] for a text in the client's encoding (see [`classify_query_bytes`]).
+pub fn classify_bytes(stmt: &[u8]) -> Effect {
+    if !might_matter(stmt) {
+        return Effect::None;
+    }
+    match std::str::from_utf8(stmt) {
+        Ok(s) => classify_statement(s),
+        Err(_) => pin_settings(classify_statement(&latin1(stmt))),
+    }
+}
+
+fn latin1(b: &[u8]) -> String {
+    b.iter().map(|&c| char::from(c)).collect()
+}
+
+fn pin_settings(e: Effect) -> Effect {
+    match e {
+        Effect::Set { .. } => Effect::Pin(Pin::NonUtf8Setting),
+        other => other,
+    }
 }
 
 fn classify_statement(stmt: &str) -> Effect {
@@ -591,6 +653,30 @@ mod tests {
     }
 
     #[test]
+    fn text_that_is_not_utf8_is_classified_and_its_settings_pin() {
+        // Latin-1 bytes, as a client with client_encoding LATIN1 sends them.
+        assert_eq!(
+            classify_query_bytes(b"SELECT '\xe9'; SET application_name = '\xe9t\xe9'"),
+            vec![Effect::None, Effect::Pin(Pin::NonUtf8Setting)]
+        );
+        assert_eq!(
+            classify_bytes(b"LISTEN \"caf\xe9\""),
+            Effect::Pin(Pin::Listen)
+        );
+        assert_eq!(
+            classify_bytes(b"SAVEPOINT s\xe9"),
+            Effect::Savepoint("s\u{e9}".into())
+        );
+        assert_eq!(classify_bytes(b"SELECT '\xe9'"), Effect::None);
+        assert!(classify_query_bytes(b"SELECT '\xe9'").is_empty());
+        // UTF-8 takes the usual way: a setting is replayed, not pinned.
+        assert!(matches!(
+            classify_bytes("SET application_name = 'été'".as_bytes()),
+            Effect::Set { .. }
+        ));
+    }
+
+    #[test]
     fn the_filter_passes_everything_the_classifier_acts_on() {
         let acted_on = [
             "SET a = 1",
@@ -615,9 +701,14 @@ mod tests {
             "RELEASE s",
             "DO $$BEGIN PERFORM pg_advisory_lock(7); END$$",
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "sEt a=1",
         ];
+        // Keywords in any case, also at the very end of the text.
+        for sql in ["begin; select 1; end", "select 1;END", "x;set", "Se", "SeT"] {
+            assert_eq!(might_matter(sql.as_bytes()), sql.len() > 2, "{sql}");
+        }
         for sql in acted_on {
-            assert!(might_matter(sql), "{sql}");
+            assert!(might_matter(sql.as_bytes()), "{sql}");
             assert_ne!(classify(sql), Effect::None, "{sql}");
         }
         for sql in [
@@ -628,10 +719,10 @@ mod tests {
             assert_eq!(classify(sql), Effect::None, "{sql}");
         }
         assert!(!might_matter(
-            "SELECT abalance FROM pgbench_accounts WHERE aid = 1"
+            b"SELECT abalance FROM pgbench_accounts WHERE aid = 1"
         ));
         assert!(
-            !might_matter("INSERT INTO offsets VALUES (1)"),
+            !might_matter(b"INSERT INTO offsets VALUES (1)"),
             "set inside a word is not a word start"
         );
     }

@@ -231,7 +231,7 @@ pub async fn run(
             b'Q' => {
                 let sql =
                     match FrontendMessage::parse(tag, body).map_err(ProxyError::ClientProtocol)? {
-                        FrontendMessage::Query(q) => q.to_string(),
+                        FrontendMessage::Query(q) => String::from_utf8_lossy(q).into_owned(),
                         _ => unreachable!("a Q frame parses as a Query"),
                     };
                 // One command per query; several statements are refused as PgBouncer does.

@@ -101,7 +101,7 @@ async fn run_with_param(conn: &mut ServerConn, sql: &str, param: &str) -> Result
     bind.put_slice(param.as_bytes());
     bind.put_i16(0); // results in text
     let w = &mut conn.framed.wbuf;
-    frontend::put_parse(w, "", sql, &[0, 0]);
+    frontend::put_parse(w, "", sql.as_bytes(), &[0, 0]);
     frontend::put_bind(w, "", "", &bind);
     frontend::put_execute(w, "", 0);
     frontend::put_sync(w);

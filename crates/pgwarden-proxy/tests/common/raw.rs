@@ -151,13 +151,14 @@ impl Raw {
         }
     }
 
-    pub fn query(&mut self, sql: &str) -> &mut Self {
+    /// `sql` in the connection's client_encoding.
+    pub fn query(&mut self, sql: impl AsRef<[u8]>) -> &mut Self {
         frontend::put_query(&mut self.out, sql);
         self
     }
 
-    pub fn parse(&mut self, name: &str, sql: &str) -> &mut Self {
-        frontend::put_parse(&mut self.out, name, sql, &[0, 0]);
+    pub fn parse(&mut self, name: &str, sql: impl AsRef<[u8]>) -> &mut Self {
+        frontend::put_parse(&mut self.out, name, sql.as_ref(), &[0, 0]);
         self
     }
 
@@ -195,6 +196,17 @@ pub fn first_column(msgs: &[Msg]) -> Vec<Option<String>> {
         .map(|(_, body)| {
             let len = i32::from_be_bytes(body[2..6].try_into().expect("4 bytes"));
             (len >= 0).then(|| String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned())
+        })
+        .collect()
+}
+
+/// The bytes of the first column of every DataRow in `msgs` (NULL as `None`).
+pub fn first_column_bytes(msgs: &[Msg]) -> Vec<Option<Vec<u8>>> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, body)| {
+            let len = i32::from_be_bytes(body[2..6].try_into().expect("4 bytes"));
+            (len >= 0).then(|| body[6..6 + len as usize].to_vec())
         })
         .collect()
 }

@@ -23,7 +23,7 @@ use pgwarden_protocol::backend::{self, BackendMessage, TxStatus};
 use pgwarden_protocol::frame::split;
 use pgwarden_protocol::frontend::{self, FrontendMessage};
 use pgwarden_protocol::SqlState;
-use pgwarden_sql::{classify_query, Effect};
+use pgwarden_sql::{classify_query_bytes, Effect};
 
 use super::retry::Batches;
 use super::state::SessionState;
@@ -101,7 +101,7 @@ pub struct Pipeline {
     /// Unanswered extended-protocol batches, for sending one again (transaction mode).
     batches: Batches,
     /// The query text last classified for session effects, and its effect.
-    last_classified: Option<(String, Effect)>,
+    last_classified: Option<(Vec<u8>, Effect)>,
     /// Statements of ours whose plan went stale, to close once the batch is over.
     stale: Vec<String>,
     /// The server is in COPY FROM STDIN mode and the client has not ended it yet: a Sync sent
@@ -206,7 +206,7 @@ impl Pipeline {
         else {
             unreachable!("a Q frame parses as a Query");
         };
-        let mut effects = classify_query(sql);
+        let mut effects = classify_query_bytes(sql);
         for e in &effects {
             cx.session.sent(e);
         }

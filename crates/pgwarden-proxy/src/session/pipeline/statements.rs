@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::frame::split;
 use pgwarden_protocol::frontend::{self, FrontendMessage, Target};
-use pgwarden_sql::{classify, Effect};
+use pgwarden_sql::{classify_bytes, Effect};
 
 use super::{client_protocol, response, Context, Pending, Pipeline, Undo};
 use crate::error::ProxyError;
@@ -20,18 +20,18 @@ use crate::server::ServerConn;
 const REMEMBERED_TEXT: usize = 1024;
 
 impl Pipeline {
-    pub(super) fn note_statement(&mut self, name: &str, query: &str) {
+    pub(super) fn note_statement(&mut self, name: &str, query: &[u8]) {
         // Drivers parse the same text over and over: the last one classified is remembered.
         let effect = match &self.last_classified {
             Some((text, e)) if text == query => e.clone(),
             _ => {
-                let e = classify(query);
+                let e = classify_bytes(query);
                 if query.len() <= REMEMBERED_TEXT {
                     let (text, last) = self
                         .last_classified
-                        .get_or_insert_with(|| (String::new(), Effect::None));
+                        .get_or_insert_with(|| (Vec::new(), Effect::None));
                     text.clear();
-                    text.push_str(query);
+                    text.extend_from_slice(query);
                     *last = e.clone();
                 }
                 e
@@ -58,7 +58,7 @@ impl Pipeline {
     /// formed, so the same text parsed again needs no decoding.
     fn remembered_effect(&self, rest: &[u8]) -> Option<Effect> {
         let (text, effect) = self.last_classified.as_ref()?;
-        let t = text.as_bytes();
+        let t = text.as_slice();
         if rest.len() <= t.len() || rest[t.len()] != 0 || &rest[..t.len()] != t {
             return None;
         }
