@@ -110,33 +110,43 @@ pub fn classify_query(sql: &str) -> Vec<Effect> {
 /// function name the classifier acts on begins a word, where a word may also begin after `_`
 /// or `.` (`pg_temp`, `pg_catalog.set_config`), so only word starts are compared.
 fn might_matter(b: &[u8]) -> bool {
-    let mut prev_alnum = false;
+    // One table look-up per byte: most bytes are neither a word start nor a candidate. `prev`
+    // is the previous byte's ALNUM bit moved onto the CANDIDATE bit, so a candidate that
+    // begins a word is one AND away.
+    let mut prev = 0u8;
     for (i, &c) in b.iter().enumerate() {
-        // One table look-up per byte: most bytes are neither a word start nor a candidate.
         let class = BYTE_CLASS[c as usize];
-        if class & CANDIDATE != 0 && !prev_alnum && keyword_prefix_at(&b[i..]) {
+        if class & !prev & CANDIDATE != 0 && keyword_prefix_at(b, i) {
             return true;
         }
-        prev_alnum = class & ALNUM != 0;
+        prev = (class & ALNUM) << 1;
     }
     false
 }
 
-/// Whether `rest` begins with the first four letters (in either case) of a keyword the
+/// Whether `b[at..]` begins with the first four letters (in either case) of a keyword the
 /// classifier acts on (`set` and `end` are three letters long): one comparison of a 32-bit word
 /// each, no branch per letter. Four letters admit more than the whole words would (`settings`,
 /// `temperature`): a false positive only costs a full classification.
-fn keyword_prefix_at(rest: &[u8]) -> bool {
+#[inline(always)]
+fn keyword_prefix_at(b: &[u8], at: usize) -> bool {
     const fn word(s: &[u8; 4]) -> u32 {
         u32::from_le_bytes(*s)
     }
     const THREE: u32 = 0x00ff_ffff;
-    let mut w = [b' '; 4];
-    let n = rest.len().min(4);
-    w[..n].copy_from_slice(&rest[..n]);
+    let w = match b.get(at..at + 4) {
+        Some(four) => u32::from_le_bytes([four[0], four[1], four[2], four[3]]),
+        None => {
+            // Fewer than four bytes left: padded with spaces.
+            let mut w = [b' '; 4];
+            let rest = &b[at..];
+            w[..rest.len()].copy_from_slice(rest);
+            u32::from_le_bytes(w)
+        }
+    };
     // ASCII upper case to lower case; no other byte becomes a letter this way, and the space
     // padding stays a space.
-    let w = u32::from_le_bytes(w) | 0x2020_2020;
+    let w = w | 0x2020_2020;
     let three = w & THREE;
     const FOUR: [u32; 13] = [
         word(b"save"),
@@ -157,8 +167,9 @@ fn keyword_prefix_at(rest: &[u8]) -> bool {
 }
 
 const ALNUM: u8 = 1;
-/// The first letter of a keyword `might_matter` looks for, in either case.
-const CANDIDATE: u8 = 2;
+/// The first letter of a keyword `might_matter` looks for, in either case (ALNUM's bit shifted
+/// left by one: see `might_matter`).
+const CANDIDATE: u8 = ALNUM << 1;
 static BYTE_CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;
