@@ -49,6 +49,14 @@ impl CancelSlot {
     /// Names the server now running the client's queries (None: none). Waits while a cancel
     /// is being forwarded to the previous one.
     pub async fn set_server(&self, server: Option<(Arc<Target>, BackendKey)>) {
+        {
+            // Nearly always no cancel is in flight: no waiter to set up.
+            let mut s = self.server.lock().expect("cancel slot lock");
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                *s = server;
+                return;
+            }
+        }
         loop {
             let delivered = self.delivered.notified();
             {

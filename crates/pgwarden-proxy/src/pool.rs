@@ -93,13 +93,70 @@ impl PoolStats {
     }
 }
 
+/// The settings, readable on every checkout without a lock: one atomic per field (a reader
+/// racing a reload may see some fields old and some new; each is valid either way). Writers
+/// are serialised by `Pool::resize`.
+struct LiveSettings {
+    size: AtomicU32,
+    min_size: AtomicU32,
+    /// Nanoseconds.
+    connect_timeout: AtomicU64,
+    wait_timeout: AtomicU64,
+    idle_timeout: AtomicU64,
+    lifetime: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl LiveSettings {
+    fn new(s: PoolSettings) -> Self {
+        let live = LiveSettings {
+            size: AtomicU32::new(0),
+            min_size: AtomicU32::new(0),
+            connect_timeout: AtomicU64::new(0),
+            wait_timeout: AtomicU64::new(0),
+            idle_timeout: AtomicU64::new(0),
+            lifetime: AtomicU64::new(0),
+        };
+        live.store(s);
+        live
+    }
+
+    fn store(&self, s: PoolSettings) {
+        let r = Ordering::Relaxed;
+        self.size.store(s.size, r);
+        self.min_size.store(s.min_size, r);
+        self.connect_timeout.store(nanos(s.connect_timeout), r);
+        self.wait_timeout.store(nanos(s.wait_timeout), r);
+        self.idle_timeout.store(nanos(s.idle_timeout), r);
+        self.lifetime.store(nanos(s.lifetime), r);
+    }
+
+    fn load(&self) -> PoolSettings {
+        let r = Ordering::Relaxed;
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(r));
+        PoolSettings {
+            size: self.size.load(r),
+            min_size: self.min_size.load(r),
+            connect_timeout: d(&self.connect_timeout),
+            wait_timeout: d(&self.wait_timeout),
+            idle_timeout: d(&self.idle_timeout),
+            lifetime: d(&self.lifetime),
+        }
+    }
+}
+
 /// A connection idle longer than this is peeked at before reuse.
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub key: PoolKey,
     login: RwLock<Login>,
-    settings: RwLock<PoolSettings>,
+    settings: LiveSettings,
+    /// Held while the settings change (resizing the semaphore goes with them).
+    resize: Mutex<()>,
     permits: Arc<Semaphore>,
     /// Permits to retire as they come back after the pool shrank.
     owed: AtomicU32,
@@ -140,7 +197,8 @@ impl Pool {
             key,
             login: RwLock::new(login),
             permits: Arc::new(Semaphore::new(settings.size as usize)),
-            settings: RwLock::new(settings),
+            settings: LiveSettings::new(settings),
+            resize: Mutex::new(()),
             owed: AtomicU32::new(0),
             idle: Mutex::new(Vec::new()),
             params: Mutex::new(None),
@@ -174,13 +232,14 @@ impl Pool {
     }
 
     pub fn settings(&self) -> PoolSettings {
-        *self.settings.read().expect("pool settings lock")
+        self.settings.load()
     }
 
     /// Applies new settings: a bigger pool gets permits at once, a smaller one retires them as
     /// servers come back.
     pub fn update(&self, new: PoolSettings) {
-        let mut s = self.settings.write().expect("pool settings lock");
+        let _resizing = self.resize.lock().expect("pool resize lock");
+        let s = self.settings.load();
         if new.size > s.size {
             let mut grow = new.size - s.size;
             // Cancel debts first.
@@ -204,7 +263,7 @@ impl Pool {
             let forgotten = self.permits.forget_permits(shrink as usize) as u32;
             self.owed.fetch_add(shrink - forgotten, Ordering::SeqCst);
         }
-        *s = new;
+        self.settings.store(new);
     }
 
     /// The credential for new server connections: the latest client login's.
@@ -363,12 +422,16 @@ impl Pool {
 
     /// Returns a connection; one that is not reusable (or from an old epoch) is closed.
     pub fn release(&self, lease: Lease, current_epoch: u64, usage: &Usage) {
+        self.release_at(lease, current_epoch, usage, Instant::now())
+    }
+
+    /// [`Pool::release`] with the clock already read (at the server's last answer).
+    pub fn release_at(&self, lease: Lease, current_epoch: u64, usage: &Usage, now: Instant) {
         let Lease { mut conn, permit } = lease;
         self.record(usage);
-        let now = Instant::now();
         conn.last_used = now;
         conn.info.set_idle();
-        let lifetime = self.settings().lifetime;
+        let lifetime = Duration::from_nanos(self.settings.lifetime.load(Ordering::Relaxed));
         if conn.epoch >= current_epoch
             && !conn.info.close_needed.load(Ordering::Relaxed)
             && conn.is_reusable(lifetime, false, now)

@@ -56,6 +56,8 @@ struct Client {
     /// When the oldest unanswered query was sent, and when the current transaction began.
     query_started: Option<Instant>,
     xact_started: Option<Instant>,
+    /// When the last ReadyForQuery came (the server is given back at about that time).
+    ready_at: Option<Instant>,
 }
 
 impl Client {
@@ -67,6 +69,7 @@ impl Client {
             return;
         }
         let now = Instant::now();
+        self.ready_at = Some(now);
         self.usage.queries += 1;
         if let Some(t) = self.query_started.take() {
             self.usage.query_micros += now.duration_since(t).as_micros() as u64;
@@ -116,6 +119,7 @@ impl Forwarder<'_> {
             usage: Usage::default(),
             query_started: None,
             xact_started: None,
+            ready_at: None,
         };
         let result = self.relay(&mut lease, &mut c).await;
         if let Some(l) = lease.take() {
@@ -336,8 +340,10 @@ impl Forwarder<'_> {
     async fn release(&self, lease: Lease, c: &mut Client) {
         self.slot.set_server(None).await;
         self.me.set_idle();
+        let now = c.ready_at.take().unwrap_or_else(Instant::now);
+        let usage = std::mem::take(&mut c.usage);
         self.pool
-            .release(lease, self.topology.epoch(), &std::mem::take(&mut c.usage));
+            .release_at(lease, self.topology.epoch(), &usage, now);
     }
 
     /// At the end of a session: a server in a clean state is pooled, reset first if the client
