@@ -183,6 +183,8 @@ pub struct Pool {
 pub struct Lease {
     pub conn: Box<ServerConn>,
     permit: OwnedSemaphorePermit,
+    /// When it was checked out (one clock reading serves the checkout and the first query).
+    pub at: Instant,
 }
 
 impl Pool {
@@ -333,12 +335,20 @@ impl Pool {
                 && !conn.info.close_needed.load(Ordering::Relaxed)
                 && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE, now);
             if fresh {
-                return Ok(Lease { conn, permit });
+                return Ok(Lease {
+                    conn,
+                    permit,
+                    at: now,
+                });
             }
             tokio::spawn(server::close(conn));
         }
         let conn = self.open(topology, settings).await?;
-        Ok(Lease { conn, permit })
+        Ok(Lease {
+            conn,
+            permit,
+            at: Instant::now(),
+        })
     }
 
     /// A server connection only if one is free right now (no waiting, not paused).
@@ -427,7 +437,9 @@ impl Pool {
 
     /// [`Pool::release`] with the clock already read (at the server's last answer).
     pub fn release_at(&self, lease: Lease, current_epoch: u64, usage: &Usage, now: Instant) {
-        let Lease { mut conn, permit } = lease;
+        let Lease {
+            mut conn, permit, ..
+        } = lease;
         self.record(usage);
         conn.last_used = now;
         conn.info.set_idle();
@@ -445,7 +457,7 @@ impl Pool {
 
     /// Drops a connection whose state is unknown.
     pub fn discard(&self, lease: Lease, usage: &Usage) {
-        let Lease { conn, permit } = lease;
+        let Lease { conn, permit, .. } = lease;
         self.record(usage);
         tokio::spawn(server::close(conn));
         self.give_back(permit);

@@ -110,18 +110,44 @@ pub fn classify_query(sql: &str) -> Vec<Effect> {
 /// function name the classifier acts on begins a word, where a word may also begin after `_`
 /// or `.` (`pg_temp`, `pg_catalog.set_config`), so only word starts are compared.
 fn might_matter(b: &[u8]) -> bool {
-    // One table look-up per byte: most bytes are neither a word start nor a candidate. `prev`
-    // is the previous byte's ALNUM bit moved onto the CANDIDATE bit, so a candidate that
-    // begins a word is one AND away.
-    let mut prev = 0u8;
-    for (i, &c) in b.iter().enumerate() {
-        let class = BYTE_CLASS[c as usize];
-        if class & !prev & CANDIDATE != 0 && keyword_prefix_at(b, i) {
-            return true;
+    // Eight bytes at a time: a bit per byte for "letter or digit" (SWAR: each byte a lane of a
+    // u64, the lane's top bit the answer), so that word starts (a letter or digit after
+    // something else) come out of a shift and a mask; only those are looked at one by one.
+    let mut prev_alnum = 0u64; // the previous chunk's last lane, as lane 0's top bit
+    let mut at = 0;
+    while at < b.len() {
+        let n = (b.len() - at).min(8);
+        let mut lanes = [0u8; 8]; // zero is not alphanumeric: a short tail is padded with it
+        lanes[..n].copy_from_slice(&b[at..at + n]);
+        let x = u64::from_le_bytes(lanes);
+        let alnum = alnum_lanes(x);
+        let mut starts = alnum & !((alnum << 8) | prev_alnum);
+        while starts != 0 {
+            let i = at + (starts.trailing_zeros() / 8) as usize;
+            if BYTE_CLASS[b[i] as usize] & CANDIDATE != 0 && keyword_prefix_at(b, i) {
+                return true;
+            }
+            starts &= starts - 1;
         }
-        prev = (class & ALNUM) << 1;
+        prev_alnum = alnum >> 56;
+        at += 8;
     }
     false
+}
+
+const LANES_HIGH: u64 = 0x8080_8080_8080_8080;
+const LANES_ONE: u64 = 0x0101_0101_0101_0101;
+
+/// The top bit of each byte lane of `x` set where that byte is an ASCII letter or digit.
+fn alnum_lanes(x: u64) -> u64 {
+    // 7-bit values, so the comparisons below never borrow across lanes.
+    let v = x & !LANES_HIGH;
+    // Top bit set where the lane's value is >= k (v and k below 0x80).
+    let ge = |v: u64, k: u8| ((v | LANES_HIGH) - LANES_ONE * k as u64) & LANES_HIGH;
+    let digit = ge(v, b'0') & !ge(v, b'9' + 1);
+    let lower = v | (LANES_ONE * 0x20);
+    let alpha = ge(lower, b'a') & !ge(lower, b'z' + 1);
+    (digit | alpha) & !x & LANES_HIGH
 }
 
 /// Whether `b[at..]` begins with the first four letters (in either case) of a keyword the
@@ -660,6 +686,68 @@ mod tests {
         ];
         for (sql, want) in cases {
             assert_eq!(classify(sql), want, "{sql}");
+        }
+    }
+
+    /// The filter one byte at a time, as the word-at-a-time one must behave.
+    fn might_matter_bytewise(b: &[u8]) -> bool {
+        let mut prev_alnum = false;
+        for (i, &c) in b.iter().enumerate() {
+            let class = BYTE_CLASS[c as usize];
+            if class & CANDIDATE != 0 && !prev_alnum && keyword_prefix_at(b, i) {
+                return true;
+            }
+            prev_alnum = class & ALNUM != 0;
+        }
+        false
+    }
+
+    #[test]
+    fn the_word_at_a_time_filter_agrees_with_a_byte_at_a_time_one() {
+        for c in 0..=255u8 {
+            let lanes = alnum_lanes(u64::from_le_bytes([c; 8]));
+            let want = if c.is_ascii_alphanumeric() {
+                LANES_HIGH
+            } else {
+                0
+            };
+            assert_eq!(lanes, want, "byte {c:#x}");
+        }
+        // Keywords at every offset around the 8-byte chunk edges, after every kind of byte.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces: [&[u8]; 12] = [
+            b"set", b"SeT", b"xset", b"_set", b"9set", b"\xe9set", b"end", b" ", b"a", b"(",
+            b"commit", b"\x80",
+        ];
+        for _ in 0..20_000 {
+            let mut text = Vec::new();
+            for _ in 0..(next() % 8) {
+                text.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            assert_eq!(
+                might_matter(&text),
+                might_matter_bytewise(&text),
+                "{:?}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        for pad in 0..16 {
+            for kw in ["set", "end", "rollback", "savepoint", "pg_temp"] {
+                let text = format!("{}{kw}", "x ".repeat(pad));
+                assert!(might_matter(text.as_bytes()), "{text}");
+                let glued = format!("{}{kw}", "x".repeat(pad + 1));
+                assert_eq!(
+                    might_matter(glued.as_bytes()),
+                    might_matter_bytewise(glued.as_bytes()),
+                    "{glued}"
+                );
+            }
         }
     }
 

@@ -82,10 +82,10 @@ impl Client {
         }
     }
 
-    /// Client messages are about to go to the server.
-    fn count_sending(&mut self) {
+    /// Client messages are about to go to the server (`known`: a clock reading from just now).
+    fn count_sending(&mut self, known: Option<Instant>) {
         if self.query_started.is_none() {
-            let now = Instant::now();
+            let now = known.unwrap_or_else(Instant::now);
             self.query_started = Some(now);
             self.xact_started.get_or_insert(now);
         }
@@ -144,6 +144,8 @@ impl Forwarder<'_> {
         let mut shutdown = me.kill.watch(KillReason::Shutdown);
         let mut admin_kill = me.kill.watch(KillReason::Admin);
         loop {
+            // The checkout's clock reading, for the query it was made for.
+            let mut checked_out = None;
             if lease.is_none() {
                 // Idle: wait for the client to need a server (its message stays buffered).
                 let tag = self.next_needing_server(c, &mut shutdown).await?;
@@ -158,6 +160,7 @@ impl Forwarder<'_> {
                     }
                     Err(e) => return Err(e),
                 };
+                checked_out = Some(l.at);
                 let conn = &mut lease.insert(l).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
@@ -188,7 +191,7 @@ impl Forwarder<'_> {
             }
             c.pipeline.emit_injects(conn.status, &mut self.client.wbuf);
             if !conn.framed.wbuf.is_empty() {
-                c.count_sending();
+                c.count_sending(checked_out);
                 conn.framed.flush().await?;
             }
             self.client.flush().await?;
