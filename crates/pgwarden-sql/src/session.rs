@@ -116,10 +116,15 @@ fn might_matter(b: &[u8]) -> bool {
     let mut prev_alnum = 0u64; // the previous chunk's last lane, as lane 0's top bit
     let mut at = 0;
     while at < b.len() {
-        let n = (b.len() - at).min(8);
-        let mut lanes = [0u8; 8]; // zero is not alphanumeric: a short tail is padded with it
-        lanes[..n].copy_from_slice(&b[at..at + n]);
-        let x = u64::from_le_bytes(lanes);
+        let x = match b.get(at..at + 8) {
+            Some(eight) => u64::from_le_bytes(eight.try_into().expect("eight bytes")),
+            None => {
+                // Zero is not alphanumeric: the short tail is padded with it.
+                let mut lanes = [0u8; 8];
+                lanes[..b.len() - at].copy_from_slice(&b[at..]);
+                u64::from_le_bytes(lanes)
+            }
+        };
         let alnum = alnum_lanes(x);
         let mut starts = alnum & !((alnum << 8) | prev_alnum);
         while starts != 0 {
@@ -151,8 +156,9 @@ fn alnum_lanes(x: u64) -> u64 {
 }
 
 /// Whether `b[at..]` begins with the first four letters (in either case) of a keyword the
-/// classifier acts on (`set` and `end` are three letters long): one comparison of a 32-bit word
-/// each, no branch per letter. Four letters admit more than the whole words would (`settings`,
+/// classifier acts on (`set` and `end` are three letters long): the four bytes as one 32-bit
+/// word, compared with the two three-letter ones and with the one four-letter prefix a perfect
+/// hash picks, so three comparisons whatever the word. Four letters admit more than the whole words would (`settings`,
 /// `temperature`): a false positive only costs a full classification.
 #[inline(always)]
 fn keyword_prefix_at(b: &[u8], at: usize) -> bool {
@@ -174,22 +180,36 @@ fn keyword_prefix_at(b: &[u8], at: usize) -> bool {
     // padding stays a space.
     let w = w | 0x2020_2020;
     let three = w & THREE;
-    const FOUR: [u32; 13] = [
-        word(b"save"),
-        word(b"rese"),
-        word(b"roll"),
-        word(b"rele"),
-        word(b"disc"),
-        word(b"decl"),
-        word(b"list"),
-        word(b"load"),
-        word(b"prep"),
-        word(b"temp"),
-        word(b"advi"),
-        word(b"abor"),
-        word(b"comm"),
+    three == word(b"set\0") & THREE
+        || three == word(b"end\0") & THREE
+        || FOUR_LETTER[four_letter_slot(w)] == w
+}
+
+/// The four-letter keyword prefixes, each in the slot `four_letter_slot` gives it (a perfect
+/// hash: no two share a slot); empty slots hold 0, which no lower-cased word equals (every byte
+/// of one has the 0x20 bit set).
+static FOUR_LETTER: [u32; 16] = {
+    const WORDS: [&[u8; 4]; 13] = [
+        b"save", b"rese", b"roll", b"rele", b"disc", b"decl", b"list", b"load", b"prep", b"temp",
+        b"advi", b"abor", b"comm",
     ];
-    three == word(b"set\0") & THREE || three == word(b"end\0") & THREE || FOUR.contains(&w)
+    let mut table = [0u32; 16];
+    let mut i = 0;
+    while i < WORDS.len() {
+        let w = u32::from_le_bytes(*WORDS[i]);
+        let slot = four_letter_slot(w);
+        assert!(
+            table[slot] == 0,
+            "two keywords share a slot: pick another multiplier"
+        );
+        table[slot] = w;
+        i += 1;
+    }
+    table
+};
+
+const fn four_letter_slot(w: u32) -> usize {
+    (w.wrapping_mul(0x20d1_eb7d) >> 28) as usize
 }
 
 const ALNUM: u8 = 1;
