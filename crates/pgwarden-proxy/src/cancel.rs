@@ -22,9 +22,12 @@ use tokio::sync::Notify;
 
 use crate::server::{BackendKey, Target};
 
+/// A server a cancel can be sent to: where it is and its key.
+pub type ServerRef = (Arc<Target>, BackendKey);
+
 #[derive(Default)]
 pub struct CancelSlot {
-    server: Mutex<Option<(Arc<Target>, BackendKey)>>,
+    server: Mutex<Option<ServerRef>>,
     /// Cancels taken from `server` and not yet delivered.
     in_flight: AtomicUsize,
     delivered: Notify,
@@ -48,15 +51,25 @@ impl CancelSlot {
 
     /// Names the server now running the client's queries (None: none). Waits while a cancel
     /// is being forwarded to the previous one.
-    pub async fn set_server(&self, server: Option<(Arc<Target>, BackendKey)>) {
-        {
-            // Nearly always no cancel is in flight: no waiter to set up.
-            let mut s = self.server.lock().expect("cancel slot lock");
-            if self.in_flight.load(Ordering::SeqCst) == 0 {
-                *s = server;
-                return;
-            }
+    pub async fn set_server(&self, server: Option<ServerRef>) {
+        if let Err(server) = self.try_set_server(server) {
+            self.set_server_after_cancels(server).await;
         }
+    }
+
+    /// [`CancelSlot::set_server`] without waiting: nearly always no cancel is in flight. `Err`
+    /// gives the server back when one is; then `set_server` must be awaited.
+    pub fn try_set_server(&self, server: Option<ServerRef>) -> Result<(), Option<ServerRef>> {
+        let mut s = self.server.lock().expect("cancel slot lock");
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            *s = server;
+            Ok(())
+        } else {
+            Err(server)
+        }
+    }
+
+    async fn set_server_after_cancels(&self, server: Option<ServerRef>) {
         loop {
             let delivered = self.delivered.notified();
             {

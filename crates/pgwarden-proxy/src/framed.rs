@@ -169,23 +169,34 @@ impl<S: AsyncRead + AsyncWrite + TryWrite + Unpin> Framed<S> {
         }
     }
 
-    /// Writes out everything queued in `wbuf`.
-    pub async fn flush(&mut self) -> Result<(), ProxyError> {
+    /// Writes what the socket takes now without waiting: true if nothing is left queued (then
+    /// no [`Framed::flush`] is needed, nor the future it costs).
+    pub fn flush_now(&mut self) -> Result<bool, ProxyError> {
         if self.wbuf.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
-        // Usually the socket takes it all at once: no future to set up.
         match self.io.try_write(&self.wbuf) {
             Ok(n) if n == self.wbuf.len() => {
                 self.wbuf.clear();
-                return Ok(());
+                Ok(true)
             }
-            Ok(n) => self.wbuf.advance(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Ok(n) => {
+                self.wbuf.advance(n);
+                Ok(false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => {
                 self.wbuf.clear();
-                return Err(self.io_err(e));
+                Err(self.io_err(e))
             }
+        }
+    }
+
+    /// Writes out everything queued in `wbuf`.
+    pub async fn flush(&mut self) -> Result<(), ProxyError> {
+        // Usually the socket takes it all at once.
+        if self.flush_now()? {
+            return Ok(());
         }
         let mut r = self.io.write_all(&self.wbuf).await;
         if r.is_ok() {

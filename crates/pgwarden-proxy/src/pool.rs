@@ -318,15 +318,21 @@ impl Pool {
         self.lease(permit, topology, settings).await
     }
 
-    /// With a permit: an idle connection that is still good, else a new one.
-    async fn lease(
-        &self,
-        permit: OwnedSemaphorePermit,
-        topology: &Topology,
-        settings: PoolSettings,
-    ) -> Result<Lease, ProxyError> {
+    /// A server connection at once, if a permit is free, nobody waits and an idle connection
+    /// is still good (the common case, without a future); `None`: take [`Pool::acquire`].
+    pub fn checkout_now(&self, topology: &Topology) -> Option<Lease> {
+        if self.is_paused() {
+            return None;
+        }
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let (conn, at) = self.take_idle(self.settings(), topology.epoch())?;
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        let epoch = topology.epoch();
+        Some(Lease { conn, permit, at })
+    }
+
+    /// An idle connection that is still good (closing those that are not), with the time it
+    /// was checked at.
+    fn take_idle(&self, settings: PoolSettings, epoch: u64) -> Option<(Box<ServerConn>, Instant)> {
         while let Some(mut conn) = self.pop_idle() {
             let now = Instant::now();
             let idle = now.saturating_duration_since(conn.last_used);
@@ -335,13 +341,23 @@ impl Pool {
                 && !conn.info.close_needed.load(Ordering::Relaxed)
                 && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE, now);
             if fresh {
-                return Ok(Lease {
-                    conn,
-                    permit,
-                    at: now,
-                });
+                return Some((conn, now));
             }
             tokio::spawn(server::close(conn));
+        }
+        None
+    }
+
+    /// With a permit: an idle connection that is still good, else a new one.
+    async fn lease(
+        &self,
+        permit: OwnedSemaphorePermit,
+        topology: &Topology,
+        settings: PoolSettings,
+    ) -> Result<Lease, ProxyError> {
+        self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        if let Some((conn, at)) = self.take_idle(settings, topology.epoch()) {
+            return Ok(Lease { conn, permit, at });
         }
         let conn = self.open(topology, settings).await?;
         Ok(Lease {

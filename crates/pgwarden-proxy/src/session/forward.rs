@@ -190,11 +190,17 @@ impl Forwarder<'_> {
                 return Ok(());
             }
             c.pipeline.emit_injects(conn.status, &mut self.client.wbuf);
+            // Writes are tried without a future first (`flush_now`): the socket nearly always
+            // takes everything at once.
             if !conn.framed.wbuf.is_empty() {
                 c.count_sending(checked_out);
-                conn.framed.flush().await?;
+                if !conn.framed.flush_now()? {
+                    conn.framed.flush().await?;
+                }
             }
-            self.client.flush().await?;
+            if !self.client.flush_now()? {
+                self.client.flush().await?;
+            }
             // A client idle inside a transaction holds its server: that gets a bound.
             let idle_in_tx = match self.idle_transaction_timeout {
                 Some(t) if conn.status != TxStatus::Idle && c.pipeline.settled() => Some(t),
@@ -233,9 +239,14 @@ impl Forwarder<'_> {
                 && c.session.pinned().is_none()
             {
                 let l = lease.take().expect("a server is attached here");
-                self.release(l, c).await;
+                if let Err(unset) = self.slot.try_set_server(None) {
+                    self.slot.set_server(unset).await;
+                }
+                self.to_pool(l, c);
             }
-            self.client.flush().await?;
+            if !self.client.flush_now()? {
+                self.client.flush().await?;
+            }
         }
     }
 
@@ -243,24 +254,32 @@ impl Forwarder<'_> {
     /// meanwhile).
     async fn checkout(&mut self, shutdown: &mut KillWatch<'_>) -> Result<Lease, ProxyError> {
         self.me.set_waiting();
-        self.slot.begin_wait();
-        let l = tokio::select! {
-            biased;
-            l = self.pool.acquire(self.topology) => l,
-            _ = shutdown => Err(self.killed()),
-            _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
-        };
-        self.slot.end_wait();
-        let l = match l {
-            Ok(l) => l,
-            Err(e) => {
-                self.me.set_idle();
-                return Err(e);
+        let l = match self.pool.checkout_now(self.topology) {
+            Some(l) => l,
+            None => {
+                self.slot.begin_wait();
+                let l = tokio::select! {
+                    biased;
+                    l = self.pool.acquire(self.topology) => l,
+                    _ = shutdown => Err(self.killed()),
+                    _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
+                };
+                self.slot.end_wait();
+                match l {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.me.set_idle();
+                        return Err(e);
+                    }
+                }
             }
         };
-        self.slot
-            .set_server(Some((l.conn.target.clone(), l.conn.key)))
-            .await;
+        if let Err(server) = self
+            .slot
+            .try_set_server(Some((l.conn.target.clone(), l.conn.key)))
+        {
+            self.slot.set_server(server).await;
+        }
         l.conn.info.set_active(self.me.id, self.me.request_us());
         self.me.set_active(l.conn.info.id);
         Ok(l)
@@ -317,7 +336,9 @@ impl Forwarder<'_> {
             let Some(n) =
                 message_len(&client.rbuf, MAX_MESSAGE).map_err(ProxyError::ClientProtocol)?
             else {
-                client.flush().await?;
+                if !client.wbuf.is_empty() {
+                    client.flush().await?;
+                }
                 tokio::select! {
                     biased;
                     r = async {
@@ -340,8 +361,8 @@ impl Forwarder<'_> {
         }
     }
 
-    async fn release(&self, lease: Lease, c: &mut Client) {
-        self.slot.set_server(None).await;
+    /// Gives the server back between transactions (its cancel slot already cleared).
+    fn to_pool(&self, lease: Lease, c: &mut Client) {
         self.me.set_idle();
         let now = c.ready_at.take().unwrap_or_else(Instant::now);
         let usage = std::mem::take(&mut c.usage);
