@@ -152,14 +152,27 @@ impl Forwarder<'_> {
                 if tag == b'X' {
                     return Ok(());
                 }
-                let l = match self.checkout(&mut shutdown).await {
-                    Ok(l) => l,
-                    Err(ProxyError::CancelledWaiting) => {
-                        self.answer_cancelled().await?;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
+                self.me.set_waiting();
+                let now = self.pool.checkout_now(self.topology);
+                let l = match now {
+                    Some(l) => l,
+                    None => match self.checkout(&mut shutdown).await {
+                        Ok(l) => l,
+                        Err(ProxyError::CancelledWaiting) => {
+                            self.answer_cancelled().await?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    },
                 };
+                // Cancels now go to this server (once any still being delivered to the last
+                // one is through).
+                let server = Some((l.conn.target.clone(), l.conn.key));
+                if let Err(server) = self.slot.try_set_server(server) {
+                    self.slot.set_server(server).await;
+                }
+                l.conn.info.set_active(self.me.id, self.me.request_us());
+                self.me.set_active(l.conn.info.id);
                 checked_out = Some(l.at);
                 let conn = &mut lease.insert(l).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
@@ -251,38 +264,20 @@ impl Forwarder<'_> {
     }
 
     /// Waits for a server (giving up if the session is told to end, or its query is cancelled,
-    /// meanwhile).
+    /// meanwhile); without one free at once (see [`Pool::checkout_now`]).
     async fn checkout(&mut self, shutdown: &mut KillWatch<'_>) -> Result<Lease, ProxyError> {
-        self.me.set_waiting();
-        let l = match self.pool.checkout_now(self.topology) {
-            Some(l) => l,
-            None => {
-                self.slot.begin_wait();
-                let l = tokio::select! {
-                    biased;
-                    l = self.pool.acquire(self.topology) => l,
-                    _ = shutdown => Err(self.killed()),
-                    _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
-                };
-                self.slot.end_wait();
-                match l {
-                    Ok(l) => l,
-                    Err(e) => {
-                        self.me.set_idle();
-                        return Err(e);
-                    }
-                }
-            }
+        self.slot.begin_wait();
+        let l = tokio::select! {
+            biased;
+            l = self.pool.acquire(self.topology) => l,
+            _ = shutdown => Err(self.killed()),
+            _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
         };
-        if let Err(server) = self
-            .slot
-            .try_set_server(Some((l.conn.target.clone(), l.conn.key)))
-        {
-            self.slot.set_server(server).await;
+        self.slot.end_wait();
+        if l.is_err() {
+            self.me.set_idle();
         }
-        l.conn.info.set_active(self.me.id, self.me.request_us());
-        self.me.set_active(l.conn.info.id);
-        Ok(l)
+        l
     }
 
     /// The query that waited for a server (the client's next message, still buffered) was
