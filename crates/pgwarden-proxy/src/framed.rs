@@ -216,6 +216,11 @@ impl Framed<crate::tls::ClientStream> {
             return Ok(());
         }
         self.shrink(IDLE_KEEP);
+        if self.rbuf.capacity() >= CLIENT_READ {
+            // A buffer it keeps anyway: the read may as well wait in it (one readiness wait
+            // instead of two).
+            return Ok(());
+        }
         if let crate::tls::ClientStream::Plain(tcp) = &self.io {
             tcp.readable().await.map_err(|e| self.io_err(e))?;
         }
