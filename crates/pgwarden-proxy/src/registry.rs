@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
@@ -138,6 +138,17 @@ pub fn unix_micros(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Unix microseconds of a monotonic reading, from one wall-clock reading taken at first use
+/// (so the per-transaction request times need no wall-clock read).
+pub fn instant_unix_micros(t: Instant) -> u64 {
+    static ANCHOR: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (at, unix) = *ANCHOR.get_or_init(|| (Instant::now(), unix_micros(SystemTime::now())));
+    match t.checked_duration_since(at) {
+        Some(d) => unix + d.as_micros() as u64,
+        None => unix.saturating_sub(at.duration_since(t).as_micros() as u64),
+    }
+}
+
 impl ClientInfo {
     pub fn state(&self) -> ClientState {
         match self.state.load(Ordering::Relaxed) {
@@ -147,11 +158,17 @@ impl ClientInfo {
         }
     }
 
-    pub fn set_waiting(&self) {
-        self.request_us
-            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+    /// Asked for a server at `at` and waits for one.
+    pub fn set_waiting(&self, at: Instant) {
+        self.set_requested(at);
         self.state
             .store(ClientState::Waiting as u8, Ordering::Relaxed);
+    }
+
+    /// Asked for a server at `at`.
+    pub fn set_requested(&self, at: Instant) {
+        self.request_us
+            .store(instant_unix_micros(at), Ordering::Relaxed);
     }
 
     pub fn set_active(&self, server: u64) {

@@ -103,6 +103,7 @@ async fn connect_inner(
                     status,
                     epoch,
                     created: now,
+                    retire_at: None,
                     last_used: now,
                     broken: false,
                     prepared: Default::default(),

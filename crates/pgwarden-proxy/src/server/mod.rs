@@ -51,6 +51,9 @@ pub struct ServerConn {
     /// The cluster epoch it was made under; a new epoch retires it.
     pub epoch: u64,
     pub created: Instant,
+    /// `created + lifetime`, for the lifetime last checked against (so a checkout compares
+    /// instants rather than subtracting them); `None` inside: never (an overflow).
+    retire_at: Option<(Duration, Option<Instant>)>,
     pub last_used: Instant,
     /// Set when its state is unknown (an error mid-exchange): it must not be reused.
     pub broken: bool,
@@ -64,14 +67,23 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
+    fn past_lifetime(&mut self, lifetime: Duration, now: Instant) -> bool {
+        let deadline = match self.retire_at {
+            Some((l, deadline)) if l == lifetime => deadline,
+            _ => {
+                let deadline = self.created.checked_add(lifetime);
+                self.retire_at = Some((lifetime, deadline));
+                deadline
+            }
+        };
+        deadline.is_some_and(|d| now > d)
+    }
+
     /// Whether the connection looks usable without a round trip: not broken, not past its
     /// lifetime, nothing left unread, and with `peek`, nothing unexpected (EOF, an error the
     /// server sent while idle) waiting on the socket.
     pub fn is_reusable(&mut self, lifetime: Duration, peek: bool, now: Instant) -> bool {
-        if self.broken
-            || now.saturating_duration_since(self.created) > lifetime
-            || self.status != TxStatus::Idle
-        {
+        if self.broken || self.past_lifetime(lifetime, now) || self.status != TxStatus::Idle {
             return false;
         }
         if !self.framed.rbuf.is_empty() {

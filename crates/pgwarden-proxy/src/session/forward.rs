@@ -71,13 +71,17 @@ impl Client {
         let now = Instant::now();
         self.ready_at = Some(now);
         self.usage.queries += 1;
-        if let Some(t) = self.query_started.take() {
-            self.usage.query_micros += now.duration_since(t).as_micros() as u64;
-        }
+        let query = self.query_started.take();
+        let query_micros = query.map(|t| now.duration_since(t).as_micros() as u64);
+        self.usage.query_micros += query_micros.unwrap_or(0);
         if frame.get(5) == Some(&b'I') {
             self.usage.transactions += 1;
             if let Some(t) = self.xact_started.take() {
-                self.usage.xact_micros += now.duration_since(t).as_micros() as u64;
+                // A transaction of one query (the usual) took as long as its query.
+                self.usage.xact_micros += match query_micros {
+                    Some(q) if query == Some(t) => q,
+                    _ => now.duration_since(t).as_micros() as u64,
+                };
             }
         }
     }
@@ -152,10 +156,12 @@ impl Forwarder<'_> {
                 if tag == b'X' {
                     return Ok(());
                 }
-                self.me.set_waiting();
                 let now = self.pool.checkout_now(self.topology);
                 let l = match now {
-                    Some(l) => l,
+                    Some(l) => {
+                        self.me.set_requested(l.at);
+                        l
+                    }
                     None => match self.checkout(&mut shutdown).await {
                         Ok(l) => l,
                         Err(ProxyError::CancelledWaiting) => {
@@ -266,6 +272,7 @@ impl Forwarder<'_> {
     /// Waits for a server (giving up if the session is told to end, or its query is cancelled,
     /// meanwhile); without one free at once (see [`Pool::checkout_now`]).
     async fn checkout(&mut self, shutdown: &mut KillWatch<'_>) -> Result<Lease, ProxyError> {
+        self.me.set_waiting(Instant::now());
         self.slot.begin_wait();
         let l = tokio::select! {
             biased;
