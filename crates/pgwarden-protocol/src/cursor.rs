@@ -60,11 +60,7 @@ impl<'a> Cursor<'a> {
 
     /// A NUL-terminated string, without its NUL.
     pub fn cstr_bytes(&mut self) -> Result<&'a [u8], ProtocolError> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(ProtocolError::Unterminated { what: self.what })?;
+        let end = find_nul(self.buf).ok_or(ProtocolError::Unterminated { what: self.what })?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
         Ok(s)
@@ -115,5 +111,52 @@ impl<'a> Cursor<'a> {
             return Err(self.truncated());
         }
         Ok(n)
+    }
+}
+
+/// The index of the first NUL byte: eight bytes at a time (a query text is scanned for its
+/// terminator on every message, so this is on the hot path).
+pub fn find_nul(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut at = 0;
+    while let Some(eight) = b.get(at..at + 8) {
+        let x = u64::from_le_bytes(eight.try_into().expect("eight bytes"));
+        // Nonzero exactly when some byte of x is zero (the classic test: a borrow can only
+        // start at a zero byte, so the lowest flagged byte is a true zero).
+        let zero = x.wrapping_sub(ONES) & !x & HIGH;
+        if zero != 0 {
+            return Some(at + (zero.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    b[at..].iter().position(|&c| c == 0).map(|i| at + i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_nul;
+
+    #[test]
+    fn find_nul_agrees_with_a_byte_search() {
+        // Fill bytes that trip naive word-at-a-time tests (0x01 after a zero, 0x80, 0xff).
+        for fill in [b'a', 0x01, 0x80, 0xff] {
+            for len in 0..40 {
+                let mut b = vec![fill; len];
+                assert_eq!(find_nul(&b), None, "fill {fill:#x} len {len}");
+                for first in 0..len {
+                    b.iter_mut().for_each(|c| *c = fill);
+                    b[first] = 0;
+                    // A second zero later, and 0x01s right after the first, change nothing.
+                    if first + 1 < len {
+                        b[first + 1] = 0x01;
+                    }
+                    if first + 5 < len {
+                        b[first + 5] = 0;
+                    }
+                    assert_eq!(find_nul(&b), Some(first), "fill {fill:#x} len {len}");
+                }
+            }
+        }
     }
 }
