@@ -309,6 +309,20 @@ impl Pipeline {
             client_out.extend_from_slice(frame);
             return Ok(());
         }
+        // The other common answers to a client's message that touch no session state: passed
+        // on, completing their entry where they do (as `receive_response` below would).
+        if matches!(frame[0], b'1' | b'2' | b'T' | b't' | b'n' | b's' | b'I') {
+            if let Some(done) = self.answer_forwarded(frame[0]) {
+                client_out.extend_from_slice(frame);
+                if done {
+                    if let Some(p) = self.queue.pop_front() {
+                        p.done();
+                    }
+                    self.emit_injects(conn.status, client_out);
+                }
+                return Ok(());
+            }
+        }
         self.emit_injects(conn.status, client_out);
         let (tag, body) = split(frame);
         if let Some(Pending::Internal { .. }) = self.queue.front() {
@@ -471,6 +485,25 @@ impl Pipeline {
     }
 
     /// A response to the message at the front of the queue.
+    /// For a message answering the client's Forward entry at the front: whether it completes
+    /// that entry (a ParseComplete also validates our statement); `None`: the front is not a
+    /// Forward.
+    fn answer_forwarded(&mut self, tag: u8) -> Option<bool> {
+        let Some(Pending::Forward { tag: sent, stmt, .. }) = self.queue.front() else {
+            return None;
+        };
+        let done = completes(*sent, tag);
+        if done && tag == b'1' {
+            if let Some(stmt) = stmt {
+                stmt.mark_validated();
+            }
+        }
+        if tag == b'2' {
+            self.batches.bound();
+        }
+        Some(done)
+    }
+
     fn receive_response(&mut self, tag: u8, frame: &[u8], client_out: &mut BytesMut) {
         match self.queue.front() {
             Some(Pending::SwallowTag(t)) if *t == tag => {
