@@ -340,11 +340,18 @@ impl Pipeline {
                 client_out.extend_from_slice(frame);
             }
             b'Z' => {
-                let status =
-                    match BackendMessage::parse(tag, body).map_err(ProxyError::ServerProtocol)? {
+                let status = match body {
+                    b"I" => TxStatus::Idle,
+                    b"T" => TxStatus::InTransaction,
+                    b"E" => TxStatus::Failed,
+                    // Malformed: the decoder says how.
+                    _ => match BackendMessage::parse(tag, body)
+                        .map_err(ProxyError::ServerProtocol)?
+                    {
                         BackendMessage::ReadyForQuery(status) => status,
                         _ => unreachable!("a Z frame parses as ReadyForQuery"),
-                    };
+                    },
+                };
                 conn.status = status;
                 if matches!(self.queue.front(), Some(Pending::SwallowReady)) {
                     self.queue.pop_front();
@@ -489,7 +496,10 @@ impl Pipeline {
     /// that entry (a ParseComplete also validates our statement); `None`: the front is not a
     /// Forward.
     fn answer_forwarded(&mut self, tag: u8) -> Option<bool> {
-        let Some(Pending::Forward { tag: sent, stmt, .. }) = self.queue.front() else {
+        let Some(Pending::Forward {
+            tag: sent, stmt, ..
+        }) = self.queue.front()
+        else {
             return None;
         };
         let done = completes(*sent, tag);
