@@ -198,6 +198,11 @@ impl<S: AsyncRead + AsyncWrite + TryWrite + Unpin> Framed<S> {
         if self.flush_now()? {
             return Ok(());
         }
+        self.flush_rest().await
+    }
+
+    /// After a [`Framed::flush_now`] that left something queued: waits until it is written.
+    pub async fn flush_rest(&mut self) -> Result<(), ProxyError> {
         let mut r = self.io.write_all(&self.wbuf).await;
         if r.is_ok() {
             // A no-op on TCP; TLS sends its buffered records.

@@ -214,11 +214,11 @@ impl Forwarder<'_> {
             if !conn.framed.wbuf.is_empty() {
                 c.count_sending(checked_out);
                 if !conn.framed.flush_now()? {
-                    conn.framed.flush().await?;
+                    conn.framed.flush_rest().await?;
                 }
             }
             if !self.client.flush_now()? {
-                self.client.flush().await?;
+                self.client.flush_rest().await?;
             }
             // A client idle inside a transaction holds its server: that gets a bound.
             let idle_in_tx = match self.idle_transaction_timeout {
@@ -264,7 +264,7 @@ impl Forwarder<'_> {
                 self.to_pool(l, c);
             }
             if !self.client.flush_now()? {
-                self.client.flush().await?;
+                self.client.flush_rest().await?;
             }
         }
     }
