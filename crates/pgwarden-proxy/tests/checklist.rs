@@ -172,15 +172,10 @@ async fn garbage_after_login_ends_only_that_session() {
             drop(c); // EOF in the middle of a frame
             continue;
         }
-        let mut all = Vec::new();
-        let read_all = async {
-            while let Some(m) = c.try_recv().await {
-                all.push(m);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read_all)
+        let all = c
+            .until_closed(Duration::from_secs(10))
             .await
-            .unwrap_or_else(|_| panic!("{bytes:?}: the session did not end"));
+            .unwrap_or_else(|| panic!("{bytes:?}: the session did not end"));
         let code = error_code(&all);
         assert!(
             matches!(code.as_deref(), Some("08P01")),
@@ -225,13 +220,8 @@ async fn a_malformed_repeat_of_the_last_parse_is_still_refused() {
     frame.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
     frame.extend_from_slice(&body);
     c.send_bytes(&frame).await;
-    let mut all = Vec::new();
-    let read_all = async {
-        while let Some(m) = c.try_recv().await {
-            all.push(m);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read_all)
+    let all = c
+        .until_closed(Duration::from_secs(10))
         .await
         .expect("the session ends");
     assert_eq!(error_code(&all).as_deref(), Some("08P01"), "{all:?}");

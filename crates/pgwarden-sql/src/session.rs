@@ -98,6 +98,11 @@ pub fn classify_query(sql: &str) -> Vec<Effect> {
     if !might_matter(sql.as_bytes()) {
         return Vec::new();
     }
+    classify_each(sql)
+}
+
+/// Every statement's effect, without the filter; empty when none has any.
+fn classify_each(sql: &str) -> Vec<Effect> {
     let effects: Vec<Effect> = split(sql).into_iter().map(classify_statement).collect();
     if effects.iter().all(|e| *e == Effect::None) {
         Vec::new()
@@ -254,8 +259,8 @@ pub fn classify_query_bytes(sql: &[u8]) -> Vec<Effect> {
         return Vec::new();
     }
     match std::str::from_utf8(sql) {
-        Ok(s) => classify_query(s),
-        Err(_) => classify_query(&latin1(sql))
+        Ok(s) => classify_each(s),
+        Err(_) => classify_each(&latin1(sql))
             .into_iter()
             .map(pin_settings)
             .collect(),

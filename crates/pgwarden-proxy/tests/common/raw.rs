@@ -135,6 +135,19 @@ impl Raw {
         }
     }
 
+    /// Every message until the proxy closes the connection; `None` if it is still open after
+    /// `within`.
+    pub async fn until_closed(&mut self, within: std::time::Duration) -> Option<Vec<Msg>> {
+        let mut all = Vec::new();
+        let read_all = async {
+            while let Some(m) = self.try_recv().await {
+                all.push(m);
+            }
+        };
+        tokio::time::timeout(within, read_all).await.ok()?;
+        Some(all)
+    }
+
     /// Messages up to and including the next ReadyForQuery, as their type letters plus the
     /// messages themselves.
     pub async fn until_ready(&mut self) -> (String, Vec<Msg>) {

@@ -311,17 +311,14 @@ impl Pipeline {
         }
         // The other common answers to a client's message that touch no session state: passed
         // on, completing their entry where they do (as `receive_response` below would).
-        if matches!(frame[0], b'1' | b'2' | b'T' | b't' | b'n' | b's' | b'I') {
-            if let Some(done) = self.answer_forwarded(frame[0]) {
-                client_out.extend_from_slice(frame);
-                if done {
-                    if let Some(p) = self.queue.pop_front() {
-                        p.done();
-                    }
-                    self.emit_injects(conn.status, client_out);
-                }
-                return Ok(());
+        if matches!(frame[0], b'1' | b'2' | b'T' | b't' | b'n' | b's' | b'I')
+            && self.pass_forwarded(frame[0], frame, client_out)
+        {
+            if frame[0] == b'2' {
+                self.batches.bound();
             }
+            self.emit_injects(conn.status, client_out);
+            return Ok(());
         }
         self.emit_injects(conn.status, client_out);
         let (tag, body) = split(frame);
@@ -491,16 +488,15 @@ impl Pipeline {
         self.copy_in = end == self.queue.len();
     }
 
-    /// A response to the message at the front of the queue.
-    /// For a message answering the client's Forward entry at the front: whether it completes
-    /// that entry (a ParseComplete also validates our statement); `None`: the front is not a
-    /// Forward.
-    fn answer_forwarded(&mut self, tag: u8) -> Option<bool> {
+    /// A message answering the client's Forward entry at the front goes to the client, and
+    /// completes the entry where it does (a ParseComplete also validates our statement). False:
+    /// the front is not a Forward, and nothing was done.
+    fn pass_forwarded(&mut self, tag: u8, frame: &[u8], client_out: &mut BytesMut) -> bool {
         let Some(Pending::Forward {
             tag: sent, stmt, ..
         }) = self.queue.front()
         else {
-            return None;
+            return false;
         };
         let done = completes(*sent, tag);
         if done && tag == b'1' {
@@ -508,12 +504,16 @@ impl Pipeline {
                 stmt.mark_validated();
             }
         }
-        if tag == b'2' {
-            self.batches.bound();
+        client_out.extend_from_slice(frame);
+        if done {
+            if let Some(p) = self.queue.pop_front() {
+                p.done();
+            }
         }
-        Some(done)
+        true
     }
 
+    /// A response to the message at the front of the queue.
     fn receive_response(&mut self, tag: u8, frame: &[u8], client_out: &mut BytesMut) {
         match self.queue.front() {
             Some(Pending::SwallowTag(t)) if *t == tag => {
@@ -525,23 +525,11 @@ impl Pipeline {
                 }
                 self.queue.pop_front();
             }
-            Some(Pending::Forward {
-                tag: sent,
-                stmt: parsed,
-                ..
-            }) => {
-                let done = completes(*sent, tag);
-                client_out.extend_from_slice(frame);
-                if done {
-                    if let (Some(stmt), b'1') = (parsed, tag) {
-                        stmt.mark_validated();
-                    }
-                    if let Some(p) = self.queue.pop_front() {
-                        p.done();
-                    }
+            _ => {
+                if !self.pass_forwarded(tag, frame, client_out) {
+                    client_out.extend_from_slice(frame);
                 }
             }
-            _ => client_out.extend_from_slice(frame),
         }
     }
 
