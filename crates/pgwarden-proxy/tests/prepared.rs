@@ -276,6 +276,141 @@ async fn clients_that_decode_with_a_cached_description_get_the_error() {
     assert_eq!(c.query_one(&st, &[]).await.expect("run").len(), 3);
 }
 
+/// `other` gets the pool's one server within query_wait_timeout.
+async fn server_is_free(other: &tokio_postgres::Client) {
+    let n: i64 = other
+        .query_one("SELECT 1::int8", &[])
+        .await
+        .expect("the server is free for another client")
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+/// The number of columns a RowDescription in `msgs` describes.
+fn described_columns(msgs: &[common::raw::Msg]) -> Option<u16> {
+    msgs.iter()
+        .find(|(tag, _)| *tag == b'T')
+        .map(|(_, body)| u16::from_be_bytes([body[0], body[1]]))
+}
+
+/// Bind and Execute of `st` with a Flush instead of a Sync (so never retried), read up to its
+/// error, which must be the stale plan.
+async fn stale_error_before_sync(c: &mut common::raw::Raw, st: &str) {
+    c.bind("", st).execute("");
+    frontend::put_flush(&mut c.out);
+    c.flush().await;
+    let m = c.recv().await;
+    assert_eq!(m.0, b'E', "{m:?}");
+    assert_eq!(
+        error_code(std::slice::from_ref(&m)).as_deref(),
+        Some("0A000")
+    );
+}
+
+#[tokio::test]
+async fn a_statement_is_fresh_whenever_it_is_prepared_again_after_its_stale_error() {
+    let s = setup(0, "default_pool_size = 1\nquery_wait_timeout = \"3s\"").await;
+    let admin = shape_table(&s).await;
+    let mut c = s.raw(&[]).await;
+    let other = s.app().await;
+    let alter = |col: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .batch_execute(&format!("ALTER TABLE shape ADD COLUMN {col} int"))
+                .await
+                .expect("alter")
+        }
+    };
+    c.parse("st", "SELECT * FROM public.shape")
+        .bind("", "st")
+        .execute("")
+        .sync();
+    c.flush().await;
+    assert_eq!(c.until_ready().await.0, "12DCZ");
+
+    // The error with its Sync, as tokio-postgres gets it: the client then idles, and the one
+    // server is not held for it (the stale statement is closed with a Sync of the proxy's).
+    alter("b").await;
+    c.bind("", "st").execute("").sync();
+    c.flush().await;
+    let (_, msgs) = c.until_ready().await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("0A000"));
+    server_is_free(&other).await;
+
+    // A new Parse of the same text that reaches the proxy after the error but before the
+    // batch's ReadyForQuery: the server's stale statement is closed before it is prepared again.
+    c.bind("", "st").execute("").sync();
+    c.flush().await;
+    assert_eq!(
+        c.until_ready().await.0,
+        "2DCZ",
+        "prepared again with two columns"
+    );
+    alter("c").await;
+    stale_error_before_sync(&mut c, "st").await;
+    c.sync().parse("st2", "SELECT * FROM public.shape");
+    c.describe_statement("st2").sync();
+    c.flush().await;
+    assert_eq!(c.until_ready().await.0, "Z");
+    let (tags, msgs) = c.until_ready().await;
+    assert_eq!(tags, "1tTZ");
+    assert_eq!(described_columns(&msgs), Some(3));
+
+    // The same in the failed batch itself: the server skips the Close, Parse and Describe, and
+    // the statement is still closed afterwards.
+    alter("d").await;
+    stale_error_before_sync(&mut c, "st2").await;
+    c.parse("st3", "SELECT * FROM public.shape");
+    c.describe_statement("st3").sync();
+    c.flush().await;
+    assert_eq!(c.until_ready().await.0, "Z", "skipped, as by PostgreSQL");
+    c.parse("st3", "SELECT * FROM public.shape");
+    c.describe_statement("st3").sync();
+    c.flush().await;
+    let (tags, msgs) = c.until_ready().await;
+    assert_eq!(tags, "1tTZ");
+    assert_eq!(described_columns(&msgs), Some(4));
+    c.bind("", "st3").execute("").sync();
+    c.flush().await;
+    let (tags, msgs) = c.until_ready().await;
+    assert_eq!((tags.as_str(), error_code(&msgs)), ("2DCZ", None));
+    server_is_free(&other).await;
+}
+
+#[tokio::test]
+async fn an_eviction_the_server_skipped_after_an_error_still_happens() {
+    let s = setup(0, "default_pool_size = 1\nmax_prepared_statements = 1").await;
+    let mut c = s.raw(&[]).await;
+    // The server ends up with b only (a is evicted for it).
+    c.parse("a", "SELECT 'a'::text")
+        .parse("b", "SELECT 'b'::text")
+        .sync();
+    c.flush().await;
+    assert_eq!(c.until_ready().await.0, "11Z");
+    // Using a evicts b, but the Close goes after an error in the same batch: the server
+    // skips it (and a's Parse).
+    c.parse("", "SELECT 1 / 0").bind("", "").execute("");
+    c.bind("", "a").execute("").sync();
+    c.flush().await;
+    let (tags, msgs) = c.until_ready().await;
+    assert_eq!(
+        (tags.as_str(), error_code(&msgs).as_deref()),
+        ("1EZ", Some("22012"))
+    );
+    // b is prepared again without a clash with the server's old one.
+    for (st, want) in [("b", "b"), ("a", "a"), ("b", "b")] {
+        c.bind("", st).execute("").sync();
+        c.flush().await;
+        let (tags, msgs) = c.until_ready().await;
+        assert_eq!(error_code(&msgs), None, "{st}");
+        assert_eq!(
+            (tags.as_str(), first_column(&msgs)),
+            ("2DCZ", vec![Some(want.to_string())])
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_shared_statement_recovers_on_every_server() {
     let s = setup(0, "default_pool_size = 2").await;

@@ -40,6 +40,8 @@ enum Undo {
     Unregister(String),
     Reregister(String, Arc<Statement>),
     ServerForget(String),
+    /// A Close of a stale statement that the server skipped: it is still to be closed.
+    CloseLater(String),
 }
 
 #[derive(Debug)]
@@ -118,7 +120,8 @@ pub struct Pipeline {
     batches: Batches,
     /// The query text last classified for session effects, and its effect.
     last_classified: Option<(Vec<u8>, Effect)>,
-    /// Statements of ours whose plan went stale, to close once the batch is over.
+    /// Statements of ours whose plan went stale on this server, to close once the batch is
+    /// over (no longer in the server's `prepared`, but still on the server).
     stale: Vec<String>,
     /// The server is in COPY FROM STDIN mode and the client has not ended it yet: a Sync sent
     /// now is ignored by the server.
@@ -370,8 +373,8 @@ impl Pipeline {
                     }
                     self.skipped(p, conn, cx.statements);
                 }
-                for name in std::mem::take(&mut self.stale) {
-                    self.close_on_server(&name, conn);
+                if !self.stale.is_empty() {
+                    self.close_stale(conn);
                 }
                 client_out.extend_from_slice(frame);
             }
@@ -380,9 +383,14 @@ impl Pipeline {
                     if self.retry_stale_plan(failed, &stmt, conn, cx)? {
                         return Ok(());
                     }
-                    // Not retried: drop it from this server once the batch is over, so the
-                    // client's next use (or its new Parse) prepares it fresh.
-                    self.stale.push(stmt.server_name.clone());
+                    // Not retried. The server keeps the stale statement until the batch is
+                    // over (a Close now would be skipped with the rest of it): it is closed
+                    // then, or just before this server is asked to prepare it again, which the
+                    // client's next use or new Parse does, even if sent before that.
+                    conn.prepared.remove(&stmt.server_name);
+                    if !self.stale.contains(&stmt.server_name) {
+                        self.stale.push(stmt.server_name.clone());
+                    }
                 }
                 cx.session.error();
                 match self.client_facing_error(body, cx.statements) {
@@ -629,6 +637,7 @@ impl Pipeline {
                     statements.insert(name, stmt);
                 }
                 Undo::ServerForget(name) => conn.prepared.remove(&name),
+                Undo::CloseLater(name) => self.stale.push(name),
             }
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use pgwarden_protocol::backend::TxStatus;
 use pgwarden_protocol::frontend::{self, Target};
 
-use super::{Context, Pending, Pipeline};
+use super::{Context, Pending, Pipeline, Undo};
 use crate::error::ProxyError;
 use crate::prepared::Statement;
 use crate::server::ServerConn;
@@ -53,7 +53,8 @@ impl Pipeline {
             self.skipped(p, conn, cx.statements);
         }
         self.queue.push_back(Pending::SwallowReady);
-        self.close_on_server(&stmt.server_name, conn);
+        self.stale.retain(|n| *n != stmt.server_name);
+        self.close_on_server(stmt.server_name.clone(), conn);
         for (i, frame) in retry.frames.iter().enumerate() {
             self.send(frame, conn, cx)?;
             if i == 0 && failed == b'D' {
@@ -68,15 +69,38 @@ impl Pipeline {
     }
 
     /// Closes one of our statements on `conn` (its answer swallowed); the next use prepares it
-    /// again.
-    pub(super) fn close_on_server(&mut self, server_name: &str, conn: &mut ServerConn) {
-        frontend::put_close(&mut conn.framed.wbuf, Target::Statement, server_name);
-        conn.prepared.remove(server_name);
+    /// again. Should the server skip the Close (an error earlier in the same batch), it is
+    /// closed later.
+    pub(super) fn close_on_server(&mut self, server_name: String, conn: &mut ServerConn) {
+        frontend::put_close(&mut conn.framed.wbuf, Target::Statement, &server_name);
+        conn.prepared.remove(&server_name);
         self.queue.push_back(Pending::Swallow {
             expect: b'3',
-            undo: vec![],
+            undo: vec![Undo::CloseLater(server_name)],
             parsed: None,
         });
+    }
+
+    /// At the ReadyForQuery that ends a batch: closes the statements whose plan went stale in
+    /// it, with a Sync of ours so that the server answers now and can go back to the pool
+    /// (unless the client is in the middle of a batch, whose Sync will do).
+    pub(super) fn close_stale(&mut self, conn: &mut ServerConn) {
+        for name in std::mem::take(&mut self.stale) {
+            self.close_on_server(name, conn);
+        }
+        if !self.in_batch && !self.copy_in {
+            frontend::put_sync(&mut conn.framed.wbuf);
+            self.queue.push_back(Pending::SwallowReady);
+        }
+    }
+
+    /// Before `conn` is asked to prepare `server_name`: if the server still has it with a
+    /// stale plan, closes it first.
+    pub(super) fn close_if_stale(&mut self, conn: &mut ServerConn, server_name: &str) {
+        if let Some(i) = self.stale.iter().position(|n| n == server_name) {
+            let name = self.stale.swap_remove(i);
+            self.close_on_server(name, conn);
+        }
     }
 
     /// The failed message's statement and type, if the error is a stale plan of ours.

@@ -119,6 +119,7 @@ impl Pipeline {
                 undo,
             });
         } else {
+            self.close_if_stale(conn, &stmt.server_name);
             self.evict(conn, cx.capacity, &stmt.server_name);
             frontend::put_parse(&mut conn.framed.wbuf, &stmt.server_name, query, param_types);
             conn.prepared.insert(&stmt.server_name);
@@ -328,6 +329,7 @@ impl Pipeline {
         if conn.prepared.has(&stmt.server_name) {
             return;
         }
+        self.close_if_stale(conn, &stmt.server_name);
         self.evict(conn, capacity, &stmt.server_name);
         frontend::put_parse(
             &mut conn.framed.wbuf,
@@ -345,12 +347,7 @@ impl Pipeline {
 
     pub(super) fn evict(&mut self, conn: &mut ServerConn, capacity: usize, keep: &str) {
         if let Some(victim) = conn.prepared.evict_for(capacity, keep) {
-            frontend::put_close(&mut conn.framed.wbuf, Target::Statement, &victim);
-            self.queue.push_back(Pending::Swallow {
-                expect: b'3',
-                undo: vec![],
-                parsed: None,
-            });
+            self.close_on_server(victim, conn);
         }
     }
 }
