@@ -10,7 +10,8 @@
 #
 # Each cell is the median of -r rounds (default 3) that alternate which proxy runs first; runs
 # of the same setup on a small VM vary by ±20%, so single runs cannot settle 10% differences.
-# The last column is the range of the per-round tps ratios.
+# The ratios are the medians of the per-round ratios (each round's two proxies ran back to back,
+# so a slow spell of the machine hits both), the last column their range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -126,12 +127,16 @@ median() { # values (n/a ignored) -> median, or n/a
     awk '{a[NR]=$1} END{ if (NR == 0) print "n/a"; else if (NR % 2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
+paired() { # per-round ratios ("-" ignored) -> their median, or "-"
+  local m; m=$(median "$(printf "%s\n" "$@" | sed 's/^-$/n\/a/')")
+  if [ "$m" = n/a ]; then echo -; else printf "%.2f" "$m"; fi
+}
 
 printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s %11s\n" \
   mode clients direct_tps lat_ms bouncer_tps lat_ms cpu/10k pgw_tps lat_ms cpu/10k tps_x cpu_x tps_x_range
 for mode in $MODES; do
   for c in $CLIENTS; do
-    DT=(); DL=(); WT=(); WL=(); WC=(); BT=(); BL=(); BC=(); XR=()
+    DT=(); DL=(); WT=(); WL=(); WC=(); BT=(); BL=(); BC=(); XR=(); CR=()
     for r in $(seq "$ROUNDS"); do
       read -r dt dl _ < <(run direct "$mode" "$c")
       # Alternate the order so neither proxy always runs first.
@@ -146,7 +151,7 @@ for mode in $MODES; do
         read -r wt wl wc < <(run pgwarden "$mode" "$c")
       fi
       DT+=("$dt"); DL+=("$dl"); WT+=("$wt"); WL+=("$wl"); WC+=("$wc"); BT+=("$bt"); BL+=("$bl"); BC+=("$bc")
-      XR+=("$(ratio "$wt" "$bt")")
+      XR+=("$(ratio "$wt" "$bt")"); CR+=("$(ratio "$wc" "$bc")")
     done
     dt=$(median "${DT[@]}"); dl=$(median "${DL[@]}"); wt=$(median "${WT[@]}"); wl=$(median "${WL[@]}")
     wc=$(median "${WC[@]}"); bt=$(median "${BT[@]}"); bl=$(median "${BL[@]}"); bc=$(median "${BC[@]}")
@@ -154,7 +159,7 @@ for mode in $MODES; do
     num() { if [ "$1" = n/a ]; then echo n/a; else printf "%.0f" "$1"; fi; }
     printf "%-9s %7s | %10s %8s | %10s %8s %8s | %10s %8s %8s | %7s %7s %11s\n" \
       "$mode" "$c" "$(num "$dt")" "$dl" "$(num "$bt")" "$bl" "$bc" "$(num "$wt")" "$wl" "$wc" \
-      "$(ratio "$wt" "$bt")" "$(ratio "$wc" "$bc")" "$range"
+      "$(paired "${XR[@]}")" "$(paired "${CR[@]}")" "$range"
   done
 done
 
