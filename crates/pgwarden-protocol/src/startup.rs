@@ -1,5 +1,7 @@
 //! The first packet a client sends.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, BytesMut};
 
 use crate::cursor::Cursor;
@@ -26,25 +28,27 @@ pub struct StartupParams<'a> {
     /// The requested minor version of protocol 3 (a server answers > 0 with
     /// NegotiateProtocolVersion).
     pub minor: u16,
-    pub params: Vec<(&'a str, &'a str)>,
+    /// Names and values; every one UTF-8 except an `application_name` that is not, which comes
+    /// cleaned as PostgreSQL cleans any application name (see [`application_name`]).
+    pub params: Vec<(&'a str, Cow<'a, str>)>,
 }
 
 impl<'a> StartupParams<'a> {
     /// The last value given for `key` (PostgreSQL takes the last, too).
-    pub fn get(&self, key: &str) -> Option<&'a str> {
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.params
             .iter()
             .rev()
             .find(|(k, _)| *k == key)
-            .map(|(_, v)| *v)
+            .map(|(_, v)| v.as_ref())
     }
 
-    pub fn user(&self) -> Option<&'a str> {
+    pub fn user(&self) -> Option<&str> {
         self.get("user").filter(|u| !u.is_empty())
     }
 
     /// `database`, defaulting to the user name as PostgreSQL does.
-    pub fn database(&self) -> Option<&'a str> {
+    pub fn database(&self) -> Option<&str> {
         self.get("database")
             .filter(|d| !d.is_empty())
             .or_else(|| self.user())
@@ -91,12 +95,37 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket<'_>, ProtocolError> {
                 if key.is_empty() {
                     break;
                 }
-                let value = c.cstr()?;
+                let value = if key == "application_name" {
+                    application_name(c.cstr_bytes()?)
+                } else {
+                    Cow::Borrowed(c.cstr()?)
+                };
                 params.push((key, value));
             }
             c.finish()?;
             Ok(StartupPacket::Startup(StartupParams { minor, params }))
         }
+    }
+}
+
+/// An `application_name` as sent, if UTF-8 (the proxy cleans it later, as PostgreSQL does); if
+/// not (a client whose encoding is not UTF-8), cleaned now the same way: each byte outside
+/// printable ASCII becomes `?`. PostgreSQL takes any bytes here, so the login must not fail.
+pub fn application_name(value: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(value) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(
+            value
+                .iter()
+                .map(|&b| {
+                    if (b' '..=b'~').contains(&b) {
+                        b as char
+                    } else {
+                        '?'
+                    }
+                })
+                .collect(),
+        ),
     }
 }
 
@@ -201,13 +230,27 @@ mod tests {
             parse(&packet(&trailing)),
             Err(ProtocolError::TrailingBytes { .. })
         ));
-        // Invalid UTF-8.
+        // Invalid UTF-8 (anywhere but in application_name, below).
         let mut utf = PROTOCOL_3_0.to_be_bytes().to_vec();
         utf.extend_from_slice(b"user\0\xff\xfe\0\0");
         assert!(matches!(
             parse(&packet(&utf)),
             Err(ProtocolError::InvalidUtf8 { .. })
         ));
+        let mut latin1 = PROTOCOL_3_0.to_be_bytes().to_vec();
+        latin1.extend_from_slice(b"user\0u\0application_name\0caf\xe9 \xe0 la\0\0");
+        let latin1 = packet(&latin1);
+        let Ok(StartupPacket::Startup(p)) = parse(&latin1) else {
+            panic!("a Latin-1 application_name is accepted")
+        };
+        assert_eq!(p.get("application_name"), Some("caf? ? la"));
+        let mut utf8 = PROTOCOL_3_0.to_be_bytes().to_vec();
+        utf8.extend_from_slice("user\0u\0application_name\0café\0\0".as_bytes());
+        let utf8 = packet(&utf8);
+        let Ok(StartupPacket::Startup(p)) = parse(&utf8) else {
+            panic!("valid")
+        };
+        assert_eq!(p.get("application_name"), Some("café"), "UTF-8 as sent");
         // Protocol 2 and a cancel request of the wrong size.
         assert!(matches!(
             parse(&packet(&(2u32 << 16).to_be_bytes())),

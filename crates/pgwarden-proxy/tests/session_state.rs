@@ -139,6 +139,29 @@ async fn startup_parameters_belong_to_their_client() {
 }
 
 #[tokio::test]
+async fn an_application_name_in_latin1_is_cleaned_as_postgres_does() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let mut packet = bytes::BytesMut::new();
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    body.extend_from_slice(
+        b"user\0app\0database\0app\0client_encoding\0LATIN1\0application_name\0caf\xe9\0\0",
+    );
+    packet.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    packet.extend_from_slice(&body);
+    let mut c = common::raw::Raw::connect_packet(s.addr, common::APP_PASSWORD, packet).await;
+    // PostgreSQL 15 replaces each byte outside printable ASCII with '?'.
+    assert_eq!(c.param("application_name"), Some("caf?"));
+    c.query("SHOW application_name");
+    c.flush().await;
+    let (tags, msgs) = c.until_ready().await;
+    assert_eq!(tags, "TDCZ");
+    assert_eq!(
+        common::raw::first_column(&msgs),
+        vec![Some("caf?".to_string())]
+    );
+}
+
+#[tokio::test]
 async fn clients_see_the_parameter_status_their_settings_give() {
     let s = setup(0, "default_pool_size = 1").await;
     let mut a = s

@@ -35,19 +35,25 @@ impl Raw {
         db: &str,
         extra: &[(&str, &str)],
     ) -> Raw {
+        let mut params = vec![("user", user), ("database", db)];
+        params.extend_from_slice(extra);
+        let mut packet = BytesMut::new();
+        startup::put_startup(&mut packet, &params);
+        Raw::connect_packet(addr, password, packet).await
+    }
+
+    /// Logs in with a startup packet of the caller's (bytes in any encoding).
+    pub async fn connect_packet(addr: SocketAddr, password: &str, packet: BytesMut) -> Raw {
         let stream = TcpStream::connect(addr)
             .await
             .expect("connect to the proxy");
         let mut raw = Raw {
             stream,
             rbuf: BytesMut::new(),
-            out: BytesMut::new(),
+            out: packet,
             params: Vec::new(),
             key: None,
         };
-        let mut params = vec![("user", user), ("database", db)];
-        params.extend_from_slice(extra);
-        startup::put_startup(&mut raw.out, &params);
         raw.flush().await;
         let mut scram: Option<ScramClient> = None;
         loop {
