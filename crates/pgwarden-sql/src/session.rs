@@ -115,6 +115,9 @@ fn classify_each(sql: &str) -> Vec<Effect> {
 /// function name the classifier acts on begins a word, where a word may also begin after `_`
 /// or `.` (`pg_temp`, `pg_catalog.set_config`), so only word starts are compared.
 fn might_matter(b: &[u8]) -> bool {
+    if lone_plain_select(b) {
+        return false;
+    }
     // Eight bytes at a time: a bit per byte for "letter or digit" (SWAR: each byte a lane of a
     // u64, the lane's top bit the answer), so that word starts (a letter or digit after
     // something else) come out of a shift and a mask; only those are looked at one by one.
@@ -143,6 +146,64 @@ fn might_matter(b: &[u8]) -> bool {
         at += 8;
     }
     false
+}
+
+/// Whether `b` is a single `SELECT` that cannot have an effect: it starts with `SELECT` and a
+/// space, and has no `(` (so no function call), no `temp` in any case (`pg_temp`, `INTO TEMP`)
+/// and nothing but spaces and `;` after its first `;`. For a statement that starts with SELECT
+/// the classifier acts only on calls, `pg_temp` and `INTO TEMP` (`scan_calls`), so this is the
+/// common read-only query decided in a few instructions per eight bytes. A byte in a string or
+/// a comment counts too, which can only send a text to the full filter.
+fn lone_plain_select(b: &[u8]) -> bool {
+    // "select" in either case, then a space: the first eight bytes as one word.
+    const SELECT: u64 = u64::from_le_bytes(*b"select\0\0");
+    const SIX: u64 = 0x0000_ffff_ffff_ffff;
+    let Some(first) = b.get(..8) else {
+        return b.len() == 7 && b[..6].eq_ignore_ascii_case(b"select") && b[6] == b' ';
+    };
+    let w = u64::from_le_bytes(first.try_into().expect("eight bytes"));
+    if (w | (LANES_ONE * 0x20)) & SIX != SELECT || !matches!(b[6], b' ' | b'\t' | b'\n' | b'\r') {
+        return false;
+    }
+    // Eight bytes at a time from the space on; the last word is the last eight bytes, which
+    // may overlap the one before (or "select" itself): bytes seen twice are harmless.
+    let mut at = 6.min(b.len() - 8);
+    loop {
+        let x = u64::from_le_bytes(b[at..at + 8].try_into().expect("eight bytes"));
+        // Whether any lane holds a byte is exact; which lanes is exact for the lowest one
+        // only (a borrow can mark lanes above it), so marked lanes are checked byte by byte.
+        if lanes_equal(x, b'(') != 0 {
+            return false;
+        }
+        let mut ts = lanes_equal(x | (LANES_ONE * 0x20), b't');
+        while ts != 0 {
+            let i = at + (ts.trailing_zeros() / 8) as usize;
+            if b.get(i..i + 4)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"temp"))
+            {
+                return false;
+            }
+            ts &= ts - 1;
+        }
+        let semicolons = lanes_equal(x, b';');
+        if semicolons != 0 {
+            let i = at + (semicolons.trailing_zeros() / 8) as usize;
+            return b[i + 1..]
+                .iter()
+                .all(|&c| c == b';' || c.is_ascii_whitespace());
+        }
+        if at + 8 == b.len() {
+            return true;
+        }
+        at = (at + 8).min(b.len() - 8);
+    }
+}
+
+/// The top bit of each byte lane of `x` that equals `byte` (exact for the lowest such lane; see
+/// `lone_plain_select`), and none if no lane does.
+fn lanes_equal(x: u64, byte: u8) -> u64 {
+    let y = x ^ (LANES_ONE * byte as u64);
+    y.wrapping_sub(LANES_ONE) & !y & LANES_HIGH
 }
 
 const LANES_HIGH: u64 = 0x8080_8080_8080_8080;
@@ -712,6 +773,98 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(classify(sql), want, "{sql}");
         }
+    }
+
+    #[test]
+    fn a_plain_select_is_decided_without_the_filter_and_never_wrongly() {
+        let plain = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+            "select\n* from t where a = 'x' ;; ",
+            "SELECT 1",
+            "SELECT ",
+            "SeLeCt\t1;",
+            "SELECT * FROM tasks WHERE state = 'settled'",
+        ];
+        for sql in plain {
+            assert!(lone_plain_select(sql.as_bytes()), "{sql}");
+        }
+        let not_plain = [
+            "SELECT pg_advisory_lock(1)",
+            "SELECT * INTO TEMP t FROM x",
+            "SELECT * INTO tEmPoRaRy t FROM x",
+            "SELECT * FROM pg_temp.t",
+            "SELECT 1; SET a.b = 1",
+            "SELECT 1;x",
+            "SELECT set_config ('a.b', 'x', false)",
+            " SELECT 1",
+            "SELECT",
+            "SELECT(1)",
+            "SELECT ;x",
+            "select *  from t where x = 1 and y = 2 and z = 3 and w = pg_temp.f",
+            "SELECTED",
+            "WITH x AS (SELECT 1) SELECT 1",
+        ];
+        for sql in not_plain {
+            assert!(!lone_plain_select(sql.as_bytes()), "{sql}");
+        }
+        // Every length, around the eight-byte words and the first eight bytes.
+        for sql in plain.iter().chain(&not_plain) {
+            for n in 0..=sql.len() {
+                let text = &sql.as_bytes()[..n];
+                if lone_plain_select(text) {
+                    assert!(classify_each(&latin1(text)).is_empty(), "{sql} [..{n}]");
+                }
+            }
+        }
+        // Generated texts: whenever the shortcut says "no effect", the classifier agrees.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces: [&[u8]; 22] = [
+            b" ",
+            b"x",
+            b"temp",
+            b"TeMp",
+            b"pg_temp",
+            b"into",
+            b"(",
+            b")",
+            b";",
+            b"set_config",
+            b"pg_advisory_lock",
+            b"'",
+            b"\"",
+            b"--",
+            b"/*",
+            b"*/",
+            b"\n",
+            b"t",
+            b"\xe9",
+            b"1",
+            b"set",
+            b"listen",
+        ];
+        let mut shortcut = 0;
+        for _ in 0..20_000 {
+            let mut text = b"SELECT ".to_vec();
+            for _ in 0..(next() % 10) {
+                text.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            if lone_plain_select(&text) {
+                shortcut += 1;
+                let slow = classify_each(&latin1(&text));
+                assert!(
+                    slow.is_empty(),
+                    "{:?}: {slow:?}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+        assert!(shortcut > 1_000, "the shortcut was taken {shortcut} times");
     }
 
     /// The filter one byte at a time, as the word-at-a-time one must behave.

@@ -60,7 +60,7 @@ pub struct ServerConn {
     /// Which of the pool's named statements this connection has prepared.
     pub prepared: crate::prepared::ServerStatements,
     /// Settings the proxy gave it beyond its login defaults (see `session::state`).
-    pub applied: BTreeMap<String, String>,
+    pub applied: crate::session::Applied,
     /// Its entry in the pool's registry (for `SHOW SERVERS`); removed when it is dropped.
     pub entry: ServerEntry,
     pub info: Arc<ServerInfo>,

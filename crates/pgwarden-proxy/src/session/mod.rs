@@ -9,6 +9,8 @@ mod retry;
 mod startup;
 mod state;
 
+pub(crate) use state::Applied;
+
 pub use auth::VerifierCache;
 pub use auth_query::AuthQueryCache;
 pub use params::StartupChecks;
