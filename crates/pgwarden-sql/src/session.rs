@@ -817,13 +817,7 @@ mod tests {
             }
         }
         // Generated texts: whenever the shortcut says "no effect", the classifier agrees.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15_u64);
         let pieces: [&[u8]; 22] = [
             b" ",
             b"x",
@@ -867,6 +861,16 @@ mod tests {
         assert!(shortcut > 1_000, "the shortcut was taken {shortcut} times");
     }
 
+    /// A small deterministic generator for test texts.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// The filter one byte at a time, as the word-at-a-time one must behave.
     fn might_matter_bytewise(b: &[u8]) -> bool {
         let mut prev_alnum = false;
@@ -892,13 +896,7 @@ mod tests {
             assert_eq!(lanes, want, "byte {c:#x}");
         }
         // Keywords at every offset around the 8-byte chunk edges, after every kind of byte.
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d_u64);
         let pieces: [&[u8]; 12] = [
             b"set", b"SeT", b"xset", b"_set", b"9set", b"\xe9set", b"end", b" ", b"a", b"(",
             b"commit", b"\x80",
