@@ -57,7 +57,13 @@ pub fn each_message(
             }
         }
     }
-    buf.advance(at);
+    if at == buf.len() {
+        // All of it: emptied in place, so the buffer keeps its whole capacity (advancing would
+        // shrink it, and the next read would have to reclaim the space first).
+        buf.clear();
+    } else {
+        buf.advance(at);
+    }
     outcome
 }
 
