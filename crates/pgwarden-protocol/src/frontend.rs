@@ -150,12 +150,24 @@ fn empty<'a>(
 }
 
 fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
-    const WHAT: &str = "Bind message";
-    let mut c = Cursor::new(body, WHAT);
+    let mut c = Cursor::new(body, BIND);
     let portal = c.cstr()?;
     let statement = c.cstr()?;
     let rest = c.rest();
-    let mut r = Cursor::new(rest, WHAT);
+    check_bind_rest(rest)?;
+    Ok(Bind {
+        portal,
+        statement,
+        rest,
+    })
+}
+
+const BIND: &str = "Bind message";
+
+/// Checks what follows a Bind's portal and statement names: parameter formats, parameters and
+/// result formats, exactly filling the message.
+pub fn check_bind_rest(rest: &[u8]) -> Result<(), ProtocolError> {
+    let mut r = Cursor::new(rest, BIND);
     let formats = r.count(2)?;
     for _ in 0..formats {
         format_code(r.i16()?)?;
@@ -163,7 +175,7 @@ fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     let params = r.count(4)?;
     if formats > 1 && formats != params {
         return Err(ProtocolError::Invalid {
-            what: WHAT,
+            what: BIND,
             detail: format!("{formats} parameter formats for {params} parameters"),
         });
     }
@@ -173,7 +185,7 @@ fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
             -1 => {}
             n if n < 0 => {
                 return Err(ProtocolError::Invalid {
-                    what: WHAT,
+                    what: BIND,
                     detail: format!("parameter length {n}"),
                 })
             }
@@ -186,12 +198,7 @@ fn parse_bind(body: &[u8]) -> Result<Bind<'_>, ProtocolError> {
     for _ in 0..results {
         format_code(r.i16()?)?;
     }
-    r.finish()?;
-    Ok(Bind {
-        portal,
-        statement,
-        rest,
-    })
+    r.finish()
 }
 
 fn format_code(f: i16) -> Result<(), ProtocolError> {

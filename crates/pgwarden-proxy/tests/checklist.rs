@@ -159,10 +159,11 @@ async fn very_large_parse_and_bind_messages() {
 async fn garbage_after_login_ends_only_that_session() {
     let s = setup(0, "default_pool_size = 2").await;
     let bystander = s.app().await;
-    let junk: [&[u8]; 4] = [
+    let junk: [&[u8]; 5] = [
         b"z\x00\x00\x00\x04",                   // an unknown message type
         b"Q\x7f\xff\xff\xff",                   // claims 2 GB
         b"B\x00\x00\x00\x0dportal\x00\x00\x05", // a Bind cut short inside its frame
+        b"B\x00\x00\x00\x08\x00\x00\x00\x05",   // the same, unnamed (a shorter path)
         b"Q\x00\x00\x00\x20SELECT 1",           // truncated, then EOF
     ];
     for bytes in junk {

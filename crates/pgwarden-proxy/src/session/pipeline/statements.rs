@@ -145,6 +145,17 @@ impl Pipeline {
             self.forward_as_is(b'B', frame, conn);
             return Ok(());
         }
+        // The unnamed statement into the unnamed portal (what drivers send for each unprepared
+        // query) with no effects known: nothing to rewrite or track, so only the rest of the
+        // message is checked, not decoded.
+        if body.starts_with(b"\0\0")
+            && self.statement_effects.is_empty()
+            && self.portal_effects.is_empty()
+        {
+            frontend::check_bind_rest(&body[2..]).map_err(client_protocol)?;
+            self.forward_as_is(b'B', frame, conn);
+            return Ok(());
+        }
         let FrontendMessage::Bind(b) =
             FrontendMessage::parse(b'B', body).map_err(client_protocol)?
         else {
