@@ -8,14 +8,16 @@
 #                  [-M "simple extended prepared"] [-s scale]
 #                  [-w proxy worker threads: 1 (default, like PgBouncer's one thread) or more]
 #
-# Each cell is the median of -r rounds (default 3) that alternate which proxy runs first; runs
+# Each cell is the median of -r rounds (default 4, an even number so that each proxy runs first
+# equally often) that alternate which proxy runs first; each run follows a one-second warm-up
+# run of its own (connections made, pools filled, the machine on this target); runs
 # of the same setup on a small VM vary by ±20%, so single runs cannot settle 10% differences.
 # The ratios are the medians of the per-round ratios (each round's two proxies ran back to back,
 # so a slow spell of the machine hits both), the last column their range.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-T=6; ROUNDS=3; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=1
+T=6; ROUNDS=4; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=1
 while getopts "T:r:c:M:s:w:" o; do
   case $o in T) T=$OPTARG;; r) ROUNDS=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; w) WORKERS=$OPTARG;; *) exit 2;; esac
 done
@@ -107,6 +109,7 @@ HZ=$(getconf CLK_TCK)
 run() { # target mode clients -> "tps latency_ms cpu_s_per_10k"
   local port pid
   case $1 in direct) port=$PG_PORT; pid=;; pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_PID;; pgwarden) port=$PGW_PORT; pid=$PGW_PID;; esac
+  "$BIN/pgbench" -n -S -M "$2" -c "$3" -j 2 -T 1 -h 127.0.0.1 -p "$port" -U app app > /dev/null 2>&1 || true
   local c0=0; [ -n "$pid" ] && c0=$(cpu_of "$pid")
   local out
   out=$("$BIN/pgbench" -n -S -M "$2" -c "$3" -j 2 -T "$T" -h 127.0.0.1 -p "$port" -U app app 2>&1) || {
