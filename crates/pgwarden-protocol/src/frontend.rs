@@ -167,6 +167,62 @@ const BIND: &str = "Bind message";
 /// Checks what follows a Bind's portal and statement names: parameter formats, parameters and
 /// result formats, exactly filling the message.
 pub fn check_bind_rest(rest: &[u8]) -> Result<(), ProtocolError> {
+    // The well-formed case without the cursor's bookkeeping (this runs for every unprepared
+    // query); anything else goes through the cursor, which says what is wrong.
+    if bind_rest_ok(rest) {
+        return Ok(());
+    }
+    check_bind_rest_with_cursor(rest)
+}
+
+/// [`check_bind_rest`]'s answer, without the error.
+fn bind_rest_ok(r: &[u8]) -> bool {
+    let i16_at = |at: usize| r.get(at..at + 2).map(|b| i16::from_be_bytes([b[0], b[1]]));
+    let Some(formats @ 0..) = i16_at(0) else {
+        return false;
+    };
+    // `n` format codes from `at`, each 0 or 1: where they end.
+    let codes = |at: usize, n: i16| {
+        (0..n).try_fold(at, |at, _| {
+            matches!(i16_at(at), Some(0 | 1)).then_some(at + 2)
+        })
+    };
+    let Some(mut at) = codes(2, formats) else {
+        return false;
+    };
+    let Some(params @ 0..) = i16_at(at) else {
+        return false;
+    };
+    at += 2;
+    if formats > 1 && formats != params {
+        return false;
+    }
+    for _ in 0..params {
+        let Some(len) = r
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            return false;
+        };
+        at += 4;
+        match len {
+            -1 => {}
+            0.. => {
+                at += len as usize;
+                if at > r.len() {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    let Some(results @ 0..) = i16_at(at) else {
+        return false;
+    };
+    codes(at + 2, results) == Some(r.len())
+}
+
+fn check_bind_rest_with_cursor(rest: &[u8]) -> Result<(), ProtocolError> {
     let mut r = Cursor::new(rest, BIND);
     let formats = r.count(2)?;
     for _ in 0..formats {
@@ -361,6 +417,43 @@ mod tests {
         }
         r.extend_from_slice(&[0, 1, 0, 1]); // one result format: binary
         r
+    }
+
+    #[test]
+    fn the_quick_bind_check_agrees_with_the_cursor() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![0, 0, 0, 0, 0, 0],
+            vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 2, b'4', b'2', 0, 0],
+            vec![
+                0, 2, 0, 0, 0, 1, 0, 2, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1, 0, 1,
+            ],
+            vec![0, 2, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0],
+            vec![0, 1, 0, 2, 0, 0, 0, 0],
+            vec![0, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe, 0, 0],
+            vec![0, 0, 0, 1, 0x7f, 0xff, 0xff, 0xff, 0, 0],
+            vec![0x80, 0, 0, 0, 0, 0],
+            vec![0, 0, 0, 0, 0, 0, 9],
+            vec![0, 0, 0, 0, 0],
+        ];
+        // Every prefix and every one-byte change of the well-formed ones, too.
+        for base in cases.clone() {
+            for n in 0..base.len() {
+                cases.push(base[..n].to_vec());
+                for v in [0u8, 1, 2, 0x7f, 0x80, 0xff] {
+                    let mut m = base.clone();
+                    m[n] = v;
+                    cases.push(m);
+                }
+            }
+        }
+        let mut ok = 0;
+        for c in &cases {
+            let quick = bind_rest_ok(c);
+            assert_eq!(quick, check_bind_rest_with_cursor(c).is_ok(), "{c:?}");
+            assert_eq!(quick, check_bind_rest(c).is_ok(), "{c:?}");
+            ok += usize::from(quick);
+        }
+        assert!(ok > 20 && ok < cases.len() - 20, "{ok} of {}", cases.len());
     }
 
     #[test]

@@ -36,6 +36,24 @@ struct Batch {
     bound: bool,
     /// Already sent a second time.
     retried: bool,
+    /// Frames are kept from the first Bind or Describe of a named statement on (only those can
+    /// meet a stale plan of ours); before it nothing is kept, and `ran` says whether a Bind or
+    /// Execute went by (then nothing after it can be sent again).
+    keeping: bool,
+    ran: bool,
+}
+
+/// Whether a frame body of type `tag` binds or describes a named statement: all of the proxy's
+/// statements have names, so only these can fail on a stale plan of ours.
+fn names_a_statement(tag: u8, body: &[u8]) -> bool {
+    match tag {
+        b'B' => body
+            .iter()
+            .position(|&c| c == 0)
+            .is_some_and(|portal_end| body.get(portal_end + 1).is_some_and(|&c| c != 0)),
+        b'D' => body.first() == Some(&b'S') && body.get(1).is_some_and(|&c| c != 0),
+        _ => false,
+    }
 }
 
 /// The client's unanswered extended-protocol batches, oldest first.
@@ -75,6 +93,16 @@ impl Batches {
             });
         }
         let b = self.queue.back_mut().expect("just ensured");
+        if !b.keeping {
+            // What drivers send for each unprepared query (unnamed statements only) is never
+            // copied.
+            if !names_a_statement(tag, frame.get(5..).unwrap_or_default()) {
+                b.ran |= matches!(tag, b'B' | b'E');
+                b.closed = tag == b'S';
+                return;
+            }
+            b.keeping = true;
+        }
         if !b.oversized {
             if b.bytes.len() + frame.len() > MAX_KEPT {
                 b.oversized = true;
@@ -119,7 +147,7 @@ impl Batches {
             return None;
         }
         let b = self.queue.front()?;
-        if !idle_before || b.bound || b.retried || !b.closed || b.oversized {
+        if !idle_before || b.bound || b.retried || !b.closed || b.oversized || b.ran {
             return None;
         }
         let all: Vec<&[u8]> = frames(&b.bytes).collect();
@@ -177,11 +205,14 @@ mod tests {
     use bytes::BytesMut;
     use pgwarden_protocol::error_response::ErrorReport;
 
-    /// A frame; `D` is a Describe of the portal, `d` (sent as `D`) one of a statement.
+    /// A frame; `D` is a Describe of the portal, `d` (sent as `D`) one of statement `s`, `B` a
+    /// Bind of statement `s`, `b` (sent as `B`) one of the unnamed statement.
     fn frame(tag: u8) -> Bytes {
         match tag {
             b'D' => Bytes::from(vec![b'D', 0, 0, 0, 6, b'P', 0]),
-            b'd' => Bytes::from(vec![b'D', 0, 0, 0, 6, b'S', 0]),
+            b'd' => Bytes::from(vec![b'D', 0, 0, 0, 7, b'S', b's', 0]),
+            b'B' => Bytes::from(vec![b'B', 0, 0, 0, 13, 0, b's', 0, 0, 0, 0, 0, 0, 0]),
+            b'b' => Bytes::from(vec![b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]),
             t => Bytes::from(vec![t, 0, 0, 0, 4]),
         }
     }
@@ -239,14 +270,38 @@ mod tests {
     }
 
     #[test]
+    fn batches_of_unnamed_statements_are_not_kept() {
+        let mut b = Batches::default();
+        send(&mut b, b"PbDES");
+        assert!(b.take_retry(b'B', true).is_none());
+        assert!(b.queue[0].bytes.is_empty(), "nothing copied");
+        b.done();
+        // Kept from the first named Bind on; an unnamed Bind or an Execute before it rules a
+        // retry out.
+        send(&mut b, b"PBDES");
+        let r = b.take_retry(b'B', true).expect("retry");
+        assert_eq!(r.frames.iter().map(|f| f[0]).collect::<Vec<_>>(), b"BDES");
+        let mut b = Batches::default();
+        send(&mut b, b"PbEBDES");
+        assert!(b.take_retry(b'B', true).is_none());
+        assert!(names_a_statement(b'B', b"portal\0s\0"));
+        assert!(!names_a_statement(b'B', b"portal\0\0"));
+        assert!(!names_a_statement(b'B', b"portal"));
+        assert!(!names_a_statement(b'D', b"S\0"));
+        assert!(!names_a_statement(b'D', b"Ps\0"));
+    }
+
+    #[test]
     fn an_oversized_batch_is_not_kept_nor_retried() {
         let mut b = Batches::default();
         let len = (MAX_KEPT + 10) as u32;
         let mut big = vec![b'B'];
         big.extend_from_slice(&len.to_be_bytes());
         big.resize(1 + len as usize, 0);
+        big[6] = b's'; // a Bind of statement "s"
         b.sent(b'B', &big);
         send(&mut b, b"DES");
+        assert!(b.queue[0].oversized);
         assert!(b.take_retry(b'B', true).is_none());
         b.done();
         send(&mut b, b"BDES");
