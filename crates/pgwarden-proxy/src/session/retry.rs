@@ -12,8 +12,10 @@
 //! that Describe, the client gets the error as PostgreSQL would give it.
 //!
 //! For this, [`Batches`] keeps a copy of the client's extended-protocol frames of every batch
-//! that has not had its ReadyForQuery yet (one after another in one buffer, reused from batch to
-//! batch; a batch past [`MAX_KEPT`] bytes is not kept, and so never retried).
+//! that has not had its ReadyForQuery yet, from its first Bind or Describe of a named statement
+//! on (a batch of unnamed statements only is not copied at all), one after another in one
+//! buffer, reused from batch to batch; a batch past [`MAX_KEPT`] bytes is not kept, and so never
+//! retried.
 
 use std::collections::VecDeque;
 
