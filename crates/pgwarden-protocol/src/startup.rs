@@ -109,24 +109,28 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket<'_>, ProtocolError> {
 }
 
 /// An `application_name` as sent, if UTF-8 (the proxy cleans it later, as PostgreSQL does); if
-/// not (a client whose encoding is not UTF-8), cleaned now the same way: each byte outside
-/// printable ASCII becomes `?`. PostgreSQL takes any bytes here, so the login must not fail.
+/// not (a client whose encoding is not UTF-8), cleaned now with [`clean_ascii`]. PostgreSQL
+/// takes any bytes here, so the login must not fail.
 pub fn application_name(value: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(value) {
         Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(
-            value
-                .iter()
-                .map(|&b| {
-                    if (b' '..=b'~').contains(&b) {
-                        b as char
-                    } else {
-                        '?'
-                    }
-                })
-                .collect(),
-        ),
+        Err(_) => Cow::Owned(clean_ascii(value)),
     }
+}
+
+/// What PostgreSQL 15 does to an application name: each byte outside printable ASCII becomes
+/// `?` (so a two-byte character becomes `??`).
+pub fn clean_ascii(value: &[u8]) -> String {
+    value
+        .iter()
+        .map(|&b| {
+            if (b' '..=b'~').contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 /// A StartupMessage for protocol 3.0.

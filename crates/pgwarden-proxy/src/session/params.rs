@@ -115,19 +115,10 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ProxyError> {
     Ok(out)
 }
 
-/// What PostgreSQL does to an `application_name`: each byte outside printable ASCII becomes
-/// `?` (so a two-byte character becomes `??`), and it is cut to 63 bytes.
+/// What PostgreSQL does to an `application_name`: cut to 63 bytes, then each byte outside
+/// printable ASCII becomes `?`.
 fn clean_application_name(v: &str) -> String {
-    v.bytes()
-        .take(63)
-        .map(|b| {
-            if (b' '..=b'~').contains(&b) {
-                b as char
-            } else {
-                '?'
-            }
-        })
-        .collect()
+    pgwarden_protocol::startup::clean_ascii(&v.as_bytes()[..v.len().min(63)])
 }
 
 /// What the client is shown at login and the settings its session starts with (lower-case name
