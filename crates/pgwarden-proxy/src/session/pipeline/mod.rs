@@ -315,7 +315,12 @@ impl Pipeline {
         // The other common answers to a client's message that touch no session state: passed
         // on, completing their entry where they do (as `receive_response` below would).
         // So is a CommandComplete of a statement that changes no session state.
-        let plain_complete = || matches!(self.queue.front(), Some(Pending::Forward { effects, .. }) if effects.is_empty());
+        let plain_complete = || {
+            matches!(
+                self.queue.front(),
+                Some(Pending::Forward { effects, .. }) if effects.is_empty()
+            )
+        };
         if (matches!(frame[0], b'1' | b'2' | b'T' | b't' | b'n' | b's' | b'I')
             || (frame[0] == b'C' && plain_complete()))
             && self.pass_forwarded(frame[0], frame, client_out)

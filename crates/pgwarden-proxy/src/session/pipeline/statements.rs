@@ -119,10 +119,7 @@ impl Pipeline {
                 undo,
             });
         } else {
-            self.close_if_stale(conn, &stmt.server_name);
-            self.evict(conn, cx.capacity, &stmt.server_name);
-            frontend::put_parse(&mut conn.framed.wbuf, &stmt.server_name, query, param_types);
-            conn.prepared.insert(&stmt.server_name);
+            self.put_our_parse(conn, &stmt, cx.capacity);
             undo.push(Undo::ServerForget(stmt.server_name.clone()));
             self.queue.push_back(Pending::Forward {
                 tag: b'P',
@@ -340,6 +337,18 @@ impl Pipeline {
         if conn.prepared.has(&stmt.server_name) {
             return;
         }
+        self.put_our_parse(conn, stmt, capacity);
+        self.queue.push_back(Pending::Swallow {
+            expect: b'1',
+            undo: vec![Undo::ServerForget(stmt.server_name.clone())],
+            parsed: Some(stmt.clone()),
+        });
+    }
+
+    /// A Parse of `stmt` under our name on `conn` (its answer is the caller's to queue), after
+    /// making room: a stale copy the server still has is closed, and the least recently used
+    /// statement evicted if the connection is full.
+    fn put_our_parse(&mut self, conn: &mut ServerConn, stmt: &Statement, capacity: usize) {
         self.close_if_stale(conn, &stmt.server_name);
         self.evict(conn, capacity, &stmt.server_name);
         frontend::put_parse(
@@ -349,11 +358,6 @@ impl Pipeline {
             &stmt.param_types,
         );
         conn.prepared.insert(&stmt.server_name);
-        self.queue.push_back(Pending::Swallow {
-            expect: b'1',
-            undo: vec![Undo::ServerForget(stmt.server_name.clone())],
-            parsed: Some(stmt.clone()),
-        });
     }
 
     pub(super) fn evict(&mut self, conn: &mut ServerConn, capacity: usize, keep: &str) {
