@@ -473,3 +473,49 @@ async fn errors_about_a_named_statement_name_the_clients_statement() {
         "the proxy's error differs from PostgreSQL's"
     );
 }
+
+/// An error raised by a Sync itself (a deferred constraint checked at the implicit commit)
+/// belongs to that Sync: a batch pipelined behind it is not taken as skipped, so its statement
+/// stays prepared, and the next batch's answers are not mistaken for the failed one's.
+#[tokio::test]
+async fn an_error_at_sync_does_not_skip_the_next_batch() {
+    let s = setup(0, "default_pool_size = 1").await;
+    let admin = s.cluster.client_db(0, "app").await;
+    admin
+        .batch_execute(
+            "CREATE TABLE deferred (id int PRIMARY KEY, \
+             other int REFERENCES deferred DEFERRABLE INITIALLY DEFERRED); \
+             GRANT ALL ON deferred TO app",
+        )
+        .await
+        .expect("table");
+    let mut c = s.raw(&[]).await;
+    for round in 0..3 {
+        // Fails at its Sync: the row refers to one that never comes.
+        c.parse("", "INSERT INTO deferred VALUES (1, 2)")
+            .bind("", "")
+            .execute("")
+            .sync();
+        // Pipelined behind it, before any answer came back.
+        let name = format!("later{round}");
+        c.parse(&name, "SELECT 40 + $1::int")
+            .sync()
+            .bind_params("", &name, &[b"2"])
+            .execute("")
+            .sync();
+        c.flush().await;
+        let (tags, msgs) = c.until_ready().await;
+        assert_eq!(tags, "12CEZ", "round {round}: the failing batch");
+        assert_eq!(error_code(&msgs).as_deref(), Some("23503"));
+        assert_eq!(c.until_ready().await.0, "1Z", "round {round}: the Parse");
+        let (tags, msgs) = c.until_ready().await;
+        assert_eq!(tags, "2DCZ", "round {round}: the Bind");
+        assert_eq!(first_column(&msgs), vec![Some("42".to_string())]);
+        // Still prepared in a batch of its own.
+        c.bind_params("", &name, &[b"3"]).execute("").sync();
+        c.flush().await;
+        let (tags, msgs) = c.until_ready().await;
+        assert_eq!(tags, "2DCZ", "round {round}: prepared still");
+        assert_eq!(first_column(&msgs), vec![Some("43".to_string())]);
+    }
+}

@@ -187,6 +187,19 @@ impl Raw {
         self
     }
 
+    /// Bind with text parameters, text results.
+    pub fn bind_params(&mut self, portal: &str, statement: &str, params: &[&[u8]]) -> &mut Self {
+        let mut rest = vec![0, 0];
+        rest.extend_from_slice(&(params.len() as u16).to_be_bytes());
+        for p in params {
+            rest.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            rest.extend_from_slice(p);
+        }
+        rest.extend_from_slice(&[0, 0]);
+        frontend::put_bind(&mut self.out, portal, statement, &rest);
+        self
+    }
+
     pub fn describe_statement(&mut self, name: &str) -> &mut Self {
         frontend::put_describe(&mut self.out, Target::Statement, name);
         self

@@ -412,9 +412,11 @@ impl Pipeline {
                     return Err(ProxyError::ServerFatal);
                 }
                 match self.queue.front() {
-                    // A simple query (or function call) goes on to its ReadyForQuery.
+                    // A simple query (or function call) goes on to its ReadyForQuery; so does a
+                    // Sync whose own implicit commit failed (a deferred constraint).
                     Some(Pending::Forward {
-                        tag: b'Q' | b'F', ..
+                        tag: b'Q' | b'F' | b'S',
+                        ..
                     })
                     | None => {}
                     Some(_) => {
