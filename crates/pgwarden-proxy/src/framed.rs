@@ -34,9 +34,20 @@ const IDLE_KEEP: usize = 4 * 1024;
 pub fn each_message(
     buf: &mut BytesMut,
     bad_length: fn(ProtocolError) -> ProxyError,
+    each: impl FnMut(&[u8]) -> Result<bool, ProxyError>,
+) -> Result<bool, ProxyError> {
+    each_message_after(buf, 0, bad_length, each)
+}
+
+/// [`each_message`] for the messages after the first `done` bytes of `buf` (complete messages
+/// already dealt with, advanced past with the rest).
+pub fn each_message_after(
+    buf: &mut BytesMut,
+    done: usize,
+    bad_length: fn(ProtocolError) -> ProxyError,
     mut each: impl FnMut(&[u8]) -> Result<bool, ProxyError>,
 ) -> Result<bool, ProxyError> {
-    let mut at = 0;
+    let mut at = done;
     let mut outcome = Ok(false);
     loop {
         let n = match frame::message_len(&buf[at..], frame::MAX_MESSAGE) {

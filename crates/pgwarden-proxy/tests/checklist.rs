@@ -12,7 +12,10 @@ use common::raw::{cancel, error_code, first_column, Msg, Raw};
 use common::{setup, APP_PASSWORD};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn comparable(msgs: Vec<Msg>) -> Vec<(char, Vec<u8>)> {
+/// Messages with their types as characters, ParameterStatus left out.
+type Comparable = Vec<(char, Vec<u8>)>;
+
+fn comparable(msgs: Vec<Msg>) -> Comparable {
     msgs.into_iter()
         .filter(|(t, _)| *t != b'S')
         .map(|(t, b)| (t as char, b.to_vec()))
@@ -356,4 +359,82 @@ async fn a_cancel_reaches_a_query_still_waiting_for_a_server() {
         first_column(&b.until_ready().await.1),
         [Some("42".to_string())]
     );
+}
+
+/// What drivers send for each unprepared query (Parse of the unnamed statement, Bind, Describe,
+/// Execute, Sync), the same text again and again, pipelined several batches to a write, with
+/// an error in the middle of a batch, an error raised by a Sync (a deferred constraint), a
+/// Flush inside a batch, Describe of the statement and of the portal: the proxy passes such
+/// batches whole (see `pipeline::express`), and answers exactly as PostgreSQL does.
+#[tokio::test]
+async fn repeated_unnamed_batches_are_answered_as_postgres_answers_them() {
+    let s = setup(0, "default_pool_size = 1").await;
+    s.deferred_table("express").await;
+    let direct_addr = std::net::SocketAddr::from(([127, 0, 0, 1], s.cluster.port(0)));
+    let mut direct = Raw::connect(direct_addr, "app", APP_PASSWORD, "app", &[]).await;
+    let mut proxied = s.raw(&[]).await;
+    let other = s.app().await;
+    let divide = "SELECT 100 / $1::int AS q";
+    let insert = "INSERT INTO express VALUES ($1::int, $1::int + 1000)";
+    let batch = |c: &mut Raw, sql: &str, param: &[u8]| {
+        c.parse("", sql).bind_params("", "", &[param]);
+        pgwarden_protocol::frontend::put_describe(
+            &mut c.out,
+            pgwarden_protocol::frontend::Target::Portal,
+            "",
+        );
+        c.execute("").sync();
+    };
+    let mut streams: Vec<Vec<Comparable>> = Vec::new();
+    for c in [&mut direct, &mut proxied] {
+        let mut answers = Vec::new();
+        for round in 0..3 {
+            // Four batches in one write, the third failing (at its Bind: the division by a
+            // constant zero is folded while planning).
+            for p in [b"5".as_slice(), b"4", b"0", b"2"] {
+                batch(c, divide, p);
+            }
+            c.flush().await;
+            for _ in 0..4 {
+                answers.push(comparable(c.until_ready().await.1));
+            }
+            // Fails at its Sync (the row refers to one that never comes), with a good batch
+            // behind it in the same write.
+            batch(c, insert, format!("{round}").as_bytes());
+            batch(c, divide, b"10");
+            c.flush().await;
+            answers.push(comparable(c.until_ready().await.1));
+            answers.push(comparable(c.until_ready().await.1));
+            // Describe of the statement, a Flush in the middle (answered before the Sync).
+            c.parse("", divide).describe_statement("");
+            pgwarden_protocol::frontend::put_flush(&mut c.out);
+            c.flush().await;
+            let mut early = Vec::new();
+            for _ in 0..3 {
+                early.push(c.recv().await);
+            }
+            answers.push(comparable(early));
+            c.bind_params("", "", &[b"50"]).execute("").sync();
+            c.flush().await;
+            answers.push(comparable(c.until_ready().await.1));
+        }
+        streams.push(answers);
+    }
+    assert_eq!(streams[0], streams[1], "direct and proxied answers differ");
+    let tags: Vec<String> = streams[1][..8]
+        .iter()
+        .map(|a| a.iter().map(|(t, _)| *t).collect())
+        .collect();
+    assert_eq!(
+        tags,
+        ["12TDCZ", "12TDCZ", "1EZ", "12TDCZ", "12nCEZ", "12TDCZ", "1tT", "2DCZ"],
+        "answers of the first round"
+    );
+    // Every batch ended its transaction: the one server is free for another client.
+    let n: i64 = other
+        .query_one("SELECT count(*) FROM express", &[])
+        .await
+        .expect("the server is free")
+        .get(0);
+    assert_eq!(n, 0, "every insert failed at its commit");
 }

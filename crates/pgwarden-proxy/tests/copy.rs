@@ -138,3 +138,46 @@ async fn a_client_that_disconnects_mid_copy_never_leaves_a_dirty_server() {
         .get(0);
     assert_eq!(busy, 0, "a server still runs an abandoned COPY");
 }
+
+/// COPY FROM STDIN as drivers send an unprepared statement (Parse of the unnamed statement,
+/// Bind, Execute, Sync), the same text again and again: the server ignores that Sync until the
+/// COPY ends, and the client's next Sync is the one answered. A COPY is never one of the
+/// batches passed whole (see `pipeline::express`), however often its text repeats.
+#[tokio::test]
+async fn unnamed_extended_copy_in_repeated() {
+    let s = setup(0, "default_pool_size = 1").await;
+    make_table(&s).await;
+    let mut raw = s.raw(&[]).await;
+    for (i, sql) in [
+        "COPY public.items FROM STDIN",
+        "COPY public.items FROM STDIN",
+        "copy public.items FROM STDIN",
+        "copy public.items FROM STDIN",
+        "  Copy public.items FROM STDIN",
+    ]
+    .iter()
+    .enumerate()
+    {
+        raw.parse("", sql).bind("", "").execute("").sync();
+        raw.flush().await;
+        let mut tags = String::new();
+        for _ in 0..3 {
+            tags.push(raw.recv().await.0 as char);
+        }
+        assert_eq!(tags, "12G", "round {i}: CopyInResponse");
+        let mut data = bytes::BytesMut::new();
+        pgwarden_protocol::frontend::put_copy_data(&mut data, format!("{i}\trow {i}\n").as_bytes());
+        pgwarden_protocol::frontend::put_copy_done(&mut data);
+        raw.send_bytes(&data).await;
+        raw.sync();
+        raw.flush().await;
+        assert_eq!(
+            raw.until_ready().await.0,
+            "CZ",
+            "round {i}: one ReadyForQuery"
+        );
+    }
+    // Every row is in, and the one server is free for the next client.
+    let c = s.app().await;
+    assert_eq!(count(&c).await, 5);
+}

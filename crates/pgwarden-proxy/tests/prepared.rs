@@ -480,15 +480,7 @@ async fn errors_about_a_named_statement_name_the_clients_statement() {
 #[tokio::test]
 async fn an_error_at_sync_does_not_skip_the_next_batch() {
     let s = setup(0, "default_pool_size = 1").await;
-    let admin = s.cluster.client_db(0, "app").await;
-    admin
-        .batch_execute(
-            "CREATE TABLE deferred (id int PRIMARY KEY, \
-             other int REFERENCES deferred DEFERRABLE INITIALLY DEFERRED); \
-             GRANT ALL ON deferred TO app",
-        )
-        .await
-        .expect("table");
+    s.deferred_table("deferred").await;
     let mut c = s.raw(&[]).await;
     for round in 0..3 {
         // Fails at its Sync: the row refers to one that never comes.

@@ -26,7 +26,7 @@ use super::pipeline::{ClientStatements, Context, Pipeline};
 use super::state::SessionState;
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
-use crate::framed::{each_message, Framed};
+use crate::framed::{each_message, each_message_after, Framed};
 use crate::pool::{Lease, Pool, Usage};
 use crate::registry::{ClientInfo, KillReason, KillWatch};
 use crate::server::simple_query;
@@ -189,6 +189,20 @@ impl Forwarder<'_> {
             // Everything the client has already sent goes to the server, handled where it lies
             // in the read buffer (taken out meanwhile). Terminate stops it.
             let mut rbuf = std::mem::take(&mut self.client.rbuf);
+            // Express batches first (see `pipeline::express`): whole, in one copy.
+            while !c.session.is_dirty() {
+                let (pipeline, cx) = c.cx(cache, capacity);
+                let n = pipeline.send_express(&rbuf, conn, &cx);
+                if n == 0 {
+                    break;
+                }
+                c.usage.bytes_received += n as u64;
+                if n == rbuf.len() {
+                    rbuf.clear();
+                    break;
+                }
+                rbuf.advance(n);
+            }
             let sent = each_message(&mut rbuf, ProxyError::ClientProtocol, |frame| {
                 if frame[0] == b'X' {
                     return Ok(true);
@@ -237,13 +251,20 @@ impl Forwarder<'_> {
             // Server messages are handled where they lie in the read buffer (taken out of the
             // connection meanwhile).
             let mut rbuf = std::mem::take(&mut conn.framed.rbuf);
-            let received = each_message(&mut rbuf, ProxyError::ServerProtocol, |frame| {
-                c.count_response(frame);
-                let (pipeline, mut cx) = c.cx(cache, capacity);
-                pipeline
-                    .receive(frame, conn, &mut cx, &mut self.client.wbuf)
-                    .map(|()| false)
-            });
+            // Answers that pass as they are (see `Pipeline::passing`) go in one copy.
+            let passing = c.pipeline.passing(&rbuf);
+            if passing > 0 {
+                self.client.wbuf.extend_from_slice(&rbuf[..passing]);
+                c.usage.bytes_sent += passing as u64;
+            }
+            let received =
+                each_message_after(&mut rbuf, passing, ProxyError::ServerProtocol, |frame| {
+                    c.count_response(frame);
+                    let (pipeline, mut cx) = c.cx(cache, capacity);
+                    pipeline
+                        .receive(frame, conn, &mut cx, &mut self.client.wbuf)
+                        .map(|()| false)
+                });
             conn.framed.rbuf = rbuf;
             if let Err(e) = received {
                 // Whatever was passed on (e.g. the server's FATAL) reaches the client first.

@@ -116,6 +116,17 @@ impl Batches {
         b.closed = tag == b'S';
     }
 
+    /// A whole batch of unnamed statements went to the server (`runs`: it binds or executes),
+    /// as `sent` would have recorded it frame by frame.
+    pub fn sent_unkept(&mut self, runs: bool) {
+        self.queue.push_back(Batch {
+            bytes: std::mem::take(&mut self.spare),
+            ran: runs,
+            closed: true,
+            ..Batch::default()
+        });
+    }
+
     /// The ReadyForQuery of the oldest batch arrived.
     pub fn done(&mut self) {
         if let Some(mut b) = self.queue.pop_front() {

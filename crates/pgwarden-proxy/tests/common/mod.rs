@@ -122,6 +122,22 @@ impl Setup {
         raw::Raw::connect(self.addr, "app", APP_PASSWORD, "app", extra).await
     }
 
+    /// Creates table `name` in database `app` whose rows refer to one another through a
+    /// deferred foreign key: a row inserted alone fails at its commit. Returns the owner's
+    /// connection.
+    pub async fn deferred_table(&self, name: &str) -> Client {
+        let admin = self.cluster.client_db(0, "app").await;
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE {name} (id int PRIMARY KEY, \
+                 other int REFERENCES {name} DEFERRABLE INITIALLY DEFERRED); \
+                 GRANT ALL ON {name} TO app"
+            ))
+            .await
+            .expect("table");
+        admin
+    }
+
     pub async fn app(&self) -> Client {
         self.try_connect("app", APP_PASSWORD, "app")
             .await

@@ -11,7 +11,9 @@
 //! - `statements` — named statements rewritten to the pool's (transaction mode), and what is
 //!   answered without a server.
 //! - `stale` — recovering from a stale plan.
+//! - `express` — a whole batch of unnamed statements that needs no entry per message.
 
+mod express;
 mod stale;
 mod statements;
 
@@ -119,7 +121,7 @@ pub struct Pipeline {
     /// Unanswered extended-protocol batches, for sending one again (transaction mode).
     batches: Batches,
     /// The query text last classified for session effects, and its effect.
-    last_classified: Option<(Vec<u8>, Effect)>,
+    last_classified: Option<statements::Classified>,
     /// Statements of ours whose plan went stale on this server, to close once the batch is
     /// over (no longer in the server's `prepared`, but still on the server).
     stale: Vec<String>,

@@ -19,20 +19,62 @@ use crate::server::ServerConn;
 /// idle, so it is bounded).
 const REMEMBERED_TEXT: usize = 1024;
 
+/// The query text last classified for session effects.
+#[derive(Debug)]
+pub(super) struct Classified {
+    text: Vec<u8>,
+    effect: Effect,
+    /// No session effect and no COPY (so no copy sub-protocol either): a batch running only
+    /// this text needs no tracking message by message (see `express`).
+    pub(super) plain: bool,
+}
+
+impl Default for Classified {
+    fn default() -> Self {
+        Classified {
+            text: Vec::new(),
+            effect: Effect::None,
+            plain: false,
+        }
+    }
+}
+
+impl Classified {
+    /// Whether `rest` (what follows the name in a Parse: query, NUL, parameter types) is this
+    /// text with well-formed parameter types.
+    pub(super) fn parses(&self, rest: &[u8]) -> bool {
+        let t = self.text.as_slice();
+        rest.len() > t.len()
+            && rest[t.len()] == 0
+            && &rest[..t.len()] == t
+            && frontend::check_param_types(&rest[t.len() + 1..]).is_ok()
+    }
+}
+
+/// Whether the statement's first word is COPY, or it does not start with a word at all
+/// (a comment, a parenthesis): either way it is not known not to be a COPY.
+fn starts_copy(query: &[u8]) -> bool {
+    let text = query.trim_ascii_start();
+    let word = text
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    word == 0 || text[..word].eq_ignore_ascii_case(b"copy")
+}
+
 impl Pipeline {
     pub(super) fn note_statement(&mut self, name: &str, query: &[u8]) {
         // Drivers parse the same text over and over: the last one classified is remembered.
         let effect = match &self.last_classified {
-            Some((text, e)) if text == query => e.clone(),
+            Some(last) if last.text == query => last.effect.clone(),
             _ => {
                 let e = classify_bytes(query);
                 if query.len() <= REMEMBERED_TEXT {
-                    let (text, last) = self
-                        .last_classified
-                        .get_or_insert_with(|| (Vec::new(), Effect::None));
-                    text.clear();
-                    text.extend_from_slice(query);
-                    *last = e.clone();
+                    let last = self.last_classified.get_or_insert_with(Classified::default);
+                    last.text.clear();
+                    last.text.extend_from_slice(query);
+                    last.effect = e.clone();
+                    last.plain = e == Effect::None && !starts_copy(query);
                 }
                 e
             }
@@ -57,14 +99,8 @@ impl Pipeline {
     /// effect of the query if it is the text last classified and the parameter types are well
     /// formed, so the same text parsed again needs no decoding.
     fn remembered_effect(&self, rest: &[u8]) -> Option<Effect> {
-        let (text, effect) = self.last_classified.as_ref()?;
-        let t = text.as_slice();
-        if rest.len() <= t.len() || rest[t.len()] != 0 || &rest[..t.len()] != t {
-            return None;
-        }
-        frontend::check_param_types(&rest[t.len() + 1..])
-            .ok()
-            .map(|()| effect.clone())
+        let last = self.last_classified.as_ref()?;
+        last.parses(rest).then(|| last.effect.clone())
     }
 
     pub(super) fn send_parse(
@@ -363,6 +399,40 @@ impl Pipeline {
     pub(super) fn evict(&mut self, conn: &mut ServerConn, capacity: usize, keep: &str) {
         if let Some(victim) = conn.prepared.evict_for(capacity, keep) {
             self.close_on_server(victim, conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::starts_copy;
+
+    #[test]
+    fn only_texts_that_start_with_another_word_are_known_not_to_be_a_copy() {
+        for copy in [
+            "COPY t FROM STDIN",
+            "copy t to stdout",
+            " \n\tCoPy t FROM STDIN",
+            "COPY",
+            // Not known: anything that does not start with a word.
+            "/* hi */ COPY t FROM STDIN",
+            "-- hi\nCOPY t FROM STDIN",
+            "(SELECT 1)",
+            "",
+            "   ",
+            "1",
+        ] {
+            assert!(starts_copy(copy.as_bytes()), "{copy:?}");
+        }
+        for other in [
+            "SELECT 1",
+            "select copy from t",
+            "COPYRIGHT",
+            "copying",
+            "INSERT INTO copy VALUES (1)",
+            "  WITH x AS (SELECT 1) SELECT * FROM x",
+        ] {
+            assert!(!starts_copy(other.as_bytes()), "{other:?}");
         }
     }
 }
