@@ -13,7 +13,10 @@
 # run of its own (connections made, pools filled, the machine on this target); runs
 # of the same setup on a small VM vary by ±20%, so single runs cannot settle 10% differences.
 # The ratios are the medians of the per-round ratios (each round's two proxies ran back to back,
-# so a slow spell of the machine hits both), the last column their range.
+# so a slow spell of the machine hits both), the last column their range. CPU is per transaction
+# in a window after every client has logged in; the CPU of a login is printed on its own (with
+# a plaintext password PgBouncer derives the SCRAM keys at every login, ~20x pgwarden's cost, which
+# would otherwise count against it at 256 clients).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -113,19 +116,41 @@ run() { # target mode clients -> "tps latency_ms cpu_s_per_10k"
   local port pid
   case $1 in direct) port=$PG_PORT; pid=;; pgbouncer) port=$BOUNCER_PORT; pid=$BOUNCER_PID;; pgwarden) port=$PGW_PORT; pid=$PGW_PID;; esac
   "$BIN/pgbench" -n -S -M "$2" -c "$3" -j 2 -T 1 -h 127.0.0.1 -p "$port" -U app app > /dev/null 2>&1 || true
-  local c0=0; [ -n "$pid" ] && c0=$(cpu_of "$pid")
-  local out
-  out=$("$BIN/pgbench" -n -S -M "$2" -c "$3" -j 2 -T "$T" -h 127.0.0.1 -p "$port" -U app app 2>&1) || {
-    echo "$1 -M $2 -c $3 failed: $(echo "$out" | grep -m1 -iE 'error|fatal')" >&2; echo "n/a n/a n/a"; return; }
-  local c1=0; [ -n "$pid" ] && c1=$(cpu_of "$pid")
-  local tps lat tx failed
-  tps=$(echo "$out" | awk '/^tps/{print $3; exit}')
-  lat=$(echo "$out" | awk '/latency average/{print $4; exit}')
-  tx=$(echo "$out" | awk '/actually processed/{split($6,a,"/"); print a[1]; exit}')
-  failed=$(echo "$out" | awk '/number of failed transactions/{print $5; exit}')
+  # The proxy's CPU is measured over a window of T seconds that starts 2 s into a run of T + 3
+  # seconds, once every client has logged in: per transaction, not per login (logins are
+  # measured on their own, below). The window's transactions come from pgbench's progress
+  # reports (rate per interval, by timestamp).
+  local log="$WORK/run.log" t0 t1 c0 c1
+  "$BIN/pgbench" -n -S -M "$2" -c "$3" -j 2 -T $((T + 3)) -P 1 --progress-timestamp \
+    -h 127.0.0.1 -p "$port" -U app app > "$log" 2>&1 &
+  local bench=$!
+  sleep 2
+  t0=$(date +%s.%N); [ -n "$pid" ] && c0=$(cpu_of "$pid")
+  sleep "$T"
+  t1=$(date +%s.%N); [ -n "$pid" ] && c1=$(cpu_of "$pid")
+  if ! wait "$bench"; then
+    echo "$1 -M $2 -c $3 failed: $(grep -m1 -iE 'error|fatal' "$log")" >&2; echo "n/a n/a n/a"; return
+  fi
+  local tps lat failed window_tx
+  tps=$(awk '/^tps/{print $3; exit}' "$log")
+  lat=$(awk '/latency average/{print $4; exit}' "$log")
+  failed=$(awk '/number of failed transactions/{print $5; exit}' "$log")
   if [ -z "$tps" ] || [ "${failed:-0}" != "0" ]; then echo "n/a n/a n/a"; return; fi
-  local cpu="-"; [ -n "$pid" ] && cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$HZ" -v tx="$tx" 'BEGIN{printf "%.3f", (b-a)/hz/tx*10000}')
+  window_tx=$(awk -v a="$t0" -v b="$t1" '/^progress: /{
+      ts = $2 + 0; lo = (prev ? prev : ts - 1); prev = ts
+      s = (lo > a ? lo : a); e = (ts < b ? ts : b); if (e > s) n += $4 * (e - s) }
+    END { printf "%.0f", n }' "$log")
+  local cpu="-"; [ -n "$pid" ] && [ "${window_tx:-0}" -gt 0 ] &&
+    cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$HZ" -v tx="$window_tx" 'BEGIN{printf "%.3f", (b-a)/hz/tx*10000}')
   echo "$tps $lat $cpu"
+}
+
+login_ms() { # port pid -> the proxy's CPU milliseconds per client login (SCRAM), 400 logins
+  local c0 c1
+  c0=$(cpu_of "$2")
+  "$BIN/pgbench" -n -S -C -c 4 -j 2 -t 100 -h 127.0.0.1 -p "$1" -U app app > /dev/null 2>&1 || { echo n/a; return; }
+  c1=$(cpu_of "$2")
+  awk -v a="$c0" -v b="$c1" -v hz="$HZ" 'BEGIN{printf "%.2f", (b-a)/hz/400*1000}'
 }
 
 median() { # values (n/a ignored) -> median, or n/a
@@ -168,6 +193,9 @@ for mode in $MODES; do
       "$(paired "${XR[@]}")" "$(paired "${CR[@]}")" "$range"
   done
 done
+
+echo
+echo "CPU per client login (SCRAM, pgbench -C): PgBouncer $(login_ms $BOUNCER_PORT $BOUNCER_PID) ms, pgwarden $(login_ms $PGW_PORT $PGW_PID) ms"
 
 # Memory with idle clients: logged in (SCRAM), then silent.
 IDLE=${IDLE_CLIENTS:-10000}
