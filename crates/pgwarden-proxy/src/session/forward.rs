@@ -26,7 +26,7 @@ use super::pipeline::{ClientStatements, Context, Pipeline};
 use super::state::SessionState;
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
-use crate::framed::{each_message, each_message_after, Framed};
+use crate::framed::{each_message_after, Framed};
 use crate::pool::{Lease, Pool, Usage};
 use crate::registry::{ClientInfo, KillReason, KillWatch};
 use crate::server::simple_query;
@@ -190,32 +190,31 @@ impl Forwarder<'_> {
             // in the read buffer (taken out meanwhile). Terminate stops it.
             let mut rbuf = std::mem::take(&mut self.client.rbuf);
             // Express batches first (see `pipeline::express`): whole, in one copy.
+            let mut express = 0;
             while !c.session.is_dirty() {
                 let (pipeline, cx) = c.cx(cache, capacity);
-                let n = pipeline.send_express(&rbuf, conn, &cx);
+                let n = pipeline.send_express(&rbuf[express..], conn, &cx);
                 if n == 0 {
                     break;
                 }
-                c.usage.bytes_received += n as u64;
-                if n == rbuf.len() {
-                    rbuf.clear();
-                    break;
-                }
-                rbuf.advance(n);
+                express += n;
             }
-            let sent = each_message(&mut rbuf, ProxyError::ClientProtocol, |frame| {
-                if frame[0] == b'X' {
-                    return Ok(true);
-                }
-                if c.session.is_dirty() && c.pipeline.settled() && conn.status == TxStatus::Idle {
-                    if let Some(sql) = c.session.sync(&mut conn.applied) {
-                        c.pipeline.send_internal(&sql, conn);
+            c.usage.bytes_received += express as u64;
+            let sent =
+                each_message_after(&mut rbuf, express, ProxyError::ClientProtocol, |frame| {
+                    if frame[0] == b'X' {
+                        return Ok(true);
                     }
-                }
-                c.usage.bytes_received += frame.len() as u64;
-                let (pipeline, mut cx) = c.cx(cache, capacity);
-                pipeline.send(frame, conn, &mut cx).map(|()| false)
-            });
+                    if c.session.is_dirty() && c.pipeline.settled() && conn.status == TxStatus::Idle
+                    {
+                        if let Some(sql) = c.session.sync(&mut conn.applied) {
+                            c.pipeline.send_internal(&sql, conn);
+                        }
+                    }
+                    c.usage.bytes_received += frame.len() as u64;
+                    let (pipeline, mut cx) = c.cx(cache, capacity);
+                    pipeline.send(frame, conn, &mut cx).map(|()| false)
+                });
             self.client.rbuf = rbuf;
             if sent? {
                 // Terminate: what was sent before it still goes.
