@@ -27,20 +27,11 @@ const CLIENT_READ: usize = 2 * 1024;
 /// Buffer space an idle client may keep (more is given back).
 const IDLE_KEEP: usize = 4 * 1024;
 
-/// Hands each complete message at the front of `buf` to `each` where it lies (no copy, no
-/// split), then advances `buf` past every message handed over, including the one that stopped
-/// the loop. `each` returns true to stop early; a malformed length is `bad_length`'s error.
-/// The caller takes `buf` out of its connection first, so `each` may use the connection.
-pub fn each_message(
-    buf: &mut BytesMut,
-    bad_length: fn(ProtocolError) -> ProxyError,
-    each: impl FnMut(&[u8]) -> Result<bool, ProxyError>,
-) -> Result<bool, ProxyError> {
-    each_message_after(buf, 0, bad_length, each)
-}
-
-/// [`each_message`] for the messages after the first `done` bytes of `buf` (complete messages
-/// already dealt with, advanced past with the rest).
+/// Hands each complete message of `buf` after its first `done` bytes (complete messages
+/// already dealt with) to `each` where it lies (no copy, no split), then advances `buf` past
+/// every message handed over, including the one that stopped the loop. `each` returns true to
+/// stop early; a malformed length is `bad_length`'s error. The caller takes `buf` out of its
+/// connection first, so `each` may use the connection.
 pub fn each_message_after(
     buf: &mut BytesMut,
     done: usize,
