@@ -64,9 +64,7 @@ impl Pipeline {
         self.queue.push_back(Pending::forward(b'S'));
         at
     }
-}
 
-impl Pipeline {
     /// How many bytes at the front of `buf` (the server's answers) are complete messages that
     /// go to the client as they are with nothing to track: with a Sync's entry at the front
     /// of the queue, or a simple query's whose statements change no session state, everything
