@@ -233,7 +233,8 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
     };
     runtime.block_on(async move {
         let listen = config.proxy.listen;
-        let proxy = match pgwarden_proxy::Proxy::bind(config).await {
+        let view = pgwarden_cluster::monitor::spawn(config.clone()).await;
+        let proxy = match pgwarden_proxy::Proxy::bind(config, view).await {
             Ok(p) => p,
             Err(e) => return fail(&format!("cannot start the proxy on {listen}: {e}"), 1),
         };

@@ -10,12 +10,17 @@
 //! - [`probe`] — one node's raw facts ([`probe::NodeSample`]) from SQL, and probing all nodes.
 //! - [`status`] — [`ClusterStatus`], the derived snapshot, its JSON schema and exit code.
 //! - [`render`] — the human table.
-//! - [`monitor`] — the actor publishing [`monitor::ClusterView`] snapshots over `watch`.
+//! - [`view`] — [`view::ClusterView`], the snapshot consumers route by (leader, epoch, nodes).
+//! - [`leader`] — which primary takes writes: a promotion is followed only if it descends from
+//!   the previous leader (pure, table-tested).
+//! - [`monitor`] — the actor publishing views from probes over `watch`.
 
+pub mod leader;
 pub mod monitor;
 pub mod probe;
 pub mod render;
 pub mod status;
+pub mod view;
 
 pub use status::{ClusterStatus, LagLevel, NodeStatus, Role};
 

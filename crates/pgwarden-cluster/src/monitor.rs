@@ -2,113 +2,121 @@
 //! over a `watch` channel. Consumers (the proxy, the status API) hold the receiver and never
 //! poll nodes themselves. It keeps one connection per node between probes (see
 //! [`crate::probe::Prober`]).
+//!
+//! The leader is decided by [`crate::leader`]: a promoted node is followed only if it descends
+//! from the leader followed before it. The epoch is the leader's timeline, so every monitor
+//! watching the same cluster derives the same one.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use pgwarden_config::Config;
+use pgwarden_core::{Epoch, NodeId};
 use tokio::sync::watch;
 
-use crate::status::{ClusterStatus, NodeDetail, Role};
+use crate::leader::{self, Candidate, Followed};
+use crate::probe::NodeSample;
+use crate::status::{ClusterStatus, NodeDetail};
+pub use crate::view::{ClusterView, NodeView};
 
-/// One node as consumers see it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodeView {
-    pub name: String,
-    pub host: String,
-    pub port: u16,
-    pub role: Role,
-    pub timeline: Option<u32>,
-    /// Replay lag behind the primary in bytes (replicas, when known).
-    pub replay_lag_bytes: Option<u64>,
+/// What the monitor carries from one round to the next.
+#[derive(Debug, Default, Clone)]
+pub struct Lineage {
+    /// The leader last followed (kept while nobody is).
+    pub followed: Option<Followed>,
 }
 
-/// A snapshot of the cluster.
-#[derive(Debug, Clone)]
-pub struct ClusterView {
-    /// Goes up by one every time the primary changes (including to and from "none"): a consumer
-    /// that sees a new epoch drops every connection made under the old one.
-    pub epoch: u64,
-    /// Index into `nodes` of the node that takes writes.
-    pub primary: Option<usize>,
-    pub nodes: Vec<NodeView>,
-    pub checked_at: Instant,
-    /// The full status behind this view.
-    pub status: Arc<ClusterStatus>,
-}
-
-impl ClusterView {
-    pub fn primary(&self) -> Option<&NodeView> {
-        self.primary.map(|i| &self.nodes[i])
-    }
-
-    /// Derives a view from a status; `previous` carries the epoch forward.
-    pub fn from_status(status: ClusterStatus, previous: Option<&ClusterView>) -> ClusterView {
-        let nodes: Vec<NodeView> = status
-            .nodes
-            .iter()
-            .map(|n| {
-                let (timeline, replay_lag_bytes) = match &n.detail {
-                    NodeDetail::Primary { timeline, .. } => (Some(*timeline), None),
-                    NodeDetail::Replica {
-                        timeline,
-                        lag_bytes,
-                        ..
-                    } => (*timeline, lag_bytes.replay),
-                    NodeDetail::Down {} => (None, None),
+/// The primaries among the samples, in config order, with their index into the nodes.
+fn candidates(config: &Config, samples: &[NodeSample]) -> Vec<(usize, Candidate)> {
+    samples
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            NodeSample::Primary {
+                lsn,
+                timeline,
+                history,
+                ..
+            } => {
+                let history = match (history, *timeline) {
+                    (_, 0 | 1) => Ok(Vec::new()),
+                    (Some(text), _) => leader::parse_history(text),
+                    (None, t) => Err(format!("pg_wal/{t:08X}.history is missing")),
                 };
-                NodeView {
-                    name: n.name.clone(),
-                    host: n.host.clone(),
-                    port: n.port,
-                    role: n.role,
-                    timeline,
-                    replay_lag_bytes,
-                }
-            })
-            .collect();
-        let primary = choose_primary(&nodes);
-        let epoch = match previous {
-            None => 1,
-            Some(prev) => {
-                let before = prev.primary().map(|p| (&p.name, p.timeline));
-                let now = primary.map(|i| (&nodes[i].name, nodes[i].timeline));
-                if before == now {
-                    prev.epoch
-                } else {
-                    prev.epoch + 1
-                }
+                Some((
+                    i,
+                    Candidate {
+                        name: config.nodes[i].name.clone(),
+                        timeline: *timeline,
+                        lsn: *lsn,
+                        history,
+                    },
+                ))
             }
-        };
-        ClusterView {
-            epoch,
-            primary,
-            nodes,
-            checked_at: Instant::now(),
-            status: Arc::new(status),
-        }
-    }
+            _ => None,
+        })
+        .collect()
 }
 
-/// The node that takes writes: the only primary, or with several (a promoted standby next to a
-/// not yet fenced old primary) the one on the newest timeline, which is the promoted one. Two
-/// primaries on the same timeline cannot be told apart: none is chosen.
-pub fn choose_primary(nodes: &[NodeView]) -> Option<usize> {
-    let primaries: Vec<usize> = (0..nodes.len())
-        .filter(|&i| nodes[i].role == Role::Primary)
+/// Derives a view from one round's samples and the lineage so far (updated in place).
+pub fn view_of(
+    config: &Config,
+    samples: Vec<NodeSample>,
+    lineage: &mut Lineage,
+    at: SystemTime,
+) -> ClusterView {
+    let found = candidates(config, &samples);
+    let primaries: Vec<Candidate> = found.iter().map(|(_, c)| c.clone()).collect();
+    let decision = leader::decide(
+        lineage.followed.as_ref(),
+        &primaries,
+        config.monitor.follow_promotions,
+    );
+    lineage.followed = leader::followed_after(lineage.followed.as_ref(), &primaries, &decision);
+    let leader = decision.leader.map(|i| NodeId::new(&primaries[i].name));
+    let epoch = Epoch(
+        lineage
+            .followed
+            .as_ref()
+            .map_or(0, |f| u64::from(f.timeline)),
+    );
+    let status = ClusterStatus::build(config, samples, at);
+    let nodes = status
+        .nodes
+        .iter()
+        .map(|n| {
+            let (timeline, lsn, replay_lag_bytes) = match &n.detail {
+                NodeDetail::Primary { timeline, lsn } => (Some(*timeline), lsn.parse().ok(), None),
+                NodeDetail::Replica {
+                    timeline,
+                    replay_lsn,
+                    lag_bytes,
+                    ..
+                } => (
+                    *timeline,
+                    replay_lsn.as_deref().and_then(|l| l.parse().ok()),
+                    lag_bytes.replay,
+                ),
+                NodeDetail::Down {} => (None, None, None),
+            };
+            NodeView {
+                id: NodeId::new(&n.name),
+                host: n.host.clone(),
+                port: n.port,
+                role: n.role,
+                timeline,
+                lsn,
+                replay_lag_bytes,
+            }
+        })
         .collect();
-    match primaries.as_slice() {
-        [] => None,
-        [one] => Some(*one),
-        many => {
-            let newest = many.iter().map(|&i| nodes[i].timeline).max()?;
-            let on_newest: Vec<usize> = many
-                .iter()
-                .copied()
-                .filter(|&i| nodes[i].timeline == newest)
-                .collect();
-            (on_newest.len() == 1).then(|| on_newest[0])
-        }
+    ClusterView {
+        epoch,
+        leader,
+        nodes,
+        checked_at: Instant::now(),
+        refused: decision.refused,
+        status: Some(Arc::new(status)),
     }
 }
 
@@ -116,11 +124,11 @@ pub fn choose_primary(nodes: &[NodeView]) -> Option<usize> {
 /// the task ends when every receiver is dropped.
 pub async fn spawn(config: Arc<Config>) -> watch::Receiver<Arc<ClusterView>> {
     let mut prober = crate::probe::Prober::default();
-    let first = Arc::new(ClusterView::from_status(
-        crate::check_with(&mut prober, &config).await,
-        None,
-    ));
-    let (tx, rx) = watch::channel(first);
+    let mut lineage = Lineage::default();
+    let samples = prober.probe_all(&config).await;
+    let first = view_of(&config, samples, &mut lineage, SystemTime::now());
+    log_change(None, &first);
+    let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(config.monitor.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,16 +138,10 @@ pub async fn spawn(config: Arc<Config>) -> watch::Receiver<Arc<ClusterView>> {
                 _ = tx.closed() => return,
                 _ = tick.tick() => {}
             }
-            let status = crate::check_with(&mut prober, &config).await;
+            let samples = prober.probe_all(&config).await;
+            let view = view_of(&config, samples, &mut lineage, SystemTime::now());
             let previous = tx.borrow().clone();
-            let view = ClusterView::from_status(status, Some(&previous));
-            if view.epoch != previous.epoch {
-                tracing::info!(
-                    epoch = view.epoch,
-                    primary = view.primary().map(|p| p.name.as_str()).unwrap_or("none"),
-                    "primary changed"
-                );
-            }
+            log_change(Some(&previous), &view);
             if tx.send(Arc::new(view)).is_err() {
                 return;
             }
@@ -148,48 +150,16 @@ pub async fn spawn(config: Arc<Config>) -> watch::Receiver<Arc<ClusterView>> {
     rx
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(name: &str, role: Role, timeline: Option<u32>) -> NodeView {
-        NodeView {
-            name: name.into(),
-            host: "h".into(),
-            port: 1,
-            role,
-            timeline,
-            replay_lag_bytes: None,
-        }
+/// Logs a change of leader or of the reasons primaries are refused, once.
+fn log_change(previous: Option<&ClusterView>, view: &ClusterView) {
+    let leader = view.leader.as_ref().map_or("none", |l| l.as_str());
+    let changed = previous.map_or(true, |p| p.leader != view.leader || p.epoch != view.epoch);
+    if changed {
+        tracing::info!(epoch = %view.epoch, leader, "leader changed");
     }
-
-    #[test]
-    fn primary_choice() {
-        use Role::*;
-        let cases: Vec<(Vec<NodeView>, Option<usize>)> = vec![
-            (
-                vec![node("a", Primary, Some(1)), node("b", Replica, Some(1))],
-                Some(0),
-            ),
-            (
-                vec![node("a", Down, None), node("b", Replica, Some(1))],
-                None,
-            ),
-            (
-                vec![node("a", Primary, Some(1)), node("b", Primary, Some(2))],
-                Some(1),
-            ),
-            (
-                vec![node("a", Primary, Some(3)), node("b", Primary, Some(2))],
-                Some(0),
-            ),
-            (
-                vec![node("a", Primary, Some(2)), node("b", Primary, Some(2))],
-                None,
-            ),
-        ];
-        for (nodes, want) in cases {
-            assert_eq!(choose_primary(&nodes), want, "{nodes:?}");
+    if previous.map_or(true, |p| p.refused != view.refused) {
+        for why in &view.refused {
+            tracing::warn!(epoch = %view.epoch, leader, "primary not followed: {why}");
         }
     }
 }

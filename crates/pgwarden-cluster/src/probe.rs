@@ -13,6 +13,8 @@ pub enum NodeSample {
     Primary {
         lsn: Lsn,
         timeline: u32,
+        /// The text of its timeline's history file (`None` on timeline 1, or if missing).
+        history: Option<String>,
         senders: Vec<WalSender>,
         perf: PerfSample,
     },
@@ -76,7 +78,10 @@ SELECT pg_is_in_recovery(),
             WHEN pg_last_wal_receive_lsn() IS NOT NULL
                  AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
             ELSE COALESCE(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)
-       END::float8";
+       END::float8,
+       CASE WHEN NOT pg_is_in_recovery()
+            THEN pg_read_file('pg_wal/' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)
+                              || '.history', 0, 1048576, true) END";
 
 const PERF_SQL: &str = "\
 SELECT (SELECT count(*) FROM pg_stat_activity
@@ -226,6 +231,7 @@ async fn sample(client: &tokio_postgres::Client) -> Result<NodeSample, tokio_pos
     Ok(NodeSample::Primary {
         lsn: lsn(&role, 1).unwrap_or_default(),
         timeline: role.get::<_, Option<i64>>(2).unwrap_or(0) as u32,
+        history: role.get(8),
         senders,
         perf,
     })

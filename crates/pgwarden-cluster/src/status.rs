@@ -355,6 +355,7 @@ port = 5434
         NodeSample::Primary {
             lsn: Lsn(lsn),
             timeline,
+            history: None,
             senders,
             perf: PerfSample {
                 connections: 3,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwarden_config::Config;
+use pgwarden_core::Epoch;
 use pgwarden_testkit::{eventually, Cluster};
 
 #[tokio::test]
@@ -19,8 +20,8 @@ async fn follows_a_promotion_and_bumps_the_epoch_once() {
     let mut rx = pgwarden_cluster::monitor::spawn(config).await;
     {
         let v = rx.borrow_and_update().clone();
-        assert_eq!(v.primary().map(|p| p.name.as_str()), Some("n1"));
-        assert_eq!(v.epoch, 1);
+        assert_eq!(v.leader.as_ref().map(|l| l.as_str()), Some("n1"));
+        assert_eq!(v.epoch, Epoch(1));
         assert_eq!(v.nodes[1].replay_lag_bytes, Some(0));
     }
 
@@ -33,13 +34,18 @@ async fn follows_a_promotion_and_bumps_the_epoch_once() {
             let rx = &rx;
             async move {
                 let v = rx.borrow().clone();
-                (v.primary().map(|p| p.name.as_str()) == Some("n2")).then_some(v)
+                (v.leader.as_ref().map(|l| l.as_str()) == Some("n2")).then_some(v)
             }
         },
     )
     .await;
-    assert_eq!(v.epoch, 2);
-    assert_eq!(v.primary().and_then(|p| p.timeline), Some(2));
+    assert_eq!(v.epoch, Epoch(2));
+    assert_eq!(v.leader_node().and_then(|p| p.timeline), Some(2));
+    assert!(
+        v.refused.iter().any(|r| r.contains("deposed")),
+        "the old primary, still up, is reported: {:?}",
+        v.refused
+    );
 
     // The old primary going away does not change who takes writes, so not the epoch either.
     cluster.stop_node(0).await;
@@ -49,7 +55,10 @@ async fn follows_a_promotion_and_bumps_the_epoch_once() {
     })
     .await;
     let v = rx.borrow().clone();
-    assert_eq!((v.epoch, v.primary), (2, Some(1)));
+    assert_eq!(
+        (v.epoch, v.leader.as_ref().map(|l| l.as_str())),
+        (Epoch(2), Some("n2"))
+    );
 
     // Updates keep coming at the configured interval.
     rx.mark_unchanged();

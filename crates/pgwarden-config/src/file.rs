@@ -56,6 +56,7 @@ pub struct FileProxy {
     pub idle_transaction_timeout: Option<Field<String>>,
     pub shutdown_timeout: Option<Field<String>>,
     pub max_prepared_statements: Option<Field<i64>>,
+    pub max_view_age: Option<Field<String>>,
     pub admin_users: Option<Field<Vec<String>>>,
     pub client_tls: FileClientTls,
     pub auth: FileAuth,
@@ -114,6 +115,7 @@ pub struct FileMonitor {
     pub timeout: Option<Field<String>>,
     pub lag_medium: Option<Field<String>>,
     pub lag_high: Option<Field<String>>,
+    pub follow_promotions: Option<Field<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

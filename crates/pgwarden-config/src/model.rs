@@ -118,6 +118,27 @@ pub struct MonitorConfig {
     pub timeout: Duration,
     pub lag_medium: ByteSize,
     pub lag_high: ByteSize,
+    /// Which promotions the monitor follows as the new leader.
+    pub follow_promotions: FollowPromotions,
+}
+
+/// `monitor.follow_promotions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FollowPromotions {
+    /// Only a node whose timeline history holds everything seen on the previous leader.
+    #[default]
+    Descendant,
+    /// The primary on the newest timeline, whatever it lost.
+    Any,
+}
+
+impl std::fmt::Display for FollowPromotions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FollowPromotions::Descendant => "descendant",
+            FollowPromotions::Any => "any",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +238,8 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     /// Per server connection; 0 disables prepared-statement tracking.
     pub max_prepared_statements: u32,
+    /// Writes are refused while the cluster view is older than this (its source went silent).
+    pub max_view_age: Duration,
     pub admin_users: Vec<String>,
     pub client_tls: ClientTlsConfig,
     pub auth: AuthConfig,

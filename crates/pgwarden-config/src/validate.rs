@@ -133,7 +133,7 @@ pub fn validate(
     let replication = replication(&mut e, file.replication, nodes.len());
     let monitor = monitor(&mut e, file.monitor);
     let users = users(&mut e, std::mem::take(&mut file.proxy.users));
-    let proxy = crate::validate_proxy::proxy(&mut e, file.proxy, base_dir, &users);
+    let proxy = crate::validate_proxy::proxy(&mut e, file.proxy, base_dir, &users, &monitor);
     if e.list.is_empty() {
         Ok(Config {
             cluster,
@@ -340,11 +340,26 @@ fn monitor(e: &mut Errors, f: FileMonitor) -> MonitorConfig {
             format!("({lag_high}) must be greater than monitor.lag_medium ({lag_medium})"),
         );
     }
+    let follow_promotions = match e
+        .get("monitor.follow_promotions", f.follow_promotions)
+        .as_deref()
+    {
+        None | Some("descendant") => FollowPromotions::Descendant,
+        Some("any") => FollowPromotions::Any,
+        Some(other) => {
+            e.push(
+                "monitor.follow_promotions",
+                format!("unknown value \"{other}\": expected descendant or any"),
+            );
+            FollowPromotions::Descendant
+        }
+    };
     MonitorConfig {
         interval,
         timeout,
         lag_medium,
         lag_high,
+        follow_promotions,
     }
 }
 

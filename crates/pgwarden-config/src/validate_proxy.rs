@@ -13,6 +13,7 @@ pub(crate) fn proxy(
     f: FileProxy,
     base: &Path,
     users: &[UserConfig],
+    monitor: &MonitorConfig,
 ) -> ProxyConfig {
     let listen = match e.get("proxy.listen", f.listen) {
         None => SocketAddr::from(([127, 0, 0, 1], 6432)),
@@ -102,6 +103,19 @@ pub(crate) fn proxy(
         0,
         100_000,
     ) as u32;
+    // The monitor publishes a view every interval, a round taking up to its timeout.
+    let monitor_pace = monitor.interval + monitor.timeout;
+    let max_view_age = e.duration("proxy.max_view_age", f.max_view_age, monitor_pace + secs(2));
+    if max_view_age <= monitor_pace {
+        e.push(
+            "proxy.max_view_age",
+            format!(
+                "({}) must be longer than monitor.interval + monitor.timeout ({}): the monitor publishes at that pace",
+                pgwarden_core::format_duration(max_view_age),
+                pgwarden_core::format_duration(monitor_pace)
+            ),
+        );
+    }
     let admin_users = e
         .get("proxy.admin_users", f.admin_users)
         .unwrap_or_default();
@@ -124,6 +138,7 @@ pub(crate) fn proxy(
         idle_transaction_timeout,
         shutdown_timeout,
         max_prepared_statements,
+        max_view_age,
         admin_users,
         client_tls: client_tls(e, f.client_tls, base),
         auth: auth(e, f.auth, users),

@@ -92,7 +92,8 @@ pub async fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         .unwrap_or_default();
     let config = Arc::new(config);
     let listen = config.proxy.listen;
-    let proxy = match pgwarden_proxy::Proxy::bind(config.clone()).await {
+    let view = pgwarden_cluster::monitor::spawn(config.clone()).await;
+    let proxy = match pgwarden_proxy::Proxy::bind(config.clone(), view).await {
         Ok(p) => p,
         Err(source) => {
             supervise::stop_all(nodes).await;

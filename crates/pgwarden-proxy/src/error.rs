@@ -42,8 +42,19 @@ pub enum ProxyError {
     AuthQuery(String),
     #[error("authentication timed out")]
     AuthTimeout,
-    #[error("no primary is available (waited {})", format_duration(*.0))]
-    NoPrimary(Duration),
+    /// No node can take the session's transaction (no leader, a stale view, a refused
+    /// promotion) within the wait.
+    #[error("{why} (waited {})", format_duration(*waited))]
+    Unavailable {
+        why: crate::router::Unavailable,
+        waited: Duration,
+    },
+    /// The server held writes to a node that no longer leads: the connection was cut.
+    #[error("terminating connection because {node} no longer takes writes (epoch {epoch} ended)")]
+    Fenced {
+        node: pgwarden_core::NodeId,
+        epoch: pgwarden_core::Epoch,
+    },
     #[error("cannot connect to server {addr}: {source}")]
     Connect {
         addr: String,
@@ -97,7 +108,8 @@ impl ProxyError {
             NotAdmin(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             Killed => SqlState::ADMIN_SHUTDOWN,
             IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-            NoPrimary(_) => SqlState::CANNOT_CONNECT_NOW,
+            Unavailable { .. } => SqlState::CANNOT_CONNECT_NOW,
+            Fenced { .. } => SqlState::ADMIN_SHUTDOWN,
             ServerRefused { code, .. } => *code,
             UnsupportedServerAuth(_) => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             WaitTimeout(_) | TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
@@ -108,8 +120,9 @@ impl ProxyError {
         }
     }
 
-    /// The message for the client, in PostgreSQL's style. Server-side details (addresses, I/O
-    /// errors) are not shown to clients.
+    /// The message for the client, in PostgreSQL's style: an explicit allowlist, so a new
+    /// variant shows nothing until it is added here. Server-side details (addresses, I/O
+    /// errors, internal causes) are not shown to clients; they go to the log.
     pub fn client_message(&self) -> String {
         use ProxyError::*;
         match self {
@@ -119,8 +132,28 @@ impl ProxyError {
             Connect { .. } | ConnectTimeout { .. } => {
                 "could not connect to the database server".to_string()
             }
-            ServerRefused { message, .. } => message.clone(),
-            other => other.to_string(),
+            ServerRefused { message, .. } | RestoreFailed { message, .. } => message.clone(),
+            // The cause of a failed lookup is for the log only.
+            AuthQuery(_) => "authentication failed".to_string(),
+            ClientProtocol(_)
+            | AuthFailed(_)
+            | ClientIo(_)
+            | ClientClosed
+            | StartupOption(_)
+            | NoUser
+            | NotAdmin(_)
+            | Killed
+            | IdleInTransaction(_)
+            | TlsRequired
+            | AuthTimeout
+            | Unavailable { .. }
+            | Fenced { .. }
+            | UnsupportedServerAuth(_)
+            | WaitTimeout(_)
+            | TooManyClients(_)
+            | CancelledWaiting
+            | ShuttingDown
+            | Unsupported(_) => self.to_string(),
         }
     }
 

@@ -1,10 +1,13 @@
-//! The proxy: a PostgreSQL wire-protocol pooler in front of the cluster's primary.
+//! The proxy: a PostgreSQL wire-protocol pooler and router in front of a cluster.
 //!
 //! Clients authenticate against the proxy (`[[proxy.users]]`), then share pooled server
-//! connections per (database, user) in transaction or session mode. Where writes go comes from
-//! the monitor's [`pgwarden_cluster::monitor::ClusterView`] snapshots; the proxy never polls nodes
-//! itself. Each client gets its own cancel key, and cancels reach only the server running that
-//! client's query. Admin users reach a console on the database `pgwarden`.
+//! connections per (node, database, user) in transaction or session mode. Where each
+//! transaction goes is decided by one pure [`router`] from the [`ClusterView`] snapshots of a
+//! view source passed in to [`Proxy::bind`] (the monitor, or the HA store); the proxy never
+//! polls nodes itself. The view's epoch fences writes: a server connection to a node that no
+//! longer leads under the current epoch is cut at once. Each client gets its own cancel key, and
+//! cancels reach only the server running that client's query. Admin users reach a console on
+//! the database `pgwarden`.
 //!
 //! # Layout
 //! - [`framed`] — sockets with read/write buffers, speaking whole frames.
@@ -12,13 +15,18 @@
 //!   state (`session/{startup,auth,params,forward,pipeline,state}.rs`).
 //! - [`admin`] — the admin console (`SHOW ...`, `PAUSE`, `RESUME`, `KILL`, `RELOAD`, `SHUTDOWN`).
 //! - [`server`] — server connections and their login (SCRAM, md5, cleartext; SCRAM pass-through).
-//! - [`pool`] — per-(database, user) pools: FIFO waits with a bound, reuse checks, recycling,
-//!   pause, live resizing.
+//! - [`router`] — the pure decision of which node serves a transaction, and whether a held
+//!   connection may go on serving.
+//! - [`pools`] — pools by (database, user) and then node, with what a group shares; pause and
+//!   kill by database.
+//! - [`pool`] — one node's pool: FIFO waits with a bound, reuse checks, recycling, pause, live
+//!   resizing.
 //! - [`prepared`] — named statements shared across server connections (cache, per-server LRU).
 //! - [`registry`] — connected clients and server connections, and the signals that end sessions.
 //! - [`tls`] — TLS for clients (rustls), and the client stream that is plain or encrypted.
 //! - [`cancel`] — the cancel map.
-//! - [`topology`] — the current primary and epoch, from the monitor.
+//! - [`topology`] — the proxy's reading of the view source: routing snapshot, freshness, the
+//!   generation sessions watch.
 //! - [`error`] — [`ProxyError`] and what clients are told.
 
 pub mod admin;
@@ -26,27 +34,29 @@ pub mod cancel;
 pub mod error;
 pub mod framed;
 pub mod pool;
+pub mod pools;
 pub mod prepared;
 pub mod registry;
+pub mod router;
 pub mod server;
 mod session;
 pub mod tls;
 pub mod topology;
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+pub use pgwarden_cluster::view::ClusterView;
 use pgwarden_config::{Config, ConfigError};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 pub use error::ProxyError;
-use pool::{Pool, PoolKey, PoolSettings};
+use pool::{Pool, PoolSettings};
+use pools::{Group, Pools};
 use registry::{Kill, KillReason};
-use server::{Credential, Login};
+use server::Credential;
 use topology::Topology;
 
 /// The database name that reaches the admin console.
@@ -56,16 +66,12 @@ pub const ADMIN_DATABASE: &str = "pgwarden";
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     pub topology: Topology,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    pub pools: Pools,
     pub cancels: cancel::CancelMap,
     client_slots: Arc<Semaphore>,
     verifiers: session::VerifierCache,
     auth_cache: session::AuthQueryCache,
     pub clients: registry::Clients,
-    server_ids: Arc<AtomicU64>,
-    /// Databases paused by `PAUSE db` / `KILL db` (pools made later start paused too); `None`
-    /// in the set's place means everything (`PAUSE`).
-    paused: Mutex<Paused>,
     /// Raised by `SHUTDOWN`.
     pub shutdown: Kill,
     /// For clients' SSLRequests (`proxy.client_tls`; changing it needs a restart).
@@ -73,20 +79,14 @@ pub struct Shared {
     started: Instant,
 }
 
-#[derive(Default)]
-struct Paused {
-    all: bool,
-    databases: HashSet<String>,
-}
-
-impl Paused {
-    fn covers(&self, db: &str) -> bool {
-        self.all || self.databases.contains(db)
-    }
-}
-
-fn pool_settings(config: &Config, size: Option<u32>) -> PoolSettings {
+/// A user's pool settings: the defaults with its own `pool_size`.
+fn pool_settings(config: &Config, user: &str) -> PoolSettings {
     let p = &config.proxy;
+    let size = config
+        .users
+        .iter()
+        .find(|u| u.name == user)
+        .and_then(|u| u.pool_size);
     PoolSettings {
         size: size.unwrap_or(p.default_pool_size),
         min_size: p.min_pool_size,
@@ -106,125 +106,28 @@ impl Shared {
         self.started.elapsed()
     }
 
-    /// The pool for (database, user), made on first use; the credential of the latest login is
-    /// what new server connections use.
-    fn pool(
+    /// The group of pools for (database, user), made on first use; the credential of the
+    /// latest login is what new server connections use.
+    fn group(
         &self,
         database: &str,
         user: &str,
         credential: Credential,
         config: &Config,
-    ) -> Arc<Pool> {
-        let key = PoolKey {
-            database: database.to_string(),
-            user: user.to_string(),
-        };
-        let mut pools = self.pools.lock().expect("pools lock");
-        if let Some(p) = pools.get(&key) {
-            p.set_credential(credential);
-            return p.clone();
-        }
-        let size = config
-            .users
-            .iter()
-            .find(|u| u.name == user)
-            .and_then(|u| u.pool_size);
-        let paused = self.paused.lock().expect("paused lock").covers(database);
-        let pool = Pool::new(
-            key.clone(),
-            Login {
-                user: user.to_string(),
-                database: database.to_string(),
-                application_name: "pgwarden".to_string(),
-                credential,
-            },
-            pool_settings(config, size),
-            self.server_ids.clone(),
-            paused,
-        );
-        pools.insert(key, pool.clone());
-        pool
+    ) -> Arc<Group> {
+        self.pools
+            .group(database, user, credential, pool_settings(config, user))
     }
 
+    /// Every node's pool, in (node, database, user) order.
     pub fn pools(&self) -> Vec<Arc<Pool>> {
-        let mut v: Vec<_> = self
-            .pools
-            .lock()
-            .expect("pools lock")
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
-        v
-    }
-
-    fn pools_of(&self, db: Option<&str>) -> Vec<Arc<Pool>> {
-        self.pools()
-            .into_iter()
-            .filter(|p| db.is_none_or_eq(&p.key.database))
-            .collect()
-    }
-
-    /// Holds new checkouts for `db` (or every database), then waits until no server of theirs is
-    /// in use. Returns false if `db` has no pool and is not known.
-    pub async fn pause(&self, db: Option<&str>) {
-        {
-            let mut p = self.paused.lock().expect("paused lock");
-            match db {
-                None => p.all = true,
-                Some(d) => {
-                    p.databases.insert(d.to_string());
-                }
-            }
-        }
-        let pools = self.pools_of(db);
-        for p in &pools {
-            p.set_paused(true);
-        }
-        while pools.iter().any(|p| p.active_count() > 0) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub fn resume(&self, db: Option<&str>) {
-        {
-            let mut p = self.paused.lock().expect("paused lock");
-            match db {
-                None => {
-                    p.all = false;
-                    p.databases.clear();
-                }
-                Some(d) => {
-                    p.databases.remove(d);
-                }
-            }
-        }
-        let paused = self.paused.lock().expect("paused lock");
-        for pool in self.pools() {
-            pool.set_paused(paused.covers(&pool.key.database));
-        }
-    }
-
-    pub fn is_paused(&self, db: &str) -> bool {
-        self.paused.lock().expect("paused lock").covers(db)
+        self.pools.all()
     }
 
     /// `KILL db`: holds new checkouts for `db` until `RESUME`, ends its clients at once and
     /// closes its server connections. Returns how many clients were ended.
     pub fn kill(&self, db: &str) -> usize {
-        self.paused
-            .lock()
-            .expect("paused lock")
-            .databases
-            .insert(db.to_string());
-        let pools = self.pools_of(Some(db));
-        for p in &pools {
-            p.set_paused(true);
-            for s in p.servers.all() {
-                s.close_needed.store(true, Ordering::Relaxed);
-            }
-            p.close_idle();
-        }
+        self.pools.kill(db);
         self.clients.kill(KillReason::Admin, |c| c.database == db)
     }
 
@@ -241,29 +144,13 @@ impl Shared {
                 },
             ]));
         };
-        let new = Arc::new(Config::load(&path)?);
-        let mut needs_restart = Vec::new();
-        if new.proxy.listen != current.proxy.listen {
-            needs_restart.push("proxy.listen".to_string());
+        let mut new = Config::load(&path)?;
+        let needs_restart = keep_restart_only(&mut new, &current);
+        let new = Arc::new(new);
+        for group in self.pools.groups() {
+            group.update(pool_settings(&new, &group.key().user));
         }
-        if new.proxy.workers != current.proxy.workers {
-            needs_restart.push("proxy.workers".to_string());
-        }
-        if new.proxy.client_tls != current.proxy.client_tls {
-            needs_restart.push("proxy.client_tls".to_string());
-        }
-        if new.nodes != current.nodes || new.monitor != current.monitor {
-            needs_restart
-                .push("nodes and monitor (the cluster monitor keeps its settings)".to_string());
-        }
-        for pool in self.pools() {
-            let size = new
-                .users
-                .iter()
-                .find(|u| u.name == pool.key.user)
-                .and_then(|u| u.pool_size);
-            pool.update(pool_settings(&new, size));
-        }
+        let mut needs_restart = needs_restart;
         let old_max = current.proxy.max_client_conn;
         let new_max = new.proxy.max_client_conn;
         if new_max > old_max {
@@ -285,14 +172,30 @@ impl Shared {
     }
 }
 
-trait NoneOrEq {
-    fn is_none_or_eq(&self, v: &str) -> bool;
-}
-
-impl NoneOrEq for Option<&str> {
-    fn is_none_or_eq(&self, v: &str) -> bool {
-        self.map_or(true, |x| x == v)
+/// Settings a reload cannot apply keep their running values in the new config (so `SHOW
+/// CONFIG` shows what runs); their names are returned.
+fn keep_restart_only(new: &mut Config, current: &Config) -> Vec<String> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $name:expr) => {
+            if new.$($field).+ != current.$($field).+ {
+                new.$($field).+ = current.$($field).+.clone();
+                kept.push($name.to_string());
+            }
+        };
     }
+    keep!(proxy.listen, "proxy.listen");
+    keep!(proxy.workers, "proxy.workers");
+    keep!(proxy.pool_mode, "proxy.pool_mode");
+    keep!(proxy.client_tls, "proxy.client_tls");
+    keep!(
+        proxy.max_prepared_statements,
+        "proxy.max_prepared_statements"
+    );
+    keep!(proxy.max_view_age, "proxy.max_view_age");
+    keep!(nodes, "nodes (the view source keeps its nodes)");
+    keep!(monitor, "monitor (the view source keeps its settings)");
+    kept
 }
 
 /// A bound, not yet serving proxy.
@@ -302,22 +205,23 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts the cluster monitor and binds `proxy.listen`.
-    pub async fn bind(config: Arc<Config>) -> std::io::Result<Proxy> {
+    /// Binds `proxy.listen`; routes by the views `view` brings (the monitor's, see
+    /// [`pgwarden_cluster::monitor::spawn`], or another source's).
+    pub async fn bind(
+        config: Arc<Config>,
+        view: watch::Receiver<Arc<ClusterView>>,
+    ) -> std::io::Result<Proxy> {
         let tls = tls::acceptor(&config.proxy.client_tls)?;
-        let rx = pgwarden_cluster::monitor::spawn(config.clone()).await;
         let listener = TcpListener::bind(config.proxy.listen).await?;
         let shared = Arc::new(Shared {
             client_slots: Arc::new(Semaphore::new(config.proxy.max_client_conn as usize)),
+            topology: Topology::new(view, config.proxy.max_view_age),
             config: RwLock::new(config),
-            topology: Topology::new(rx),
-            pools: Mutex::new(HashMap::new()),
+            pools: Pools::default(),
             cancels: cancel::CancelMap::default(),
             verifiers: Default::default(),
             auth_cache: Default::default(),
             clients: Default::default(),
-            server_ids: Arc::new(AtomicU64::new(0)),
-            paused: Mutex::new(Paused::default()),
             shutdown: Kill::default(),
             tls,
             started: Instant::now(),
@@ -404,16 +308,26 @@ fn accept(socket: tokio::net::TcpStream, peer: SocketAddr, shared: &Arc<Shared>)
     }
 }
 
-/// Once a second: recycle idle connections, warm pools up to `min_pool_size`, sample stats.
+/// Once a second, and at once when the view changes: close idle connections that are old or
+/// fenced out, warm the leader's pools up to `min_pool_size`, sample stats.
 async fn maintain(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
+    let mut seen = shared.topology.generation();
     loop {
-        tick.tick().await;
-        n += 1;
+        let ticked = tokio::select! {
+            _ = tick.tick() => true,
+            g = shared.topology.watch(seen) => {
+                seen = g;
+                false
+            }
+        };
+        n += u64::from(ticked);
+        let routing = shared.topology.routing();
         for pool in shared.pools() {
-            pool.maintain(&shared.topology);
-            if n % admin::STATS_PERIOD_SECS == 0 {
+            let leads = router::still_leads(&routing, &pool.key.node, routing.view.epoch);
+            pool.maintain(leads.then_some(routing.view.epoch));
+            if ticked && n % admin::STATS_PERIOD_SECS == 0 {
                 pool.sample_stats();
             }
         }

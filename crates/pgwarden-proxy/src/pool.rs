@@ -1,25 +1,27 @@
-//! Server connection pools, one per (database, user).
+//! Server connection pools, one per (node, database, user); the caller names the node (see
+//! `pools` and `router`) and the epoch its connections are fenced by.
 //!
 //! A pool's size is a semaphore: a client waits for a permit in FIFO order (tokio's semaphore is
 //! fair) for at most `query_wait_timeout`, then takes an idle connection or opens one. Idle
-//! connections are checked before reuse: cluster epoch, idle time, lifetime, and after a spell
+//! connections are checked before reuse: the epoch asked for, idle time, lifetime, and after a spell
 //! of idleness a non-blocking peek for EOF or unsolicited data. Settings are live: a reload
 //! resizes the pool and changes its timeouts in place. A paused pool holds new checkouts.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pgwarden_core::{Epoch, NodeId};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::error::ProxyError;
+use crate::pools::Common;
 use crate::registry::Servers;
-use crate::server::{self, Credential, Login, ServerConn};
-use crate::topology::Topology;
+use crate::server::{self, ServerConn, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
+    pub node: NodeId,
     pub database: String,
     pub user: String,
 }
@@ -153,7 +155,9 @@ const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub key: PoolKey,
-    login: RwLock<Login>,
+    pub target: Arc<Target>,
+    /// What the pools of this (database, user) on every node share.
+    pub common: Arc<Common>,
     settings: LiveSettings,
     /// Held while the settings change (resizing the semaphore goes with them).
     resize: Mutex<()>,
@@ -163,13 +167,7 @@ pub struct Pool {
     /// Boxed so that a checkout or a release moves a pointer, not the whole connection.
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
-    /// ParameterStatus values of the first server connection, shown to clients at login.
-    params: Mutex<Option<BTreeMap<String, String>>>,
     pub stats: PoolStats,
-    /// Named statements by text, shared by every server connection of the pool.
-    pub statements: crate::prepared::StatementCache,
-    /// Startup parameters tried on a server, and what it said.
-    pub(crate) startup_checks: crate::session::StartupChecks,
     pub servers: Servers,
     server_ids: Arc<AtomicU64>,
     paused: watch::Sender<bool>,
@@ -185,28 +183,47 @@ pub struct Lease {
     permit: OwnedSemaphorePermit,
     /// When it was checked out (one clock reading serves the checkout and the first query).
     pub at: Instant,
+    pub pool: Arc<Pool>,
+}
+
+impl Lease {
+    /// Gives the connection back: pooled if still good and `fenced_out` is false, else closed.
+    pub fn release(self, fenced_out: bool, usage: &Usage) {
+        self.release_at(fenced_out, usage, Instant::now())
+    }
+
+    /// [`Lease::release`] with the clock already read (at the server's last answer).
+    pub fn release_at(self, fenced_out: bool, usage: &Usage, now: Instant) {
+        let pool = self.pool.clone();
+        pool.release_at(self, fenced_out, usage, now)
+    }
+
+    /// Drops a connection whose state is unknown.
+    pub fn discard(self, usage: &Usage) {
+        let pool = self.pool.clone();
+        pool.discard(self, usage)
+    }
 }
 
 impl Pool {
     pub fn new(
         key: PoolKey,
-        login: Login,
+        target: Target,
+        common: Arc<Common>,
         settings: PoolSettings,
         server_ids: Arc<AtomicU64>,
         paused: bool,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             key,
-            login: RwLock::new(login),
+            target: Arc::new(target),
+            common,
             permits: Arc::new(Semaphore::new(settings.size as usize)),
             settings: LiveSettings::new(settings),
             resize: Mutex::new(()),
             owed: AtomicU32::new(0),
             idle: Mutex::new(Vec::new()),
-            params: Mutex::new(None),
             stats: PoolStats::default(),
-            statements: Default::default(),
-            startup_checks: Default::default(),
             servers: Servers::default(),
             server_ids,
             paused: watch::Sender::new(paused),
@@ -268,11 +285,6 @@ impl Pool {
         self.settings.store(new);
     }
 
-    /// The credential for new server connections: the latest client login's.
-    pub fn set_credential(&self, credential: Credential) {
-        self.login.write().expect("pool login lock").credential = credential;
-    }
-
     pub fn size(&self) -> u32 {
         self.settings().size
     }
@@ -290,10 +302,6 @@ impl Pool {
         self.permits.available_permits()
     }
 
-    pub fn params(&self) -> Option<BTreeMap<String, String>> {
-        self.params.lock().expect("pool lock").clone()
-    }
-
     pub fn is_paused(&self) -> bool {
         *self.paused.borrow()
     }
@@ -302,8 +310,9 @@ impl Pool {
         self.paused.send_replace(paused);
     }
 
-    /// Waits (FIFO, bounded) for a permit, then reuses or opens a server connection.
-    pub async fn acquire(&self, topology: &Topology) -> Result<Lease, ProxyError> {
+    /// Waits (FIFO, bounded) for a permit, then reuses or opens a server connection fenced by
+    /// `epoch`.
+    pub async fn acquire(self: &Arc<Self>, epoch: Epoch) -> Result<Lease, ProxyError> {
         let settings = self.settings();
         if self.is_paused() {
             self.wait_resumed(settings.wait_timeout).await?;
@@ -315,28 +324,37 @@ impl Pool {
             Err(TryAcquireError::Closed) => return Err(ProxyError::ShuttingDown),
             Err(TryAcquireError::NoPermits) => self.wait_for_permit(settings.wait_timeout).await?,
         };
-        self.lease(permit, topology, settings).await
+        self.lease(permit, epoch, settings).await
     }
 
     /// A server connection at once, if a permit is free, nobody waits and an idle connection
     /// is still good (the common case, without a future); `None`: take [`Pool::acquire`].
-    pub fn checkout_now(&self, topology: &Topology) -> Option<Lease> {
+    pub fn checkout_now(self: &Arc<Self>, epoch: Epoch) -> Option<Lease> {
         if self.is_paused() {
             return None;
         }
         let permit = self.permits.clone().try_acquire_owned().ok()?;
-        let (conn, at) = self.take_idle(self.settings(), topology.epoch())?;
+        let (conn, at) = self.take_idle(self.settings(), epoch)?;
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { conn, permit, at })
+        Some(Lease {
+            conn,
+            permit,
+            at,
+            pool: self.clone(),
+        })
     }
 
     /// An idle connection that is still good (closing those that are not), with the time it
     /// was checked at.
-    fn take_idle(&self, settings: PoolSettings, epoch: u64) -> Option<(Box<ServerConn>, Instant)> {
+    fn take_idle(
+        &self,
+        settings: PoolSettings,
+        epoch: Epoch,
+    ) -> Option<(Box<ServerConn>, Instant)> {
         while let Some(mut conn) = self.pop_idle() {
             let now = Instant::now();
             let idle = now.saturating_duration_since(conn.last_used);
-            let fresh = conn.epoch >= epoch
+            let fresh = conn.epoch == epoch
                 && idle < settings.idle_timeout
                 && !conn.info.close_needed.load(Ordering::Relaxed)
                 && conn.is_reusable(settings.lifetime, idle >= CHECK_AFTER_IDLE, now);
@@ -350,47 +368,50 @@ impl Pool {
 
     /// With a permit: an idle connection that is still good, else a new one.
     async fn lease(
-        &self,
+        self: &Arc<Self>,
         permit: OwnedSemaphorePermit,
-        topology: &Topology,
+        epoch: Epoch,
         settings: PoolSettings,
     ) -> Result<Lease, ProxyError> {
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        if let Some((conn, at)) = self.take_idle(settings, topology.epoch()) {
-            return Ok(Lease { conn, permit, at });
+        if let Some((conn, at)) = self.take_idle(settings, epoch) {
+            return Ok(Lease {
+                conn,
+                permit,
+                at,
+                pool: self.clone(),
+            });
         }
-        let conn = self.open(topology, settings).await?;
+        let conn = self.open(epoch, settings).await?;
         Ok(Lease {
             conn,
             permit,
             at: Instant::now(),
+            pool: self.clone(),
         })
     }
 
     /// A server connection only if one is free right now (no waiting, not paused).
-    pub async fn try_acquire(&self, topology: &Topology) -> Result<Option<Lease>, ProxyError> {
+    pub async fn try_acquire(self: &Arc<Self>, epoch: Epoch) -> Result<Option<Lease>, ProxyError> {
         if self.is_paused() {
             return Ok(None);
         }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             return Ok(None);
         };
-        self.lease(permit, topology, self.settings())
-            .await
-            .map(Some)
+        self.lease(permit, epoch, self.settings()).await.map(Some)
     }
 
-    /// Opens a new server connection to the current primary.
+    /// Opens a new server connection to this pool's node.
     async fn open(
         &self,
-        topology: &Topology,
+        epoch: Epoch,
         settings: PoolSettings,
     ) -> Result<Box<ServerConn>, ProxyError> {
-        let (target, epoch) = topology.wait_primary(settings.connect_timeout).await?;
-        let login = self.login.read().expect("pool login lock").clone();
+        let login = self.common.login();
         let id = self.server_ids.fetch_add(1, Ordering::Relaxed) + 1;
         let conn = server::connect(
-            &target,
+            &self.target,
             &login,
             epoch,
             settings.connect_timeout,
@@ -399,10 +420,7 @@ impl Pool {
         )
         .await?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        self.params
-            .lock()
-            .expect("pool lock")
-            .get_or_insert_with(|| conn.params.clone());
+        self.common.learn_params(&conn.params);
         Ok(conn)
     }
 
@@ -446,13 +464,8 @@ impl Pool {
         self.idle.lock().expect("pool lock").pop()
     }
 
-    /// Returns a connection; one that is not reusable (or from an old epoch) is closed.
-    pub fn release(&self, lease: Lease, current_epoch: u64, usage: &Usage) {
-        self.release_at(lease, current_epoch, usage, Instant::now())
-    }
-
-    /// [`Pool::release`] with the clock already read (at the server's last answer).
-    pub fn release_at(&self, lease: Lease, current_epoch: u64, usage: &Usage, now: Instant) {
+    /// Returns a connection; one that is not reusable (or fenced out) is closed.
+    fn release_at(&self, lease: Lease, fenced_out: bool, usage: &Usage, now: Instant) {
         let Lease {
             mut conn, permit, ..
         } = lease;
@@ -460,7 +473,7 @@ impl Pool {
         conn.last_used = now;
         conn.info.set_idle();
         let lifetime = Duration::from_nanos(self.settings.lifetime.load(Ordering::Relaxed));
-        if conn.epoch >= current_epoch
+        if !fenced_out
             && !conn.info.close_needed.load(Ordering::Relaxed)
             && conn.is_reusable(lifetime, false, now)
         {
@@ -471,8 +484,7 @@ impl Pool {
         self.give_back(permit);
     }
 
-    /// Drops a connection whose state is unknown.
-    pub fn discard(&self, lease: Lease, usage: &Usage) {
+    fn discard(&self, lease: Lease, usage: &Usage) {
         let Lease { conn, permit, .. } = lease;
         self.record(usage);
         tokio::spawn(server::close(conn));
@@ -502,7 +514,7 @@ impl Pool {
         s.query_micros.fetch_add(u.query_micros, Ordering::Relaxed);
     }
 
-    /// Closes every idle connection (`KILL`, shutdown, or the primary changed).
+    /// Closes every idle connection (`KILL`, shutdown, or the leader changed).
     pub fn close_idle(&self) {
         let idle: Vec<Box<ServerConn>> = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
         for c in idle {
@@ -510,14 +522,14 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections past `server_idle_timeout` or their lifetime, and opens
-    /// connections up to `min_pool_size`.
-    pub fn maintain(self: &Arc<Self>, topology: &Topology) {
+    /// Closes idle connections past `server_idle_timeout` or their lifetime or not of `epoch`
+    /// (`None`: this node does not lead), and, for the leader, opens connections up to
+    /// `min_pool_size`.
+    pub fn maintain(self: &Arc<Self>, epoch: Option<Epoch>) {
         let settings = self.settings();
-        let epoch = topology.epoch();
         let mut idle = self.idle.lock().expect("pool lock");
         let (keep, old): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
-            c.epoch >= epoch
+            Some(c.epoch) == epoch
                 && c.last_used.elapsed() < settings.idle_timeout
                 && c.created.elapsed() < settings.lifetime
         });
@@ -528,16 +540,16 @@ impl Pool {
             tokio::spawn(server::close(c));
         }
         let want = (settings.min_size.min(settings.size) as usize).saturating_sub(have);
-        if want == 0 || self.params().is_none() || self.is_paused() {
+        let Some(epoch) = epoch else { return };
+        if want == 0 || self.common.params().is_none() || self.is_paused() {
             // Warm connections only for a pool that has logged in once (its credential works).
             return;
         }
         for _ in 0..want {
             self.warming.fetch_add(1, Ordering::Relaxed);
             let pool = self.clone();
-            let topology = topology.clone();
             tokio::spawn(async move {
-                match pool.open(&topology, settings).await {
+                match pool.open(epoch, settings).await {
                     Ok(conn) => {
                         conn.info.set_idle();
                         pool.idle.lock().expect("pool lock").push(conn);

@@ -169,7 +169,7 @@ async fn no_primary_is_a_clear_error_not_a_hang() {
     eventually(
         Duration::from_secs(10),
         "monitor sees no primary",
-        || async { s.shared.topology.view().primary.is_none().then_some(()) },
+        || async { s.shared.topology.view().leader.is_none().then_some(()) },
     )
     .await;
     let started = Instant::now();

@@ -113,7 +113,9 @@ async fn a_bad_certificate_is_a_clear_error_at_start() {
     );
     let config =
         pgwarden_config::Config::from_toml(&toml, std::path::Path::new("/")).expect("valid toml");
-    let e = pgwarden_proxy::Proxy::bind(std::sync::Arc::new(config))
+    let (_tx, view) =
+        tokio::sync::watch::channel(std::sync::Arc::new(pgwarden_proxy::ClusterView::empty()));
+    let e = pgwarden_proxy::Proxy::bind(std::sync::Arc::new(config), view)
         .await
         .err()
         .expect("refused");

@@ -132,14 +132,14 @@ async fn execute(cmd: Command, shared: &Shared) -> Reply {
                     );
                 }
             }
-            shared.pause(db.as_deref()).await;
+            shared.pools.pause(db.as_deref()).await;
             Reply::Done {
                 tag: "PAUSE",
                 notices: vec![],
             }
         }
         Command::Resume(db) => {
-            shared.resume(db.as_deref());
+            shared.pools.resume(db.as_deref());
             Reply::Done {
                 tag: "RESUME",
                 notices: vec![],

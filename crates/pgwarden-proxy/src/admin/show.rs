@@ -105,14 +105,25 @@ fn pools(shared: &Shared) -> Table {
         ("pool_mode", TEXT),
         ("pool_size", INT8),
         ("paused", TEXT),
+        ("node", TEXT),
     ]);
     let clients = shared.clients.all();
     let now = unix_micros(SystemTime::now());
     let mode = shared.config().proxy.pool_mode;
+    let leader = shared.topology.routing().view.leader.clone();
     for p in shared.pools() {
-        let mine = clients
-            .iter()
-            .filter(|c| c.database == p.key.database && c.user == p.key.user);
+        // Clients holding a server count on that server's node; the others on the leader's.
+        let held: std::collections::HashSet<u64> = p.servers.all().iter().map(|sv| sv.id).collect();
+        let mine = clients.iter().filter(|c| {
+            let server = c.server.load(std::sync::atomic::Ordering::Relaxed);
+            c.database == p.key.database
+                && c.user == p.key.user
+                && if server != 0 {
+                    held.contains(&server)
+                } else {
+                    leader.as_ref() == Some(&p.key.node)
+                }
+        });
         let (mut active, mut waiting, mut maxwait) = (0, 0, 0u64);
         for c in mine {
             match c.state() {
@@ -138,6 +149,7 @@ fn pools(shared: &Shared) -> Table {
             s(mode),
             s(p.size()),
             s(if p.is_paused() { "yes" } else { "no" }),
+            s(&p.key.node),
         ]);
     }
     t
@@ -307,14 +319,17 @@ fn nodes(shared: &Shared) -> Table {
         ("port", INT8),
         ("role", TEXT),
         ("timeline", INT8),
+        ("lsn", TEXT),
         ("replay_lag_bytes", INT8),
         ("epoch", INT8),
         ("writes", TEXT),
     ]);
+    let routing = shared.topology.routing();
     let view = shared.topology.view();
-    for (i, n) in view.nodes.iter().enumerate() {
+    for n in &view.nodes {
+        let leads = crate::router::still_leads(&routing, &n.id, view.epoch);
         t.push(vec![
-            s(&n.name),
+            s(&n.id),
             s(&n.host),
             s(n.port),
             s(match n.role {
@@ -323,10 +338,20 @@ fn nodes(shared: &Shared) -> Table {
                 pgwarden_cluster::status::Role::Down => "down",
             }),
             n.timeline.map(|x| x.to_string()),
+            n.lsn.map(|x| x.to_string()),
             n.replay_lag_bytes.map(|x| x.to_string()),
             s(view.epoch),
-            s(if view.primary == Some(i) { "yes" } else { "no" }),
+            s(if leads { "yes" } else { "no" }),
         ]);
+    }
+    if let crate::router::Route::Unavailable(why) =
+        crate::router::route(&routing, crate::router::Request::WRITE)
+    {
+        t.notices
+            .push(format!("writes are not routed anywhere: {why}"));
+    }
+    for why in &view.refused {
+        t.notices.push(format!("primary not followed: {why}"));
     }
     t
 }
@@ -377,7 +402,13 @@ fn config(c: &Config) -> Table {
                 .join(","),
             true,
         ),
+        ("max_view_age", d(p.max_view_age), false),
         ("monitor.interval", d(c.monitor.interval), false),
+        (
+            "monitor.follow_promotions",
+            c.monitor.follow_promotions.to_string(),
+            false,
+        ),
     ];
     for (k, v, changeable) in rows {
         t.push(vec![s(k), s(v), s(if changeable { "yes" } else { "no" })]);

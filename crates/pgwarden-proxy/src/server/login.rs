@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgwarden_core::Epoch;
 use pgwarden_protocol::backend::{Authentication, BackendMessage};
 use pgwarden_protocol::frame::{split, MAX_AUTH_MESSAGE, MAX_MESSAGE};
 use pgwarden_protocol::scram::{self, ScramClient};
@@ -42,7 +43,7 @@ pub struct Login {
 pub async fn connect(
     target: &Target,
     login: &Login,
-    epoch: u64,
+    epoch: Epoch,
     timeout: Duration,
     id: u64,
     registry: &Servers,
@@ -57,7 +58,7 @@ pub async fn connect(
 async fn connect_inner(
     target: &Target,
     login: &Login,
-    epoch: u64,
+    epoch: Epoch,
     id: u64,
     registry: &Servers,
 ) -> Result<Box<ServerConn>, ProxyError> {

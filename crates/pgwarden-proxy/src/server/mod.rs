@@ -1,5 +1,6 @@
 //! Connections to PostgreSQL servers.
 
+mod applied;
 mod login;
 mod query;
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use pgwarden_protocol::backend::TxStatus;
 use tokio::net::TcpStream;
 
+pub use applied::Applied;
 pub use login::{close, connect, Credential, Login};
 pub use query::{query_with_param, simple_query, Outcome};
 
@@ -48,8 +50,8 @@ pub struct ServerConn {
     /// Every ParameterStatus the server reported, kept current.
     pub params: BTreeMap<String, String>,
     pub status: TxStatus,
-    /// The cluster epoch it was made under; a new epoch retires it.
-    pub epoch: u64,
+    /// The leader epoch it was opened under (a fencing token): a new epoch retires it.
+    pub epoch: pgwarden_core::Epoch,
     pub created: Instant,
     /// `created + lifetime`, for the lifetime last checked against (so a checkout compares
     /// instants rather than subtracting them); `None` inside: never (an overflow).
@@ -60,7 +62,7 @@ pub struct ServerConn {
     /// Which of the pool's named statements this connection has prepared.
     pub prepared: crate::prepared::ServerStatements,
     /// Settings the proxy gave it beyond its login defaults (see `session::state`).
-    pub applied: crate::session::Applied,
+    pub applied: Applied,
     /// Its entry in the pool's registry (for `SHOW SERVERS`); removed when it is dropped.
     pub entry: ServerEntry,
     pub info: Arc<ServerInfo>,

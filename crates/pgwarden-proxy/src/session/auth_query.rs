@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use pgwarden_config::{Config, Secret, UserConfig};
 use pgwarden_protocol::scram::Verifier;
 
+use super::checkout::Checkout;
 use crate::error::ProxyError;
 use crate::server::{query_with_param, Credential};
 use crate::Shared;
@@ -94,13 +95,18 @@ async fn query(
             "auth_user \"{auth_user}\" needs a plaintext (or md5) password to log into the server"
         )));
     }
-    let pool = shared.pool(
+    let group = shared.group(
         database,
         auth_user,
         Credential::Password(password.to_string()),
         config,
     );
-    let mut lease = pool.acquire(&shared.topology).await?;
+    let mut checkout = Checkout::new(
+        &group,
+        &shared.topology,
+        config.proxy.server_connect_timeout,
+    );
+    let mut lease = checkout.acquire().await?;
     let result = query_with_param(
         &mut lease.conn,
         &config.proxy.auth.auth_query,
@@ -110,8 +116,8 @@ async fn query(
     .await;
     let usage = Default::default();
     match &result {
-        Ok(_) if !lease.conn.broken => pool.release(lease, shared.topology.epoch(), &usage),
-        _ => pool.discard(lease, &usage),
+        Ok(_) if !lease.conn.broken => checkout.release(lease, &usage, std::time::Instant::now()),
+        _ => lease.discard(&usage),
     }
     match result? {
         Ok(rows) => Ok(rows

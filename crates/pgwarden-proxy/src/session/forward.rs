@@ -8,6 +8,12 @@
 //! the client's settings (see `state`). In session mode the server stays until the client
 //! leaves and statements are not rewritten.
 //!
+//! Every checkout goes through the router (see `checkout`). While a server is held, the relay
+//! also watches the view: when the node it writes to no longer leads under the current epoch
+//! (a new leader, none, or a stale view), the connection is cut at once, idle or
+//! mid-transaction, in both pool modes, and the client's session ends with 57P01; nothing the
+//! old leader answers after that reaches the client.
+//!
 //! A session ends from outside through its kill signal: at shutdown a running transaction may
 //! finish first; `KILL` ends it at once. A client idle inside a transaction for longer than
 //! `idle_transaction_timeout` is ended and its server closed.
@@ -22,22 +28,23 @@ use pgwarden_protocol::error_response::ErrorReport;
 use pgwarden_protocol::frame::{message_len, MAX_MESSAGE};
 use pgwarden_protocol::SqlState;
 
+use super::checkout::{fenced, Checkout};
 use super::pipeline::{ClientStatements, Context, Pipeline};
 use super::state::SessionState;
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
 use crate::framed::{each_message_after, Framed};
-use crate::pool::{Lease, Pool, Usage};
+use crate::pool::{Lease, Usage};
+use crate::prepared::StatementCache;
 use crate::registry::{ClientInfo, KillReason, KillWatch};
 use crate::server::simple_query;
-use crate::topology::Topology;
 
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Forwarder<'a> {
     pub client: &'a mut Framed<ClientStream>,
-    pub pool: &'a Pool,
-    pub topology: &'a Topology,
+    /// Routes and checks out every server (and says whether a held one may go on).
+    pub checkout: Checkout<'a>,
     pub slot: &'a CancelSlot,
     pub mode: PoolMode,
     pub statement_capacity: usize,
@@ -142,11 +149,14 @@ impl Forwarder<'_> {
 
     async fn relay(&mut self, lease: &mut Option<Lease>, c: &mut Client) -> Result<(), ProxyError> {
         let capacity = self.capacity();
-        let cache = &self.pool.statements;
+        let group = self.checkout.group;
+        let cache: &StatementCache = &group.common.statements;
+        let topology = self.checkout.topology;
         let me = self.me;
         // Registered once for the whole session, not once per wait.
         let mut shutdown = me.kill.watch(KillReason::Shutdown);
         let mut admin_kill = me.kill.watch(KillReason::Admin);
+        let mut view_changed = topology.watch(self.checkout.generation());
         loop {
             // The checkout's clock reading, for the query it was made for.
             let mut checked_out = None;
@@ -156,13 +166,13 @@ impl Forwarder<'_> {
                 if tag == b'X' {
                     return Ok(());
                 }
-                let now = self.pool.checkout_now(self.topology);
+                let now = self.checkout.now();
                 let l = match now {
                     Some(l) => {
                         self.me.set_requested(l.at);
                         l
                     }
-                    None => match self.checkout(&mut shutdown).await {
+                    None => match self.wait_for_server(&mut shutdown).await {
                         Ok(l) => l,
                         Err(ProxyError::CancelledWaiting) => {
                             self.answer_cancelled().await?;
@@ -180,6 +190,7 @@ impl Forwarder<'_> {
                 l.conn.info.set_active(self.me.id, self.me.request_us());
                 self.me.set_active(l.conn.info.id);
                 checked_out = Some(l.at);
+                view_changed.seen(self.checkout.generation());
                 let conn = &mut lease.insert(l).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
@@ -240,6 +251,7 @@ impl Forwarder<'_> {
             };
             tokio::select! {
                 biased;
+                g = &mut view_changed => view_changed.seen(g),
                 r = conn.framed.fill() => r?,
                 r = self.client.fill() => r?,
                 _ = &mut admin_kill => return Err(ProxyError::Killed),
@@ -247,6 +259,20 @@ impl Forwarder<'_> {
                     return Err(ProxyError::IdleInTransaction(idle_in_tx.unwrap_or_default()));
                 }
             }
+            // Fencing: checked after every wake-up, before anything the server said is passed
+            // on (one atomic load while the view is unchanged).
+            if topology.generation() != self.checkout.generation() {
+                let held = lease.as_ref().expect("a server is attached here");
+                if !self.checkout.may_serve(held) {
+                    let l = lease.take().expect("a server is attached here");
+                    let e = fenced(&l);
+                    tracing::info!(node = %l.pool.key.node, epoch = %l.conn.epoch, session = me.id, "the node no longer leads: cutting the session's server connection");
+                    self.slot.set_server(None).await;
+                    l.discard(&std::mem::take(&mut c.usage));
+                    return Err(e);
+                }
+            }
+            let conn = &mut lease.as_mut().expect("a server is attached here").conn;
             // Server messages are handled where they lie in the read buffer (taken out of the
             // connection meanwhile).
             let mut rbuf = std::mem::take(&mut conn.framed.rbuf);
@@ -281,7 +307,7 @@ impl Forwarder<'_> {
                 if let Err(unset) = self.slot.try_set_server(None) {
                     self.slot.set_server(unset).await;
                 }
-                self.to_pool(l, c);
+                self.back_to_pool(l, c);
             }
             if !self.client.flush_now()? {
                 self.client.flush_rest().await?;
@@ -290,13 +316,13 @@ impl Forwarder<'_> {
     }
 
     /// Waits for a server (giving up if the session is told to end, or its query is cancelled,
-    /// meanwhile); without one free at once (see [`Pool::checkout_now`]).
-    async fn checkout(&mut self, shutdown: &mut KillWatch<'_>) -> Result<Lease, ProxyError> {
+    /// meanwhile); without one free at once (see [`Checkout::now`]).
+    async fn wait_for_server(&mut self, shutdown: &mut KillWatch<'_>) -> Result<Lease, ProxyError> {
         self.me.set_waiting(Instant::now());
         self.slot.begin_wait();
         let l = tokio::select! {
             biased;
-            l = self.pool.acquire(self.topology) => l,
+            l = self.checkout.acquire() => l,
             _ = shutdown => Err(self.killed()),
             _ = self.slot.cancelled() => Err(ProxyError::CancelledWaiting),
         };
@@ -373,7 +399,7 @@ impl Forwarder<'_> {
             };
             let frame = &client.rbuf[..n];
             let local = self.mode == PoolMode::Transaction && {
-                let (pipeline, mut cx) = c.cx(&self.pool.statements, capacity);
+                let (pipeline, mut cx) = c.cx(&self.checkout.group.common.statements, capacity);
                 pipeline.answer_detached(frame, &mut cx, &mut client.wbuf)
             };
             if !local {
@@ -384,23 +410,22 @@ impl Forwarder<'_> {
     }
 
     /// Gives the server back between transactions (its cancel slot already cleared).
-    fn to_pool(&self, lease: Lease, c: &mut Client) {
+    fn back_to_pool(&mut self, lease: Lease, c: &mut Client) {
         self.me.set_idle();
         let now = c.ready_at.take().unwrap_or_else(Instant::now);
         let usage = std::mem::take(&mut c.usage);
-        self.pool
-            .release_at(lease, self.topology.epoch(), &usage, now);
+        self.checkout.release(lease, &usage, now);
     }
 
     /// At the end of a session: a server in a clean state is pooled, reset first if the client
     /// had it to itself (session mode, or pinned); any other is closed, never returned dirty.
-    async fn give_back(&self, mut lease: Lease, c: &mut Client) {
+    async fn give_back(&mut self, mut lease: Lease, c: &mut Client) {
         self.slot.set_server(None).await;
         let usage = std::mem::take(&mut c.usage);
         let clean =
             c.pipeline.settled() && lease.conn.status == TxStatus::Idle && !lease.conn.broken;
-        if !clean {
-            self.pool.discard(lease, &usage);
+        if !clean || !self.checkout.may_serve(&lease) {
+            lease.discard(&usage);
             return;
         }
         if self.mode == PoolMode::Session || c.session.pinned().is_some() {
@@ -413,12 +438,12 @@ impl Forwarder<'_> {
                 }
                 other => {
                     tracing::debug!(outcome = ?other.map(|o| o.error), "server reset failed; closing it");
-                    self.pool.discard(lease, &usage);
+                    lease.discard(&usage);
                     return;
                 }
             }
         }
-        self.pool.release(lease, self.topology.epoch(), &usage);
+        self.checkout.release(lease, &usage, Instant::now());
     }
 }
 

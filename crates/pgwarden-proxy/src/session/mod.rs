@@ -2,6 +2,7 @@
 
 mod auth;
 mod auth_query;
+mod checkout;
 mod forward;
 mod params;
 mod pipeline;
@@ -9,11 +10,8 @@ mod retry;
 mod startup;
 mod state;
 
-pub(crate) use state::Applied;
-
 pub use auth::VerifierCache;
 pub use auth_query::AuthQueryCache;
-pub use params::StartupChecks;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -136,15 +134,19 @@ async fn session(
         client.flush().await?;
         return crate::admin::run(client, shared, &entry.info).await;
     }
-    let pool = shared.pool(&start.database, &start.user, credential, &config);
-    let (shown, settings) = params::login(&pool, &shared.topology, &requested).await?;
+    let group = shared.group(&start.database, &start.user, credential, &config);
+    let mut checkout = checkout::Checkout::new(
+        &group,
+        &shared.topology,
+        config.proxy.server_connect_timeout,
+    );
+    let (shown, settings) = params::login(&mut checkout, &requested).await?;
     let registration = shared.cancels.register();
     put_login_ok(client, &shown, registration.pid, registration.secret);
     client.flush().await?;
     forward::Forwarder {
         client,
-        pool: &pool,
-        topology: &shared.topology,
+        checkout,
         slot: &registration.slot,
         mode: config.proxy.pool_mode,
         statement_capacity: config.proxy.max_prepared_statements as usize,

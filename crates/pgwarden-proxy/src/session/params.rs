@@ -9,47 +9,17 @@
 //! A login never waits for a server for this: when none is free, new values are shown as given
 //! and the first checkout's replay checks them.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pgwarden_protocol::SqlState;
-
+use super::checkout::Checkout;
 use super::startup::Startup;
 use super::state::startup_sql;
 use crate::error::ProxyError;
-use crate::pool::Pool;
+use crate::pool::{Lease, Usage};
 use crate::server::simple_query;
-use crate::topology::Topology;
 
-/// Pairs checked per pool, at most; past it a pair is checked on every login that asks for it.
-const MAX_CHECKED: usize = 1024;
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-type Checked = Result<Vec<(String, String)>, (SqlState, String)>;
-
-/// Per pool: the outcome of setting each (name, value) pair, with what the server reported.
-#[derive(Default)]
-pub struct StartupChecks {
-    by_pair: Mutex<HashMap<(String, String), Checked>>,
-}
-
-impl StartupChecks {
-    fn get(&self, pair: &(String, String)) -> Option<Checked> {
-        self.by_pair
-            .lock()
-            .expect("startup checks lock")
-            .get(pair)
-            .cloned()
-    }
-
-    fn put(&self, pair: (String, String), checked: Checked) {
-        let mut map = self.by_pair.lock().expect("startup checks lock");
-        if map.len() < MAX_CHECKED {
-            map.insert(pair, checked);
-        }
-    }
-}
 
 /// The settings a startup packet asks for, as (name, value), `options` expanded. `user`,
 /// `database` and protocol options are not settings; replication connections are refused.
@@ -125,31 +95,31 @@ fn clean_application_name(v: &str) -> String {
 /// -> SQL). Checks pairs this pool has not seen on a server, and learns the pool's server
 /// parameters on its first login.
 pub async fn login(
-    pool: &Pool,
-    topology: &Topology,
+    checkout: &mut Checkout<'_>,
     requested: &[(String, String)],
 ) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), ProxyError> {
+    let common = checkout.group.common.clone();
     let mut settings = BTreeMap::new();
     let mut unchecked = Vec::new();
     for (name, value) in requested {
         settings.insert(name.to_ascii_lowercase(), startup_sql(name, value));
         let pair = (name.to_ascii_lowercase(), value.clone());
-        if pair.0 != "application_name" && pool.startup_checks.get(&pair).is_none() {
+        if pair.0 != "application_name" && common.startup_checks.get(&pair).is_none() {
             unchecked.push((name.clone(), pair));
         }
     }
-    let mut shown = match pool.params() {
+    let mut shown = match common.params() {
         Some(p) if unchecked.is_empty() => p,
         // New values while every server is busy: a login does not wait for a server to check
         // them. They are shown as given and checked by the first checkout's replay instead (a
         // bad one then ends the session with the server's error).
-        Some(p) => match pool.try_acquire(topology).await? {
-            Some(lease) => check(pool, topology, lease, &unchecked).await?,
+        Some(p) => match checkout.try_acquire().await? {
+            Some(lease) => check(checkout, lease, &unchecked).await?,
             None => p,
         },
         None => {
-            let lease = pool.acquire(topology).await?;
-            check(pool, topology, lease, &unchecked).await?
+            let lease = checkout.acquire().await?;
+            check(checkout, lease, &unchecked).await?
         }
     };
     for (name, value) in requested {
@@ -161,7 +131,7 @@ pub async fn login(
             );
             continue;
         }
-        match pool.startup_checks.get(&(lower, value.clone())) {
+        match common.startup_checks.get(&(lower, value.clone())) {
             Some(Ok(reported)) => shown.extend(reported),
             Some(Err((code, message))) => return Err(ProxyError::ServerRefused { code, message }),
             // Not checked (no server was free, or the record is full): shown as given.
@@ -176,19 +146,19 @@ pub async fn login(
 /// Sets each pair on one server connection, recording the outcomes; returns the server's
 /// login parameters. The connection keeps the settings that worked (recorded as applied).
 async fn check(
-    pool: &Pool,
-    topology: &Topology,
-    mut lease: crate::pool::Lease,
+    checkout: &mut Checkout<'_>,
+    mut lease: Lease,
     unchecked: &[(String, (String, String))],
 ) -> Result<BTreeMap<String, String>, ProxyError> {
-    let baseline = pool.params().unwrap_or_else(|| lease.conn.params.clone());
+    let common = checkout.group.common.clone();
+    let baseline = common.params().unwrap_or_else(|| lease.conn.params.clone());
     let mut failure = None;
     for (name, pair) in unchecked {
         let sql = startup_sql(name, &pair.1);
         let outcome = match simple_query(&mut lease.conn, &sql, CHECK_TIMEOUT).await {
             Ok(o) => o,
             Err(e) => {
-                pool.discard(lease, &Default::default());
+                lease.discard(&Usage::default());
                 return Err(e);
             }
         };
@@ -202,9 +172,9 @@ async fn check(
                 Err(e)
             }
         };
-        pool.startup_checks.put(pair.clone(), checked);
+        common.startup_checks.put(pair.clone(), checked);
     }
-    pool.release(lease, topology.epoch(), &Default::default());
+    checkout.release(lease, &Usage::default(), std::time::Instant::now());
     match failure {
         Some((code, message)) => Err(ProxyError::ServerRefused { code, message }),
         None => Ok(baseline),

@@ -41,7 +41,8 @@ pub async fn setup(replicas: usize, proxy_toml: &str) -> Setup {
     let config_path = cluster.dir().join("proxy.toml");
     std::fs::write(&config_path, &toml).expect("write the proxy config");
     let config = Arc::new(Config::load(&config_path).expect("valid proxy config"));
-    let proxy = pgwarden_proxy::Proxy::bind(config)
+    let view = pgwarden_cluster::monitor::spawn(config.clone()).await;
+    let proxy = pgwarden_proxy::Proxy::bind(config, view)
         .await
         .expect("bind the proxy");
     let addr = proxy.local_addr().expect("address");
