@@ -2,9 +2,12 @@
 //! monitor: no consensus store, something else promotes).
 //!
 //! The rule: a promoted node is followed only if it descends from the leader followed before
-//! it. Its timeline history must leave that leader's timeline at or after the last position
-//! seen on the leader; otherwise writes acknowledged there would be missing on it, and writes
-//! are refused instead (`follow_promotions = "any"` follows anyway). A leader still up next to
+//! it. Its timeline history must leave that leader's timeline at or after the position seen on
+//! the leader; otherwise writes acknowledged there would be missing on it, and writes are
+//! refused instead (`follow_promotions = "any"` follows anyway). The position counted is the
+//! one seen a round before the latest, taken only in rounds where every reachable replica was
+//! streaming: a standby may trail by up to one round, and what the leader takes while a
+//! standby is being promoted (it has stopped streaming) is not counted against that standby. A leader still up next to
 //! a descendant is deposed; one next to a primary that does not descend from it keeps the
 //! writes. The decision is pure and tested table by table; the monitor does the I/O.
 
@@ -47,12 +50,15 @@ pub struct Candidate {
     pub history: Result<Vec<Switch>, String>,
 }
 
-/// The leader last followed, and the furthest position seen on it.
+/// The leader last followed, and the position counted as seen on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Followed {
     pub name: String,
     pub timeline: u32,
+    /// What a promoted node must hold to descend from this leader.
     pub lsn: Lsn,
+    /// The latest sample, counted from the next settled round on.
+    pub latest: Lsn,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,30 +178,32 @@ fn newest(primaries: &[Candidate]) -> Decision {
     Decision { leader, refused }
 }
 
-/// The leader followed after a decision: the new leader at its current position, or the
-/// previous one kept (with what was seen on it) while nobody is followed.
+/// The leader followed after a decision, or the previous one kept (with what was seen on it)
+/// while nobody is followed. `settled`: every reachable replica streams (nobody is being
+/// promoted); only then does the position counted advance, to the previous round's sample.
 pub fn followed_after(
     last: Option<&Followed>,
     primaries: &[Candidate],
     decision: &Decision,
+    settled: bool,
 ) -> Option<Followed> {
-    match decision.leader {
-        Some(i) => {
-            let c = &primaries[i];
-            let mut lsn = c.lsn;
-            if let Some(l) = last {
-                if l.name == c.name && l.timeline == c.timeline {
-                    lsn = lsn.max(l.lsn);
-                }
-            }
-            Some(Followed {
-                name: c.name.clone(),
-                timeline: c.timeline,
-                lsn,
-            })
-        }
-        None => last.cloned(),
-    }
+    let Some(i) = decision.leader else {
+        return last.cloned();
+    };
+    let c = &primaries[i];
+    let same = last.filter(|l| l.name == c.name && l.timeline == c.timeline);
+    let (lsn, latest) = match same {
+        Some(l) if settled => (l.lsn.max(l.latest), l.latest.max(c.lsn)),
+        Some(l) => (l.lsn, l.latest),
+        // A new leader: its history already holds everything counted before it.
+        None => (Lsn(0), c.lsn),
+    };
+    Some(Followed {
+        name: c.name.clone(),
+        timeline: c.timeline,
+        lsn,
+        latest,
+    })
 }
 
 #[cfg(test)]
@@ -226,6 +234,7 @@ mod tests {
             name: name.into(),
             timeline,
             lsn: lsn(at),
+            latest: lsn(at),
         }
     }
 
@@ -313,24 +322,38 @@ mod tests {
 
     #[test]
     fn what_is_followed_next() {
+        let at = |l: &Followed| (l.lsn.to_string(), l.latest.to_string());
         let last = followed("n1", 1, "0/5000000");
-        let primaries = [cand("n1", 1, "0/4000000", &[])];
-        let d = decide(Some(&last), &primaries, Policy::Descendant);
-        // A position never goes back (a sample of a lagging read is not the leader's past).
-        assert_eq!(
-            followed_after(Some(&last), &primaries, &d),
-            Some(last.clone())
-        );
+        let next = |last: &Followed, sample: &str, settled: bool| {
+            let primaries = [cand("n1", 1, sample, &[])];
+            let d = decide(Some(last), &primaries, Policy::Descendant);
+            followed_after(Some(last), &primaries, &d, settled).expect("followed")
+        };
+        // Settled rounds count the previous round's sample.
+        let r1 = next(&last, "0/6000000", true);
+        assert_eq!(at(&r1), ("0/5000000".into(), "0/6000000".into()));
+        let r2 = next(&r1, "0/7000000", true);
+        assert_eq!(at(&r2), ("0/6000000".into(), "0/7000000".into()));
+        // A round where a standby stopped streaming (being promoted?) counts nothing new.
+        let r3 = next(&r2, "0/8000000", false);
+        assert_eq!(at(&r3), at(&r2));
+        // Positions never go back.
+        let r4 = next(&r3, "0/1000000", true);
+        assert_eq!(at(&r4), ("0/7000000".into(), "0/7000000".into()));
+        // Nobody followed: the last leader is kept.
         let none = Decision {
             leader: None,
             refused: vec![],
         };
-        assert_eq!(followed_after(Some(&last), &[], &none), Some(last.clone()));
-        let moved = [cand("n2", 2, "0/6000000", &[(1, "0/5000000")])];
-        let d = decide(Some(&last), &moved, Policy::Descendant);
         assert_eq!(
-            followed_after(Some(&last), &moved, &d),
-            Some(followed("n2", 2, "0/6000000"))
+            followed_after(Some(&r4), &[], &none, true),
+            Some(r4.clone())
         );
+        // A new leader starts from its own position.
+        let moved = [cand("n2", 2, "0/9000000", &[(1, "0/7000000")])];
+        let d = decide(Some(&r4), &moved, Policy::Descendant);
+        let n2 = followed_after(Some(&r4), &moved, &d, true).expect("n2");
+        assert_eq!(n2.name, "n2");
+        assert_eq!(at(&n2), ("0/0".into(), "0/9000000".into()));
     }
 }

@@ -72,7 +72,15 @@ pub fn view_of(
         &primaries,
         config.monitor.follow_promotions,
     );
-    lineage.followed = leader::followed_after(lineage.followed.as_ref(), &primaries, &decision);
+    // Nobody is being promoted while every reachable replica streams.
+    let settled = samples.iter().all(|s| match s {
+        NodeSample::Replica { receiver_state, .. } => {
+            receiver_state.as_deref() == Some("streaming")
+        }
+        NodeSample::Primary { .. } | NodeSample::Down(_) => true,
+    });
+    lineage.followed =
+        leader::followed_after(lineage.followed.as_ref(), &primaries, &decision, settled);
     let leader = decision.leader.map(|i| NodeId::new(&primaries[i].name));
     let epoch = Epoch(
         lineage

@@ -26,7 +26,6 @@ use pgwarden_config::PoolMode;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::ErrorReport;
 use pgwarden_protocol::frame::{message_len, MAX_MESSAGE};
-use pgwarden_protocol::SqlState;
 
 use super::checkout::{fenced, Checkout};
 use super::pipeline::{ClientStatements, Context, Pipeline};
@@ -174,8 +173,13 @@ impl Forwarder<'_> {
                     }
                     None => match self.wait_for_server(&mut shutdown).await {
                         Ok(l) => l,
-                        Err(ProxyError::CancelledWaiting) => {
-                            self.answer_cancelled().await?;
+                        Err(
+                            e @ (ProxyError::CancelledWaiting | ProxyError::Unavailable { .. }),
+                        ) => {
+                            // The statement fails; the session goes on (a client can retry
+                            // once the cluster has a leader again).
+                            tracing::debug!(session = self.me.id, error = %e, "statement refused");
+                            self.answer_failed(&e).await?;
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -334,15 +338,11 @@ impl Forwarder<'_> {
     }
 
     /// The query that waited for a server (the client's next message, still buffered) was
-    /// cancelled: it fails with 57014 and, in the extended protocol, the rest of its batch is
-    /// skipped up to Sync, as on a server.
-    async fn answer_cancelled(&mut self) -> Result<(), ProxyError> {
+    /// cancelled, or no node can take it: it fails with `e` (57014, 57P03) and, in the
+    /// extended protocol, the rest of its batch is skipped up to Sync, as on a server.
+    async fn answer_failed(&mut self, e: &ProxyError) -> Result<(), ProxyError> {
         let frame = self.client.read_frame(MAX_MESSAGE).await?;
-        ErrorReport::error(
-            SqlState::QUERY_CANCELED,
-            "canceling statement due to user request",
-        )
-        .put_error(&mut self.client.wbuf);
+        ErrorReport::error(e.sqlstate(), &e.client_message()).put_error(&mut self.client.wbuf);
         if !matches!(frame[0], b'Q' | b'F') {
             loop {
                 let f = self.client.read_frame(MAX_MESSAGE).await?;

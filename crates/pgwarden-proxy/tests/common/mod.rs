@@ -30,13 +30,7 @@ pub async fn setup(replicas: usize, proxy_toml: &str) -> Setup {
         .monitor("interval", "\"200ms\"")
         .build()
         .await;
-    cluster
-        .execute(
-            0,
-            &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"),
-        )
-        .await;
-    cluster.execute(0, "CREATE DATABASE app OWNER app").await;
+    create_app(&cluster, 0).await;
     let toml = proxy_config(&cluster, proxy_toml);
     let config_path = cluster.dir().join("proxy.toml");
     std::fs::write(&config_path, &toml).expect("write the proxy config");
@@ -59,6 +53,79 @@ pub async fn setup(replicas: usize, proxy_toml: &str) -> Setup {
         stop: Some(tx),
         serving: Some(serving),
     }
+}
+
+/// A proxy started on its own (see [`start_proxy`]); stops when dropped.
+pub struct Proxied {
+    pub addr: SocketAddr,
+    pub shared: Arc<pgwarden_proxy::Shared>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Proxied {
+    /// The `app` user through this proxy.
+    pub async fn app(&self) -> Client {
+        connect_app(self.addr)
+            .await
+            .expect("connect through the proxy")
+    }
+
+    pub async fn raw(&self) -> raw::Raw {
+        raw::Raw::connect(self.addr, "app", APP_PASSWORD, "app", &[]).await
+    }
+}
+
+/// A proxy for `cluster` with `proxy_toml` in its `[proxy]` section, routing by the views of
+/// `view` (the monitor's when `None`).
+pub async fn start_proxy(
+    cluster: &Cluster,
+    name: &str,
+    proxy_toml: &str,
+    view: Option<tokio::sync::watch::Receiver<Arc<pgwarden_proxy::ClusterView>>>,
+) -> Proxied {
+    let path = cluster.dir().join(format!("{name}.toml"));
+    std::fs::write(&path, proxy_config(cluster, proxy_toml)).expect("write the proxy config");
+    let config = Arc::new(Config::load(&path).expect("valid proxy config"));
+    let view = match view {
+        Some(v) => v,
+        None => pgwarden_cluster::monitor::spawn(config.clone()).await,
+    };
+    let proxy = pgwarden_proxy::Proxy::bind(config, view)
+        .await
+        .expect("bind the proxy");
+    let (tx, rx) = oneshot::channel::<()>();
+    let addr = proxy.local_addr().expect("address");
+    let shared = proxy.shared();
+    tokio::spawn(proxy.serve(async move {
+        let _ = rx.await;
+    }));
+    Proxied {
+        addr,
+        shared,
+        _stop: tx,
+    }
+}
+
+/// The `app` user through the proxy at `addr`.
+pub async fn connect_app(addr: SocketAddr) -> Result<Client, tokio_postgres::Error> {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=app password={APP_PASSWORD} dbname=app connect_timeout=10",
+        addr.port()
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Creates role and database `app` on node `i` of `cluster`.
+pub async fn create_app(cluster: &Cluster, i: usize) {
+    cluster
+        .execute(
+            i,
+            &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"),
+        )
+        .await;
+    cluster.execute(i, "CREATE DATABASE app OWNER app").await;
 }
 
 /// The proxy's config: the cluster's, a `[proxy]` section with `proxy_toml` in it, and the
