@@ -239,31 +239,10 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
             Err(e) => return fail(&format!("cannot start the proxy on {listen}: {e}"), 1),
         };
         tracing::info!(%listen, "proxy listening");
-        tokio::spawn(reload_on_sighup(proxy.shared()));
+        tokio::spawn(pgwarden_proxy::reload_on_sighup(proxy.shared()));
         proxy.serve(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
-}
-
-/// SIGHUP re-reads the config; an invalid one is logged with its errors and the running one stays.
-async fn reload_on_sighup(shared: std::sync::Arc<pgwarden_proxy::Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; use RELOAD on the admin console");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        match shared.reload() {
-            Ok(restart) => {
-                for s in restart {
-                    tracing::warn!(setting = %s, "changed setting needs a restart to take effect");
-                }
-            }
-            Err(e) => {
-                tracing::error!(errors = %e.lines().join("; "), "config reload rejected; the running config stays");
-            }
-        }
-    }
 }
 
 /// SIGINT or SIGTERM.

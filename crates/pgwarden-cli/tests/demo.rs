@@ -73,6 +73,20 @@ impl Demo {
         panic!("demo not ready in time:\n{}", self.stdout.join("\n"));
     }
 
+    /// Waits (bounded) for an output line containing `text`.
+    fn wait_line(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                self.stdout.push(line.clone());
+                if line.contains(text) {
+                    return;
+                }
+            }
+        }
+        panic!("no line with {text:?}:\n{}", self.stdout.join("\n"));
+    }
+
     fn drain(&mut self) {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
             self.stdout.push(l);
@@ -217,6 +231,16 @@ async fn first_run_sigterm_reuse_and_destroy() {
         i32::from(base),
         "the proxy sends writes to the primary"
     );
+    // SIGHUP (a closed terminal) reloads the config; the cluster keeps serving.
+    kill(Pid::from_raw(demo.child.id() as i32), Signal::SIGHUP).expect("SIGHUP");
+    demo.wait_line("config reloaded");
+    assert!(
+        demo.child.try_wait().expect("wait").is_none(),
+        "the demo survives SIGHUP"
+    );
+    app.batch_execute("INSERT INTO kept VALUES ('after SIGHUP')")
+        .await
+        .expect("the proxy still serves after SIGHUP");
     let status = common::run(&[
         "status",
         "-c",

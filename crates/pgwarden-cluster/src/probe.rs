@@ -201,15 +201,15 @@ async fn connect(
 
 async fn sample(client: &tokio_postgres::Client) -> Result<NodeSample, tokio_postgres::Error> {
     let role = client.query_one(ROLE_SQL, &[]).await?;
-    let perf = perf(&client.query_one(PERF_SQL, &[]).await?);
-    let in_recovery: bool = role.get(0);
+    let perf = perf(&client.query_one(PERF_SQL, &[]).await?)?;
+    let in_recovery: bool = role.try_get(0)?;
     if in_recovery {
         return Ok(NodeSample::Replica {
             receive_lsn: lsn(&role, 3),
             replay_lsn: lsn(&role, 4),
-            timeline: role.get::<_, Option<i64>>(6).map(|t| t as u32),
-            receiver_state: role.get(5),
-            replay_delay_seconds: role.get(7),
+            timeline: role.try_get::<_, Option<i64>>(6)?.map(|t| t as u32),
+            receiver_state: role.try_get(5)?,
+            replay_delay_seconds: role.try_get(7)?,
             perf,
         });
     }
@@ -217,40 +217,46 @@ async fn sample(client: &tokio_postgres::Client) -> Result<NodeSample, tokio_pos
         .query(SENDERS_SQL, &[])
         .await?
         .iter()
-        .map(|r| WalSender {
-            application_name: r.get::<_, Option<String>>(0).unwrap_or_default(),
-            state: r.get::<_, Option<String>>(1).unwrap_or_default(),
-            sent_lsn: lsn(r, 2),
-            write_lsn: lsn(r, 3),
-            flush_lsn: lsn(r, 4),
-            replay_lsn: lsn(r, 5),
-            sync_state: r.get::<_, Option<String>>(6).unwrap_or_default(),
-            replay_lag_seconds: r.get(7),
+        .map(|r| {
+            Ok(WalSender {
+                application_name: r.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
+                state: r.try_get::<_, Option<String>>(1)?.unwrap_or_default(),
+                sent_lsn: lsn(r, 2),
+                write_lsn: lsn(r, 3),
+                flush_lsn: lsn(r, 4),
+                replay_lsn: lsn(r, 5),
+                sync_state: r.try_get::<_, Option<String>>(6)?.unwrap_or_default(),
+                replay_lag_seconds: r.try_get(7)?,
+            })
         })
-        .collect();
+        .collect::<Result<_, tokio_postgres::Error>>()?;
     Ok(NodeSample::Primary {
         lsn: lsn(&role, 1).unwrap_or_default(),
-        timeline: role.get::<_, Option<i64>>(2).unwrap_or(0) as u32,
-        history: role.get(8),
+        timeline: role.try_get::<_, Option<i64>>(2)?.unwrap_or(0) as u32,
+        history: role.try_get(8)?,
         senders,
         perf,
     })
 }
 
-fn perf(r: &Row) -> PerfSample {
-    PerfSample {
-        connections: r.get(0),
-        active_queries: r.get(1),
-        commits: r.get(2),
-        rollbacks: r.get(3),
-        blocks_hit: r.get(4),
-        blocks_read: r.get(5),
-        database_size_bytes: r.get(6),
-    }
+fn perf(r: &Row) -> Result<PerfSample, tokio_postgres::Error> {
+    Ok(PerfSample {
+        connections: r.try_get(0)?,
+        active_queries: r.try_get(1)?,
+        commits: r.try_get(2)?,
+        rollbacks: r.try_get(3)?,
+        blocks_hit: r.try_get(4)?,
+        blocks_read: r.try_get(5)?,
+        database_size_bytes: r.try_get(6)?,
+    })
 }
 
+/// An LSN column; anything unexpected (a NULL, another type) is unknown.
 fn lsn(r: &Row, i: usize) -> Option<Lsn> {
-    r.get::<_, Option<String>>(i).and_then(|s| s.parse().ok())
+    r.try_get::<_, Option<String>>(i)
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok())
 }
 
 /// A short, stable description of why a connection failed.

@@ -100,6 +100,9 @@ pub async fn run(opts: &DemoOptions) -> Result<(), DemoError> {
             return Err(DemoError::ProxyListen { listen, source });
         }
     };
+    // SIGHUP (a closed terminal, `kill -HUP`) reloads the proxy's config, as for `pgwarden
+    // proxy`; it no longer ends the demo.
+    let reloader = tokio::spawn(pgwarden_proxy::reload_on_sighup(proxy.shared()));
     let (stop_proxy, stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy_task = tokio::spawn(proxy.serve(async move {
         let _ = stopped.await;
@@ -110,6 +113,7 @@ pub async fn run(opts: &DemoOptions) -> Result<(), DemoError> {
         layout.config_path().display()
     );
     let result = supervise::supervise(&mut nodes).await;
+    reloader.abort();
     // Clients first, then the nodes.
     let _ = stop_proxy.send(());
     if tokio::time::timeout(PROXY_STOP, proxy_task).await.is_err() {

@@ -308,6 +308,29 @@ fn accept(socket: tokio::net::TcpStream, peer: SocketAddr, shared: &Arc<Shared>)
     }
 }
 
+/// SIGHUP re-reads the config (as `RELOAD`); an invalid one is logged with its errors and the
+/// running one stays. While this runs, SIGHUP no longer ends the process.
+pub async fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; use RELOAD on the admin console");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        match shared.reload() {
+            Ok(restart) => {
+                for s in restart {
+                    tracing::warn!(setting = %s, "changed setting needs a restart to take effect");
+                }
+            }
+            Err(e) => {
+                tracing::error!(errors = %e.lines().join("; "), "config reload rejected; the running config stays");
+            }
+        }
+    }
+}
+
 /// Once a second, and at once when the view changes: close idle connections that are old or
 /// fenced out, warm the leader's pools up to `min_pool_size`, sample stats.
 async fn maintain(shared: Arc<Shared>) {

@@ -102,7 +102,7 @@ async fn cancel_reaches_the_running_query_only() {
     let a = s.app().await;
     let token = a.cancel_token();
     let running = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.running("SELECT pg_sleep(30)").await;
     let started = Instant::now();
     token
         .cancel_query(tokio_postgres::NoTls)
@@ -117,7 +117,7 @@ async fn cancel_reaches_the_running_query_only() {
     let idle_token = idle.cancel_token();
     let busy = s.app().await;
     let work = tokio::spawn(async move { busy.batch_execute("SELECT pg_sleep(0.5)").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.running("SELECT pg_sleep(0.5)").await;
     idle_token
         .cancel_query(tokio_postgres::NoTls)
         .await

@@ -213,6 +213,42 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// Waits until a query starting with `prefix` runs on node 0 (`pg_stat_activity`).
+    pub async fn running(&self, prefix: &str) {
+        let admin = self.cluster.client(0).await;
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND starts_with(query, $1)";
+        pgwarden_testkit::eventually(std::time::Duration::from_secs(10), prefix, || {
+            let admin = &admin;
+            async move {
+                let n: i64 = admin.query_one(sql, &[&prefix]).await.ok()?.get(0);
+                (n > 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until `n` clients of the proxy wait for a server.
+    pub async fn waiting(&self, n: usize) {
+        use pgwarden_proxy::registry::ClientState;
+        pgwarden_testkit::eventually(
+            std::time::Duration::from_secs(10),
+            "clients waiting",
+            || {
+                let count = self
+                    .shared
+                    .clients
+                    .all()
+                    .iter()
+                    .filter(|c| c.state() == ClientState::Waiting)
+                    .count();
+                async move { (count >= n).then_some(()) }
+            },
+        )
+        .await;
+    }
+}
+
 /// Runs pgbench (libpq) against the proxy of `s` as `app`; panics if pgbench fails.
 pub async fn pgbench(s: &Setup, args: &[&str]) -> String {
     pgbench_at(s.addr.port(), args).await
