@@ -6,7 +6,7 @@
 #
 #   bench/proxy.sh [-T seconds per run] [-r rounds] [-c "1 16 64 256"]
 #                  [-M "simple extended prepared"] [-s scale]
-#                  [-w proxy worker threads: 1 (default, like PgBouncer's one thread) or more]
+#                  [-w proxy worker threads: 0 (default: what pgwarden chooses, as users get it), 1, 2, ...]
 #
 # Each cell is the median of -r rounds (default 4, an even number so that each proxy runs first
 # equally often) that alternate which proxy runs first; each run follows a one-second warm-up
@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-T=6; ROUNDS=4; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=1
+T=6; ROUNDS=4; CLIENTS="1 16 64 256"; MODES="simple extended prepared"; SCALE=10; POOL=20; WORKERS=0
 while getopts "T:r:c:M:s:w:" o; do
   case $o in T) T=$OPTARG;; r) ROUNDS=$OPTARG;; c) CLIENTS=$OPTARG;; M) MODES=$OPTARG;; s) SCALE=$OPTARG;; w) WORKERS=$OPTARG;; *) exit 2;; esac
 done

@@ -94,7 +94,15 @@ fn main() -> ExitCode {
     if let Command::Proxy { config } = cli.command {
         return proxy(config);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The demo runs PostgreSQL beside its proxy: sized as `workers = 0` on such a host.
+    let threads = match &cli.command {
+        Command::Demo { .. } => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            pgwarden_proxy::auto_workers(cores, true)
+        }
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let runtime = match pgwarden_proxy::runtime(threads) {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
     };
@@ -216,18 +224,8 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
         Ok(c) => std::sync::Arc::new(c),
         Err(code) => return code,
     };
-    // One worker: a single-threaded scheduler, without the work-stealing machinery.
-    let mut builder = match config.proxy.workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b
-        }
-    };
-    let runtime = match builder.enable_all().build() {
+    let threads = pgwarden_proxy::worker_threads(&config);
+    let runtime = match pgwarden_proxy::runtime(threads) {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 1),
     };
