@@ -48,14 +48,17 @@ enum Command {
         /// Number of nodes (one primary, the rest standbys).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
         nodes: u16,
-        /// Port of the first node; the others follow.
-        #[arg(long, default_value_t = 55432)]
-        port_base: u16,
+        /// Port of the first node; the others follow [default on a first run: 55432; later runs
+        /// keep the demo's].
+        #[arg(long)]
+        port_base: Option<u16>,
+        /// Replication mode: async, sync (FIRST 1) or quorum (ANY 1).
         #[arg(long, default_value = "async", value_parser = parse_mode)]
         replication: ReplicationMode,
-        /// Where the proxy listens (127.0.0.1).
-        #[arg(long, default_value_t = 6432)]
-        proxy_port: u16,
+        /// Where the proxy listens on 127.0.0.1 [default on a first run: 6432; a later run may
+        /// change it].
+        #[arg(long)]
+        proxy_port: Option<u16>,
         /// Stop the cluster in DIR and remove DIR.
         #[arg(long)]
         destroy: bool,
@@ -162,8 +165,19 @@ async fn run(command: Command) -> ExitCode {
 
 /// Loads config, printing every error (one per line) and returning exit code 2 on failure.
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let given = path.is_some() || std::env::var_os(pgwarden_config::ENV_VAR).is_some();
     let path = pgwarden_config::resolve_path(path.as_deref());
     Config::load(&path).map_err(|e| {
+        if let pgwarden_config::ConfigError::Read { source, .. } = &e {
+            if source.kind() == std::io::ErrorKind::NotFound && !given {
+                eprintln!(
+                    "pgwarden: no config file at {}: pass -c FILE or set ${} (pgwarden demo writes one in its --dir)",
+                    path.display(),
+                    pgwarden_config::ENV_VAR
+                );
+                return ExitCode::from(2);
+            }
+        }
         let lines = e.lines();
         if lines.len() > 1 {
             eprintln!("{}: {} errors", path.display(), lines.len());

@@ -490,3 +490,70 @@ async fn a_killed_demo_leaves_no_server_behind_and_the_next_run_recovers() {
     let (code, _) = demo.terminate();
     assert_eq!(code, 0);
 }
+
+/// A port in use is found before anything is written, and names the option that changes it; a
+/// later run takes a new --proxy-port and refuses a new --port-base with the way out.
+#[tokio::test]
+async fn ports_in_use_fail_before_anything_is_built_and_reruns_take_a_new_proxy_port() {
+    let parent = demo_parent();
+    let dir = parent.path().join("demo");
+    let base = free_port_range(5);
+    let (port_arg, proxy_arg) = (base.to_string(), (base + 3).to_string());
+    let taken = std::net::TcpListener::bind(("127.0.0.1", base + 1)).expect("hold a port");
+    let r = common::run(&[
+        "demo",
+        "--dir",
+        dir.to_str().expect("path"),
+        "--port-base",
+        &port_arg,
+        "--proxy-port",
+        &proxy_arg,
+    ]);
+    assert_eq!(r.code, 1);
+    let want = format!("port {} on 127.0.0.1 is in use", base + 1);
+    assert!(
+        r.stderr.contains(&want) && r.stderr.contains("--port-base"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.join("pgwarden.toml").exists(), "nothing was built");
+    drop(taken);
+
+    let args = [
+        "--port-base",
+        port_arg.as_str(),
+        "--proxy-port",
+        proxy_arg.as_str(),
+    ];
+    let mut demo = Demo::start(&dir, &args, None);
+    demo.wait_ready();
+    let (code, _) = demo.terminate();
+    assert_eq!(code, 0);
+    // Another proxy port: taken, and the proxy listens there.
+    let new_proxy = (base + 4).to_string();
+    let mut demo = Demo::start(&dir, &["--proxy-port", new_proxy.as_str()], None);
+    let config_path = demo.wait_ready();
+    let config = Config::load(&config_path).expect("config");
+    assert_eq!(config.proxy.listen.port(), base + 4);
+    let app = proxy_client(&config, base + 4).await;
+    app.batch_execute("SELECT 1")
+        .await
+        .expect("served on the new port");
+    let (code, _) = demo.terminate();
+    assert_eq!(code, 0);
+    // Another port base would need another cluster: refused, saying how.
+    let other = (base + 100).to_string();
+    let r = common::run(&[
+        "demo",
+        "--dir",
+        dir.to_str().expect("path"),
+        "--port-base",
+        &other,
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("would need a new cluster") && r.stderr.contains("--destroy"),
+        "{}",
+        r.stderr
+    );
+}

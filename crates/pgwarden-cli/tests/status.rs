@@ -260,6 +260,35 @@ fn a_missing_config_is_exit_2() {
     );
 }
 
+#[test]
+fn without_a_config_status_says_how_to_give_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = common::pgwarden()
+        .arg("status")
+        .current_dir(dir.path())
+        .env_remove("PGWARDEN_CONFIG")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("-c FILE") && stderr.contains("$PGWARDEN_CONFIG"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn demo_help_lists_the_replication_modes() {
+    let r = run(&["demo", "--help"]);
+    assert_eq!(r.code, 0);
+    assert!(
+        r.stdout.contains("async, sync (FIRST 1) or quorum (ANY 1)"),
+        "{}",
+        r.stdout
+    );
+}
+
 #[tokio::test]
 async fn watch_redraws_every_interval_until_ctrl_c() {
     use std::io::{BufRead, BufReader};

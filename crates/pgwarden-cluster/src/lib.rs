@@ -14,20 +14,30 @@
 //! - [`leader`] — which primary takes writes: a promotion is followed only if it descends from
 //!   the previous leader (pure, table-tested).
 //! - [`monitor`] — the actor publishing views from probes over `watch`.
+//! - [`proxy_view`] — what a running proxy says about where writes go, for `pgwarden status`.
 
 pub mod leader;
 pub mod monitor;
 pub mod probe;
+pub mod proxy_view;
 pub mod render;
 pub mod status;
 pub mod view;
 
 pub use status::{ClusterStatus, LagLevel, NodeStatus, Role};
 
-/// Probes every configured node and builds the snapshot.
+/// Probes every configured node and builds the snapshot; a running proxy of this config is
+/// asked where it sends writes (`SHOW LEADER`), and a refusal is one of the warnings.
 pub async fn check(config: &pgwarden_config::Config) -> ClusterStatus {
-    let samples = probe::probe_all(config).await;
-    ClusterStatus::build(config, samples, std::time::SystemTime::now())
+    let (samples, proxy) = futures::join!(
+        probe::probe_all(config),
+        proxy_view::ask(config, config.monitor.timeout)
+    );
+    let mut status = ClusterStatus::build(config, samples, std::time::SystemTime::now());
+    if let Some(p) = proxy {
+        status.warnings.extend(p.warnings(config.proxy.listen));
+    }
+    status
 }
 
 /// [`check`] with connections kept from one call to the next.

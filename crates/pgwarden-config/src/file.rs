@@ -49,11 +49,14 @@ pub struct FileProxy {
     pub default_pool_size: Option<Field<i64>>,
     pub min_pool_size: Option<Field<i64>>,
     pub max_client_conn: Option<Field<i64>>,
+    pub max_pending_logins: Option<Field<i64>>,
+    pub login_timeout: Option<Field<String>>,
     pub server_connect_timeout: Option<Field<String>>,
     pub query_wait_timeout: Option<Field<String>>,
     pub server_idle_timeout: Option<Field<String>>,
     pub server_lifetime: Option<Field<String>>,
     pub idle_transaction_timeout: Option<Field<String>>,
+    pub query_timeout: Option<Field<String>>,
     pub shutdown_timeout: Option<Field<String>>,
     pub max_prepared_statements: Option<Field<i64>>,
     pub max_view_age: Option<Field<String>>,
@@ -77,6 +80,17 @@ pub struct FileAuth {
     pub method: Option<Field<String>>,
     pub auth_user: Option<Field<String>>,
     pub auth_query: Option<Field<String>>,
+    pub rules: Vec<FileAuthRule>,
+}
+
+/// `[[proxy.auth.rules]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileAuthRule {
+    pub user: Option<Field<String>>,
+    pub database: Option<Field<String>>,
+    pub address: Option<Field<String>>,
+    pub method: Option<Field<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -21,9 +21,9 @@ mod validate_proxy;
 
 pub use error::{ConfigError, FieldError};
 pub use model::{
-    AuthConfig, AuthMethod, ClientTlsConfig, Config, FollowPromotions, MonitorConfig, NodeConfig,
-    PoolMode, PostgresConfig, ProxyConfig, ReplicationConfig, ReplicationMode, Secret, TlsMode,
-    UserConfig,
+    AuthConfig, AuthMethod, AuthRule, Cidr, ClientTlsConfig, Config, FollowPromotions,
+    MonitorConfig, NodeConfig, PoolMode, PostgresConfig, ProxyConfig, ReplicationConfig,
+    ReplicationMode, Secret, TlsMode, UserConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -202,6 +202,77 @@ pub enum AuthMethod {
     Trust,
 }
 
+/// One hba-style rule; `None` fields match everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRule {
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub address: Option<Cidr>,
+    /// `None`: the login is rejected.
+    pub method: Option<AuthMethod>,
+}
+
+/// An address range, `127.0.0.1/32` or `::1/128` (a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (
+                a.parse::<std::net::IpAddr>().ok()?,
+                Some(p.parse::<u8>().ok()?),
+            ),
+            None => (s.parse().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        match (self.addr, ip.to_canonical()) {
+            (V4(net), V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (V6(net), V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The method for a login of `user` to `database` from `ip`; `None`: rejected.
+    pub fn method_for(
+        &self,
+        user: &str,
+        database: &str,
+        ip: std::net::IpAddr,
+    ) -> Option<AuthMethod> {
+        let matches = |r: &AuthRule| {
+            r.user.as_deref().map_or(true, |u| u == user)
+                && r.database.as_deref().map_or(true, |d| d == database)
+                && r.address.map_or(true, |a| a.contains(ip))
+        };
+        match self.rules.iter().find(|r| matches(r)) {
+            Some(r) => r.method,
+            None => Some(self.method),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTlsConfig {
     pub mode: TlsMode,
@@ -212,7 +283,10 @@ pub struct ClientTlsConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthConfig {
+    /// For logins no rule matches.
     pub method: AuthMethod,
+    /// `[[proxy.auth.rules]]`, in order: the first that matches a login decides its method.
+    pub rules: Vec<AuthRule>,
     /// Looks up users not in `[[proxy.users]]` with `auth_query`; itself a listed user.
     pub auth_user: Option<String>,
     pub auth_query: String,
@@ -227,13 +301,20 @@ pub struct ProxyConfig {
     pub pool_mode: PoolMode,
     pub default_pool_size: u32,
     pub min_pool_size: u32,
+    /// Logged-in clients (the admin console has a reserve beyond it).
     pub max_client_conn: u32,
+    /// Connections still in startup or authentication, counted apart from logged-in clients.
+    pub max_pending_logins: u32,
+    /// How long a connection may take from its first byte to being logged in.
+    pub login_timeout: Duration,
     pub server_connect_timeout: Duration,
     pub query_wait_timeout: Duration,
     pub server_idle_timeout: Duration,
     pub server_lifetime: Duration,
     /// `None` when off (`"0s"`).
     pub idle_transaction_timeout: Option<Duration>,
+    /// A query unanswered this long ends the session and closes its server; `None` when off.
+    pub query_timeout: Option<Duration>,
     /// How long running transactions may go on after SIGINT/SIGTERM/`SHUTDOWN`.
     pub shutdown_timeout: Duration,
     /// Per server connection; 0 disables prepared-statement tracking.

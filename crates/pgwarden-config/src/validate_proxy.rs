@@ -62,6 +62,14 @@ pub(crate) fn proxy(
         1,
         1_000_000,
     ) as u32;
+    let max_pending_logins = int(
+        e,
+        "proxy.max_pending_logins",
+        f.max_pending_logins,
+        1000,
+        1,
+        1_000_000,
+    ) as u32;
     let positive = |e: &mut Errors, path: &str, field, default| {
         let d = e.duration(path, field, default);
         if d.is_zero() {
@@ -69,6 +77,7 @@ pub(crate) fn proxy(
         }
         d
     };
+    let login_timeout = positive(e, "proxy.login_timeout", f.login_timeout, secs(10));
     let server_connect_timeout = positive(
         e,
         "proxy.server_connect_timeout",
@@ -94,6 +103,8 @@ pub(crate) fn proxy(
         Duration::ZERO,
     ))
     .filter(|d| !d.is_zero());
+    let query_timeout = Some(e.duration("proxy.query_timeout", f.query_timeout, Duration::ZERO))
+        .filter(|d| !d.is_zero());
     let shutdown_timeout = e.duration("proxy.shutdown_timeout", f.shutdown_timeout, secs(30));
     let max_prepared_statements = int(
         e,
@@ -131,11 +142,14 @@ pub(crate) fn proxy(
         default_pool_size,
         min_pool_size,
         max_client_conn,
+        max_pending_logins,
+        login_timeout,
         server_connect_timeout,
         query_wait_timeout,
         server_idle_timeout,
         server_lifetime,
         idle_transaction_timeout,
+        query_timeout,
         shutdown_timeout,
         max_prepared_statements,
         max_view_age,
@@ -203,19 +217,77 @@ fn client_tls(e: &mut Errors, f: FileClientTls, base: &Path) -> ClientTlsConfig 
     ClientTlsConfig { mode, cert, key }
 }
 
-fn auth(e: &mut Errors, f: FileAuth, users: &[UserConfig]) -> AuthConfig {
-    let method = match e.get("proxy.auth.method", f.method).as_deref() {
-        None | Some("scram-sha-256") => AuthMethod::ScramSha256,
-        Some("md5") => AuthMethod::Md5,
-        Some("trust") => AuthMethod::Trust,
+fn auth_method(
+    e: &mut Errors,
+    path: &str,
+    value: Option<&str>,
+    reject: bool,
+) -> Option<AuthMethod> {
+    match value {
+        None | Some("scram-sha-256") => Some(AuthMethod::ScramSha256),
+        Some("md5") => Some(AuthMethod::Md5),
+        Some("trust") => Some(AuthMethod::Trust),
+        Some("reject") if reject => None,
         Some(other) => {
+            let expected = if reject {
+                "scram-sha-256, md5, trust or reject"
+            } else {
+                "scram-sha-256, md5 or trust"
+            };
             e.push(
-                "proxy.auth.method",
-                format!("unknown method \"{other}\": expected scram-sha-256, md5 or trust"),
+                path,
+                format!("unknown method \"{other}\": expected {expected}"),
             );
-            AuthMethod::ScramSha256
+            Some(AuthMethod::ScramSha256)
         }
-    };
+    }
+}
+
+fn auth_rules(e: &mut Errors, list: Vec<crate::file::FileAuthRule>) -> Vec<AuthRule> {
+    let mut rules = Vec::new();
+    for (i, r) in list.into_iter().enumerate() {
+        let p = |k: &str| format!("proxy.auth.rules[{i}].{k}");
+        let all = |v: Option<String>| v.filter(|v| v != "all");
+        let user = all(e.get(&p("user"), r.user));
+        let database = all(e.get(&p("database"), r.database));
+        let address = match all(e.get(&p("address"), r.address)) {
+            None => None,
+            Some(a) => {
+                let cidr = Cidr::parse(&a);
+                if cidr.is_none() {
+                    e.push(
+                        p("address"),
+                        format!("\"{a}\" is not an address or range (e.g. \"127.0.0.1/32\", \"::1\", \"all\")"),
+                    );
+                }
+                cidr
+            }
+        };
+        let method = match e.get(&p("method"), r.method) {
+            None => {
+                e.push(
+                    p("method"),
+                    "is required (scram-sha-256, md5, trust or reject)",
+                );
+                None
+            }
+            Some(m) => auth_method(e, &p("method"), Some(&m), true),
+        };
+        rules.push(AuthRule {
+            user,
+            database,
+            address,
+            method,
+        });
+    }
+    rules
+}
+
+fn auth(e: &mut Errors, f: FileAuth, users: &[UserConfig]) -> AuthConfig {
+    let method = e.get("proxy.auth.method", f.method);
+    let method = auth_method(e, "proxy.auth.method", method.as_deref(), false)
+        .expect("reject is not allowed here");
+    let rules = auth_rules(e, f.rules);
     let auth_user = e.get("proxy.auth.auth_user", f.auth_user);
     if let Some(u) = &auth_user {
         if !users.iter().any(|x| &x.name == u) {
@@ -233,6 +305,7 @@ fn auth(e: &mut Errors, f: FileAuth, users: &[UserConfig]) -> AuthConfig {
     }
     AuthConfig {
         method,
+        rules,
         auth_user,
         auth_query,
     }

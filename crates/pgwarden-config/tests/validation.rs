@@ -343,3 +343,55 @@ name = "app"
         errs.join("\n")
     );
 }
+
+#[test]
+fn auth_rules_decide_per_user_database_and_address() {
+    use pgwarden_config::AuthMethod::*;
+    let text = format!(
+        "{GOOD}\n[proxy.auth]\nmethod = \"scram-sha-256\"\n\
+         [[proxy.auth.rules]]\nuser = \"monitor\"\naddress = \"127.0.0.1/32\"\nmethod = \"trust\"\n\
+         [[proxy.auth.rules]]\nuser = \"monitor\"\nmethod = \"reject\"\n\
+         [[proxy.auth.rules]]\ndatabase = \"legacy\"\naddress = \"10.0.0.0/8\"\nmethod = \"md5\"\n\
+         [[proxy.auth.rules]]\naddress = \"::1\"\nmethod = \"trust\"\n"
+    );
+    let c = Config::from_toml(&text, Path::new("/etc/pgwarden")).expect("valid");
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+    let auth = &c.proxy.auth;
+    let cases = [
+        ("monitor", "app", "127.0.0.1", Some(Trust)),
+        // An IPv4 client seen on an IPv6 socket is the same client.
+        ("monitor", "app", "::ffff:127.0.0.1", Some(Trust)),
+        ("monitor", "app", "192.168.1.5", None),
+        ("app", "legacy", "10.1.2.3", Some(Md5)),
+        ("app", "legacy", "11.1.2.3", Some(ScramSha256)),
+        ("app", "app", "::1", Some(Trust)),
+        ("app", "app", "127.0.0.1", Some(ScramSha256)),
+    ];
+    for (user, db, from, want) in cases {
+        assert_eq!(
+            auth.method_for(user, db, ip(from)),
+            want,
+            "{user} {db} {from}"
+        );
+    }
+}
+
+#[test]
+fn bad_auth_rules_are_reported_with_their_paths() {
+    let text = format!(
+        "{GOOD}\n[[proxy.auth.rules]]\naddress = \"300.0.0.1/8\"\nmethod = \"trust\"\n\
+         [[proxy.auth.rules]]\nuser = \"x\"\n\
+         [[proxy.auth.rules]]\naddress = \"10.0.0.0/33\"\nmethod = \"password\"\n\
+         [proxy.auth]\nmethod = \"reject\"\n"
+    );
+    let got = errors(&text);
+    for want in [
+        "proxy.auth.rules[0].address",
+        "proxy.auth.rules[1].method: is required",
+        "proxy.auth.rules[2].address",
+        "proxy.auth.rules[2].method: unknown method \"password\"",
+        "proxy.auth.method: unknown method \"reject\"",
+    ] {
+        assert!(got.iter().any(|l| l.starts_with(want)), "{want}: {got:?}");
+    }
+}

@@ -71,24 +71,63 @@ impl Layout {
         (pid != std::process::id() as i32 && alive(pid)).then_some(pid)
     }
 
-    /// Loads `pgwarden.toml`, writing it first (mode 0600, fresh passwords) on the first run.
+    /// Loads `pgwarden.toml`, writing it first (mode 0600, fresh passwords) on the first run,
+    /// once every port it names is known to be free. A later run keeps the nodes' ports (a
+    /// standby's `primary_conninfo` names its primary's) and takes a new `--proxy-port`.
     pub fn load_or_create(&self, opts: &DemoOptions) -> Result<Config, DemoError> {
         let path = self.config_path();
-        if !path.exists() {
-            let last = opts.port_base as usize + opts.nodes - 1;
+        if path.exists() {
+            return self.reuse(opts);
+        }
+        {
+            let base = opts.port_base.unwrap_or(crate::DEFAULT_PORT_BASE);
+            let proxy_port = opts.proxy_port.unwrap_or(crate::DEFAULT_PROXY_PORT);
+            let last = base as usize + opts.nodes - 1;
             if last > u16::MAX as usize {
-                return Err(DemoError::PortsOutOfRange {
-                    first: opts.port_base,
-                    last,
-                });
+                return Err(DemoError::PortsOutOfRange { first: base, last });
             }
-            let text = generate_config(opts);
+            for port in base..=last as u16 {
+                ensure_free(port, "a node's port", "--port-base")?;
+            }
+            ensure_free(proxy_port, "the proxy's port", "--proxy-port")?;
+            let text = generate_config(opts, base, proxy_port);
             let tmp = self.dir.join("pgwarden.toml.tmp");
             std::fs::write(&tmp, &text).map_err(DemoError::io("cannot write", &tmp))?;
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
                 .map_err(DemoError::io("cannot set permissions on", &tmp))?;
             std::fs::rename(&tmp, &path).map_err(DemoError::io("cannot write", &path))?;
         }
+        Ok(Config::load(&path)?)
+    }
+
+    fn reuse(&self, opts: &DemoOptions) -> Result<Config, DemoError> {
+        let path = self.config_path();
+        let config = Config::load(&path)?;
+        let first = config.nodes.first().map_or(0, |n| n.port);
+        let last = config.nodes.last().map_or(0, |n| n.port);
+        if let Some(asked) = opts.port_base.filter(|&b| b != first) {
+            return Err(DemoError::PortsFixed {
+                dir: self.dir.clone(),
+                first,
+                last,
+                asked,
+            });
+        }
+        let current = config.proxy.listen;
+        let Some(port) = opts.proxy_port.filter(|&p| p != current.port()) else {
+            return Ok(config);
+        };
+        ensure_free(port, "the proxy's port", "--proxy-port")?;
+        let text = std::fs::read_to_string(&path).map_err(DemoError::io("cannot read", &path))?;
+        let old = format!("listen = \"{current}\"");
+        let new = format!("listen = \"127.0.0.1:{port}\"");
+        let tmp = self.dir.join("pgwarden.toml.tmp");
+        std::fs::write(&tmp, text.replacen(&old, &new, 1))
+            .map_err(DemoError::io("cannot write", &tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(DemoError::io("cannot set permissions on", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(DemoError::io("cannot write", &path))?;
+        tracing::info!(port, "the proxy's port changed (--proxy-port)");
         Ok(Config::load(&path)?)
     }
 
@@ -119,7 +158,19 @@ impl Layout {
     }
 }
 
-fn generate_config(opts: &DemoOptions) -> String {
+/// Whether `port` can be listened on at 127.0.0.1 now.
+fn ensure_free(port: u16, what: &'static str, option: &'static str) -> Result<(), DemoError> {
+    match std::net::TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(DemoError::PortInUse { port, what, option })
+        }
+        // Anything else (no permission for a low port, ...) shows when the server starts.
+        Err(_) => Ok(()),
+    }
+}
+
+fn generate_config(opts: &DemoOptions, port_base: u16, proxy_port: u16) -> String {
     let pw = || Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     let mut s = format!(
@@ -138,7 +189,7 @@ fn generate_config(opts: &DemoOptions) -> String {
         s.push_str(&format!(
             "\n[[nodes]]\nname = \"n{n}\"\nhost = \"127.0.0.1\"\nport = {port}\ndata_dir = \"n{n}\"\n",
             n = i + 1,
-            port = opts.port_base as usize + i
+            port = port_base as usize + i
         ));
     }
     s.push_str(&format!(
@@ -147,7 +198,7 @@ fn generate_config(opts: &DemoOptions) -> String {
          admin_users = [\"admin\", \"app\"]\n\
          \n[[proxy.users]]\nname = \"app\"\npassword = {app}\n\
          \n[[proxy.users]]\nname = \"admin\"\npassword = {admin}\n",
-        port = opts.proxy_port,
+        port = proxy_port,
         app = q(&pw()),
         admin = q(&pw()),
     ));

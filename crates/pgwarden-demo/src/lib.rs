@@ -20,14 +20,20 @@ use std::sync::Arc;
 
 use pgwarden_config::ReplicationMode;
 
-/// `pgwarden demo` arguments.
+/// The first node's port when `--port-base` is not given.
+pub const DEFAULT_PORT_BASE: u16 = 55432;
+/// The proxy's port when `--proxy-port` is not given.
+pub const DEFAULT_PROXY_PORT: u16 = 6432;
+
+/// `pgwarden demo` arguments. Ports left `None` take the defaults on a first run and the
+/// existing demo's on a later one.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub dir: PathBuf,
     pub nodes: usize,
-    pub port_base: u16,
+    pub port_base: Option<u16>,
     pub replication: ReplicationMode,
-    pub proxy_port: u16,
+    pub proxy_port: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +55,19 @@ pub enum DemoError {
     NotADemoDir(PathBuf),
     #[error("ports {first}-{last} do not fit below 65536; use a smaller --port-base")]
     PortsOutOfRange { first: u16, last: usize },
+    #[error("port {port} on 127.0.0.1 is in use ({what}); choose another with {option}")]
+    PortInUse {
+        port: u16,
+        what: &'static str,
+        option: &'static str,
+    },
+    #[error("the demo in {} runs its nodes on ports {first}-{last}; --port-base {asked} would need a new cluster: leave --port-base out, or remove this one first (pgwarden demo --destroy --dir {})", dir.display(), dir.display())]
+    PortsFixed {
+        dir: PathBuf,
+        first: u16,
+        last: u16,
+        asked: u16,
+    },
     #[error("{0}")]
     Cluster(String),
     #[error("cannot wait for signals: {0}")]

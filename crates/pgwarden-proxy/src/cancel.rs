@@ -202,6 +202,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Cancels what the server connection with `key` runs (the proxy's own decision, e.g.
+/// `query_timeout`), waiting at most `timeout`.
+pub async fn cancel_server(target: &Target, key: BackendKey, timeout: Duration) {
+    if tokio::time::timeout(timeout, send_cancel(target, key))
+        .await
+        .is_err()
+    {
+        tracing::warn!(server = %target.addr(), "cancel request timed out");
+    }
+}
+
 /// Sends a CancelRequest and waits for the server to close the connection, which it does once it
 /// has signalled the backend.
 async fn send_cancel(target: &Target, key: BackendKey) {

@@ -28,8 +28,18 @@ pub enum ProxyError {
     StartupOption(String),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    /// A startup packet with a request code not allowed now (a repeated SSLRequest).
+    #[error("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", .0 >> 16, .0 & 0xffff)]
+    UnsupportedFrontendProtocol(u32),
     #[error("password authentication failed for user \"{0}\"")]
     AuthFailed(String),
+    /// A `reject` rule matched (PostgreSQL's pg_hba.conf rejection).
+    #[error("no proxy.auth rule admits host \"{addr}\", user \"{user}\", database \"{database}\"")]
+    Rejected {
+        user: String,
+        database: String,
+        addr: std::net::IpAddr,
+    },
     #[error("user \"{0}\" may not use the admin console (proxy.admin_users)")]
     NotAdmin(String),
     #[error("terminating connection due to administrator command")]
@@ -70,10 +80,15 @@ pub enum ProxyError {
     UnsupportedServerAuth(String),
     #[error("no server connection available within query_wait_timeout ({})", format_duration(*.0))]
     WaitTimeout(Duration),
-    #[error("too many client connections (max_client_conn = {0})")]
+    #[error("sorry, too many clients already (max_client_conn = {0})")]
     TooManyClients(u32),
+    #[error("sorry, too many connections are logging in (max_pending_logins = {0})")]
+    TooManyLogins(u32),
     #[error("a query of the proxy's own took longer than {}", format_duration(*.0))]
     QueryTimeout(Duration),
+    /// A client's query went unanswered for `query_timeout`: its server was closed.
+    #[error("terminating connection: the query went unanswered for query_timeout ({}); its server connection was closed", format_duration(*.0))]
+    QueryTimedOut(Duration),
     /// A cancel came while the client waited for a server; answered, the session goes on.
     #[error("canceling statement due to user request")]
     CancelledWaiting,
@@ -100,21 +115,22 @@ impl ProxyError {
             | QueryTimeout(_) => SqlState::CONNECTION_FAILURE,
             ClientIo(_) | ClientClosed => SqlState::CONNECTION_FAILURE,
             NoUser => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            UnsupportedFrontendProtocol(_) => SqlState::FEATURE_NOT_SUPPORTED,
             StartupOption(_) => SqlState::SYNTAX_ERROR,
             AuthFailed(_) => SqlState::INVALID_PASSWORD,
             AuthTimeout => SqlState::PROTOCOL_VIOLATION,
             AuthQuery(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             TlsRequired => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-            NotAdmin(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            NotAdmin(_) | Rejected { .. } => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             Killed => SqlState::ADMIN_SHUTDOWN,
             IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             Unavailable { .. } => SqlState::CANNOT_CONNECT_NOW,
             Fenced { .. } => SqlState::ADMIN_SHUTDOWN,
             ServerRefused { code, .. } => *code,
             UnsupportedServerAuth(_) => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-            WaitTimeout(_) | TooManyClients(_) => SqlState::TOO_MANY_CONNECTIONS,
+            WaitTimeout(_) | TooManyClients(_) | TooManyLogins(_) => SqlState::TOO_MANY_CONNECTIONS,
             ShuttingDown => SqlState::ADMIN_SHUTDOWN,
-            CancelledWaiting => SqlState::QUERY_CANCELED,
+            CancelledWaiting | QueryTimedOut(_) => SqlState::QUERY_CANCELED,
             Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
             RestoreFailed { code, .. } => *code,
         }
@@ -141,7 +157,9 @@ impl ProxyError {
             | ClientClosed
             | StartupOption(_)
             | NoUser
+            | UnsupportedFrontendProtocol(_)
             | NotAdmin(_)
+            | Rejected { .. }
             | Killed
             | IdleInTransaction(_)
             | TlsRequired
@@ -151,7 +169,9 @@ impl ProxyError {
             | UnsupportedServerAuth(_)
             | WaitTimeout(_)
             | TooManyClients(_)
+            | TooManyLogins(_)
             | CancelledWaiting
+            | QueryTimedOut(_)
             | ShuttingDown
             | Unsupported(_) => self.to_string(),
         }

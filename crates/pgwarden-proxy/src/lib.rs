@@ -62,13 +62,24 @@ use topology::Topology;
 /// The database name that reaches the admin console.
 pub const ADMIN_DATABASE: &str = "pgwarden";
 
+/// Admin console sessions kept beyond `max_client_conn`, and connections that may still log
+/// into the console while every login slot is busy: the console stays reachable under a flood.
+pub const ADMIN_RESERVE: usize = 5;
+
 /// State every session shares.
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     pub topology: Topology,
     pub pools: Pools,
     pub cancels: cancel::CancelMap,
+    /// Logged-in clients (`max_client_conn`).
     client_slots: Arc<Semaphore>,
+    /// Connections in startup or authentication (`max_pending_logins`).
+    login_slots: Arc<Semaphore>,
+    /// Admin console sessions beyond `max_client_conn`.
+    admin_slots: Arc<Semaphore>,
+    /// Connections taken while every login slot is busy: they may only log into the console.
+    overflow_slots: Arc<Semaphore>,
     verifiers: session::VerifierCache,
     auth_cache: session::AuthQueryCache,
     pub clients: registry::Clients,
@@ -193,6 +204,7 @@ fn keep_restart_only(new: &mut Config, current: &Config) -> Vec<String> {
         "proxy.max_prepared_statements"
     );
     keep!(proxy.max_view_age, "proxy.max_view_age");
+    keep!(proxy.max_pending_logins, "proxy.max_pending_logins");
     keep!(nodes, "nodes (the view source keeps its nodes)");
     keep!(monitor, "monitor (the view source keeps its settings)");
     kept
@@ -253,6 +265,9 @@ impl Proxy {
         let listener = TcpListener::bind(config.proxy.listen).await?;
         let shared = Arc::new(Shared {
             client_slots: Arc::new(Semaphore::new(config.proxy.max_client_conn as usize)),
+            login_slots: Arc::new(Semaphore::new(config.proxy.max_pending_logins as usize)),
+            admin_slots: Arc::new(Semaphore::new(ADMIN_RESERVE)),
+            overflow_slots: Arc::new(Semaphore::new(ADMIN_RESERVE)),
             topology: Topology::new(view, config.proxy.max_view_age),
             config: RwLock::new(config),
             pools: Pools::default(),
@@ -324,26 +339,26 @@ impl Proxy {
     }
 }
 
+/// A new connection takes a login slot until it is logged in; with none free, one of a few
+/// overflow slots that lead only to the admin console; with none of those either, it is closed.
 fn accept(socket: tokio::net::TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
-    let shared = shared.clone();
-    match shared.client_slots.clone().try_acquire_owned() {
-        Ok(permit) => {
-            tokio::spawn(async move {
-                session::run(socket, peer, shared).await;
-                drop(permit);
-            });
-        }
-        Err(_) => {
-            let max = shared.config().proxy.max_client_conn;
-            tokio::spawn(async move {
-                let mut client =
-                    framed::Framed::new(tls::ClientStream::Plain(socket), framed::Side::Client);
-                // Read the startup packet first so the client is ready to read our answer.
-                let _ = tokio::time::timeout(Duration::from_secs(5), client.read_startup()).await;
-                session::report_fatal(&mut client, &ProxyError::TooManyClients(max)).await;
-            });
-        }
-    }
+    let pending = match shared.login_slots.clone().try_acquire_owned() {
+        Ok(slot) => session::Pending {
+            slot,
+            admin_only: false,
+        },
+        Err(_) => match shared.overflow_slots.clone().try_acquire_owned() {
+            Ok(slot) => session::Pending {
+                slot,
+                admin_only: true,
+            },
+            Err(_) => {
+                tracing::debug!(client_addr = %peer, "every login slot is busy: connection closed");
+                return;
+            }
+        },
+    };
+    tokio::spawn(session::run(socket, peer, shared.clone(), pending));
 }
 
 /// SIGHUP re-reads the config (as `RELOAD`); an invalid one is logged with its errors and the

@@ -28,8 +28,18 @@ pub struct GroupKey {
 /// Startup parameters a client asked for, as (lower-case name, value).
 pub type StartupPair = (String, String);
 
-/// What setting a pair on a server did: the parameters it reported, or its error.
-pub type Checked = Result<Vec<(String, String)>, (SqlState, String)>;
+/// What setting a pair on a server did: what it reported, or its error.
+pub type Checked = Result<Accepted, (SqlState, String)>;
+
+/// A startup pair the server took.
+#[derive(Debug, Clone, Default)]
+pub struct Accepted {
+    /// The ParameterStatus values it reported.
+    pub reported: Vec<(String, String)>,
+    /// NoticeResponse frames it sent (relayed to every client logging in with the pair, as
+    /// PostgreSQL sends them at login).
+    pub notices: Vec<bytes::Bytes>,
+}
 
 /// Pairs recorded per group, at most; past it a pair is checked on every login that asks.
 const MAX_CHECKED: usize = 1024;

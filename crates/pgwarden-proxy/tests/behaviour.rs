@@ -212,3 +212,186 @@ async fn garbage_gets_a_protocol_error_and_others_are_unaffected() {
         .await
         .expect("the other client never noticed");
 }
+
+/// SSLRequest, its answer, then a second SSLRequest and all that follows until the close.
+async fn two_ssl_requests(addr: std::net::SocketAddr) -> (u8, String) {
+    let ssl_request = [0u8, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    sock.write_all(&ssl_request).await.expect("write");
+    let mut answer = [0u8; 1];
+    sock.read_exact(&mut answer).await.expect("answer");
+    sock.write_all(&ssl_request).await.expect("write again");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut rest)).await;
+    (answer[0], String::from_utf8_lossy(&rest).into_owned())
+}
+
+#[tokio::test]
+async fn a_second_ssl_request_is_refused_as_postgres_refuses_it() {
+    let s = setup(0, "").await;
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], s.cluster.port(0)));
+    let (pg_answer, pg_rest) = two_ssl_requests(direct).await;
+    let (answer, rest) = two_ssl_requests(s.addr).await;
+    assert_eq!(answer, pg_answer, "the first is declined alike");
+    for text in [&pg_rest, &rest] {
+        assert!(text.starts_with('E') && text.contains("0A000"), "{text:?}");
+        assert!(
+            text.contains("unsupported frontend protocol 1234.5679"),
+            "{text:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn query_timeout_ends_a_query_the_server_does_not_answer() {
+    let s = setup(0, "query_timeout = \"500ms\"").await;
+    let c = s.app().await;
+    let started = Instant::now();
+    let e = c
+        .batch_execute("SELECT pg_sleep(30)")
+        .await
+        .expect_err("ended by query_timeout");
+    assert!(
+        e.code() == Some(&SqlState::QUERY_CANCELED) || e.is_closed(),
+        "{e:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The server that ran it was closed, not pooled: the query is gone from the server too.
+    let admin = s.cluster.client(0).await;
+    eventually(
+        Duration::from_secs(10),
+        "the sleeping backend is gone",
+        || {
+            let admin = &admin;
+            async move {
+                let n: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'",
+                        &[],
+                    )
+                    .await
+                    .ok()?
+                    .get(0);
+                (n == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    // Other queries are unaffected.
+    s.app()
+        .await
+        .batch_execute("SELECT 1")
+        .await
+        .expect("served");
+}
+
+/// Sockets that connect and send nothing hold only login slots, for at most `login_timeout`:
+/// logged-in clients keep their room, and the console stays reachable even with every login
+/// slot and every client slot taken.
+#[tokio::test]
+async fn silent_sockets_do_not_lock_out_logins_and_the_console_keeps_a_reserve() {
+    let s = setup(
+        0,
+        "max_client_conn = 2\nmax_pending_logins = 20\nlogin_timeout = \"1s\"\nadmin_users = [\"app\"]",
+    )
+    .await;
+    let admin = |s: &common::Setup| {
+        let conninfo = s.conninfo("app", APP_PASSWORD, "pgwarden");
+        async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            c.simple_query("SHOW VERSION").await?;
+            Ok::<_, tokio_postgres::Error>(c)
+        }
+    };
+    // More silent sockets than max_client_conn: logins still work.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(
+            tokio::net::TcpStream::connect(s.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let a = s.app().await;
+    let b = s.app().await;
+    // max_client_conn counts logged-in clients: a third is refused, the console is not.
+    let e = s
+        .try_connect("app", APP_PASSWORD, "app")
+        .await
+        .expect_err("max_client_conn");
+    assert_eq!(code(&e), Some("53300"), "{e:?}");
+    let _console = admin(&s).await.expect("the console has a reserve");
+    // Every login slot taken (20 silent sockets): the console still answers, through the
+    // overflow slots, which lead nowhere else.
+    for _ in 0..10 {
+        silent.push(
+            tokio::net::TcpStream::connect(s.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    admin(&s)
+        .await
+        .expect("the console while every login slot is busy");
+    let e = s
+        .try_connect("app", APP_PASSWORD, "app")
+        .await
+        .expect_err("no login slot");
+    assert_eq!(code(&e), Some("53300"), "{e:?}");
+    // The silent sockets are closed after login_timeout, and logins work again.
+    let started = Instant::now();
+    for mut sock in silent {
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf)).await;
+        assert!(
+            r.is_ok(),
+            "a silent socket still open after {:?}",
+            started.elapsed()
+        );
+    }
+    drop((a, b));
+    eventually(Duration::from_secs(5), "logins work again", || async {
+        s.try_connect("app", APP_PASSWORD, "app")
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// `[[proxy.auth.rules]]`: trust for one user from the local address, reject for a database,
+/// SCRAM (the default method) for the rest.
+#[tokio::test]
+async fn auth_rules_pick_the_method_per_login() {
+    let s = setup(
+        0,
+        "[[proxy.auth.rules]]\ndatabase = \"postgres\"\nmethod = \"reject\"\n\
+         [[proxy.auth.rules]]\nuser = \"app\"\naddress = \"127.0.0.1/32\"\nmethod = \"trust\"\n",
+    )
+    .await;
+    let c = s
+        .try_connect("app", "not-the-password", "app")
+        .await
+        .expect("trusted from 127.0.0.1");
+    c.batch_execute("SELECT 1").await.expect("served");
+    let e = s
+        .try_connect("app", APP_PASSWORD, "postgres")
+        .await
+        .expect_err("rejected");
+    assert_eq!(code(&e), Some("28000"), "{e:?}");
+    assert!(
+        format!("{e:?}").contains("no proxy.auth rule admits"),
+        "{e:?}"
+    );
+    // Another user falls through to the default method and its password check.
+    let e = s
+        .try_connect("someone", "x", "app")
+        .await
+        .expect_err("not trusted");
+    assert_eq!(code(&e), Some("28P01"), "{e:?}");
+}

@@ -278,7 +278,13 @@ async fn a_promotion_that_does_not_descend_from_the_leader_is_not_followed() {
     create_app(&cluster, 0).await;
     cluster.wait_replayed(1).await;
     cluster.wait_replayed(2).await;
-    let p = start_proxy(&cluster, "tx", "server_connect_timeout = \"1s\"", None).await;
+    let p = start_proxy(
+        &cluster,
+        "tx",
+        "server_connect_timeout = \"1s\"\nadmin_users = [\"app\"]",
+        None,
+    )
+    .await;
     let leader = |p: &Proxied| {
         p.shared
             .topology
@@ -345,6 +351,24 @@ async fn a_promotion_that_does_not_descend_from_the_leader_is_not_followed() {
         .map(|d| d.message().to_string())
         .unwrap_or_default();
     assert!(text.contains("does not descend from n2"), "{text}");
+    // `pgwarden status` shows it too: it asks the proxy (SHOW LEADER).
+    let status_config = common::proxy_config(&cluster, "admin_users = [\"app\"]").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", p.addr),
+    );
+    let status_config =
+        pgwarden_config::Config::from_toml(&status_config, std::path::Path::new("/"))
+            .expect("config");
+    let status = pgwarden_cluster::check(&status_config).await;
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains("writes are refused") && w.contains("does not descend from n2")),
+        "{:?}",
+        status.warnings
+    );
+    assert_eq!(status.exit_code(), 1);
     let n3 = cluster.client_db(2, "app").await;
     assert!(
         n3.query("SELECT 1 FROM on_n2", &[]).await.is_err(),
@@ -424,4 +448,84 @@ async fn a_stale_view_refuses_writes_and_cuts_held_connections() {
     raw.flush().await;
     let (_, msgs) = raw.until_ready().await;
     assert_eq!(error_code(&msgs), None);
+}
+
+/// Every process of node `i` (its postmaster, read from `postmaster.pid`, and the postmaster's
+/// children), stopped with SIGSTOP until dropped: a frozen machine, as far as PostgreSQL goes.
+struct Frozen(Vec<nix::unistd::Pid>);
+
+impl Frozen {
+    fn node(cluster: &Cluster, i: usize) -> Frozen {
+        use nix::sys::signal::{kill, Signal};
+        let pid_file = cluster.node(i).data_dir.join("postmaster.pid");
+        let text = std::fs::read_to_string(pid_file).expect("postmaster.pid");
+        let pm: i32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("pid");
+        let children =
+            std::fs::read_to_string(format!("/proc/{pm}/task/{pm}/children")).unwrap_or_default();
+        let mut pids: Vec<nix::unistd::Pid> = vec![nix::unistd::Pid::from_raw(pm)];
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(nix::unistd::Pid::from_raw),
+        );
+        for p in &pids {
+            kill(*p, Signal::SIGSTOP).expect("SIGSTOP");
+        }
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+/// A frozen primary (no failover): the monitor stops hearing from it within its timeout, and
+/// clients holding a connection to it get an error instead of hanging for as long as it is frozen.
+#[tokio::test]
+async fn a_frozen_primary_does_not_make_clients_hang() {
+    let cluster = Cluster::builder()
+        .monitor("interval", "\"200ms\"")
+        .monitor("timeout", "\"500ms\"")
+        .build()
+        .await;
+    create_app(&cluster, 0).await;
+    let p = start_proxy(
+        &cluster,
+        "session",
+        "pool_mode = \"session\"\nserver_connect_timeout = \"500ms\"",
+        None,
+    )
+    .await;
+    let c = p.app().await;
+    c.batch_execute("SELECT 1").await.expect("served");
+    let frozen = Frozen::node(&cluster, 0);
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(20), c.batch_execute("SELECT 1")).await;
+    let e = r
+        .expect("no hang while the primary is frozen")
+        .expect_err("cut");
+    assert!(is_cut(&e), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    drop(frozen);
+    eventually(Duration::from_secs(10), "served again once thawed", || {
+        let addr = p.addr;
+        async move {
+            let c = common::connect_app(addr).await.ok()?;
+            c.batch_execute("SELECT 1").await.ok()
+        }
+    })
+    .await;
 }

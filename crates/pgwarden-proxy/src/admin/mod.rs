@@ -1,7 +1,7 @@
 //! The admin console: a client of an `admin_users` user on the database `pgwarden` talks to the
 //! proxy itself, with simple queries:
 //!
-//! `SHOW HELP | POOLS | CLIENTS | SERVERS | STATS | NODES | CONFIG | VERSION`, `RELOAD`,
+//! `SHOW HELP | POOLS | CLIENTS | SERVERS | STATS | NODES | LEADER | CONFIG | VERSION`, `RELOAD`,
 //! `PAUSE [db]`, `RESUME [db]`, `KILL db`, `SHUTDOWN`.
 //!
 //! Columns follow PgBouncer's where a column means the same thing. `SET` is accepted and

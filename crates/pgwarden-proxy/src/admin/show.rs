@@ -62,6 +62,7 @@ pub fn show(what: &str, shared: &Shared) -> Option<Reply> {
         "servers" => servers(shared),
         "stats" => stats(shared),
         "nodes" => nodes(shared),
+        "leader" => leader(shared),
         "config" => config(&shared.config()),
         "version" => {
             let mut t = Table::new(&[("version", TEXT)]);
@@ -78,7 +79,7 @@ fn help() -> Reply {
         tag: "SHOW",
         notices: vec![[
             "Console usage",
-            "\tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|NODES|CONFIG|VERSION",
+            "\tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|NODES|LEADER|CONFIG|VERSION",
             "\tRELOAD",
             "\tPAUSE [<db>]",
             "\tRESUME [<db>]",
@@ -356,6 +357,35 @@ fn nodes(shared: &Shared) -> Table {
     t
 }
 
+/// Where writes go now, and why nowhere when they go nowhere: one row, then a row per primary
+/// that is not followed (`pgwarden status` reads it).
+fn leader(shared: &Shared) -> Table {
+    let mut t = Table::new(&[
+        ("leader", TEXT),
+        ("epoch", INT8),
+        ("view_age_ms", INT8),
+        ("writes", TEXT),
+        ("reason", TEXT),
+    ]);
+    let routing = shared.topology.routing();
+    let view = shared.topology.view();
+    let (writes, reason) = match crate::router::route(&routing, crate::router::Request::WRITE) {
+        crate::router::Route::Node(..) => ("routed", None),
+        crate::router::Route::Unavailable(why) => ("refused", Some(why.to_string())),
+    };
+    t.push(vec![
+        routing.view.leader.as_ref().map(|l| l.to_string()),
+        s(routing.view.epoch),
+        s(view.checked_at.elapsed().as_millis()),
+        s(writes),
+        reason,
+    ]);
+    for why in &view.refused {
+        t.push(vec![None, None, None, s("not followed"), s(why)]);
+    }
+    t
+}
+
 fn config(c: &Config) -> Table {
     let mut t = Table::new(&[("key", TEXT), ("value", TEXT), ("changeable", TEXT)]);
     let p = &c.proxy;
@@ -367,6 +397,12 @@ fn config(c: &Config) -> Table {
         ("default_pool_size", p.default_pool_size.to_string(), true),
         ("min_pool_size", p.min_pool_size.to_string(), true),
         ("max_client_conn", p.max_client_conn.to_string(), true),
+        (
+            "max_pending_logins",
+            p.max_pending_logins.to_string(),
+            false,
+        ),
+        ("login_timeout", d(p.login_timeout), true),
         ("server_connect_timeout", d(p.server_connect_timeout), true),
         ("query_wait_timeout", d(p.query_wait_timeout), true),
         ("server_idle_timeout", d(p.server_idle_timeout), true),
@@ -374,6 +410,11 @@ fn config(c: &Config) -> Table {
         (
             "idle_transaction_timeout",
             p.idle_transaction_timeout.map_or("0s".into(), d),
+            true,
+        ),
+        (
+            "query_timeout",
+            p.query_timeout.map_or("0s".into(), d),
             true,
         ),
         ("shutdown_timeout", d(p.shutdown_timeout), true),
@@ -393,6 +434,7 @@ fn config(c: &Config) -> Table {
             format!("{:?}", p.auth.method).to_lowercase(),
             true,
         ),
+        ("auth.rules", p.auth.rules.len().to_string(), true),
         (
             "users",
             c.users

@@ -16,6 +16,8 @@ pub struct Outcome {
     pub reported: Vec<(String, String)>,
     /// The first error, if any.
     pub error: Option<(SqlState, String)>,
+    /// NoticeResponse frames, whole.
+    pub notices: Vec<bytes::Bytes>,
 }
 
 /// Runs `sql` and reads up to its ReadyForQuery within `timeout`. Rows are discarded. On an I/O
@@ -52,6 +54,10 @@ async fn run(conn: &mut ServerConn, sql: &str) -> Result<Outcome, ProxyError> {
     loop {
         let frame = conn.framed.read_frame(MAX_MESSAGE).await?;
         let (tag, body) = split(&frame);
+        if tag == b'N' {
+            out.notices.push(bytes::Bytes::copy_from_slice(&frame[..]));
+            continue;
+        }
         if !matches!(tag, b'S' | b'E' | b'Z') {
             continue;
         }

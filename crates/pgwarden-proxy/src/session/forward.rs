@@ -16,7 +16,8 @@
 //!
 //! A session ends from outside through its kill signal: at shutdown a running transaction may
 //! finish first; `KILL` ends it at once. A client idle inside a transaction for longer than
-//! `idle_transaction_timeout` is ended and its server closed.
+//! `idle_transaction_timeout` is ended and its server closed; so is one whose query has gone
+//! unanswered for `query_timeout`.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,7 @@ pub struct Forwarder<'a> {
     /// This client's registry entry (state for `SHOW CLIENTS`, kill signal).
     pub me: &'a ClientInfo,
     pub idle_transaction_timeout: Option<Duration>,
+    pub query_timeout: Option<Duration>,
 }
 
 /// The client's state that outlives any one server connection.
@@ -64,6 +66,8 @@ struct Client {
     xact_started: Option<Instant>,
     /// When the last ReadyForQuery came (the server is given back at about that time).
     ready_at: Option<Instant>,
+    /// Bytes of a large server message still to pass straight on (see `stream_large`).
+    streaming: usize,
 }
 
 impl Client {
@@ -130,6 +134,7 @@ impl Forwarder<'_> {
             query_started: None,
             xact_started: None,
             ready_at: None,
+            streaming: 0,
         };
         let result = self.relay(&mut lease, &mut c).await;
         if let Some(l) = lease.take() {
@@ -248,11 +253,17 @@ impl Forwarder<'_> {
             if !self.client.flush_now()? {
                 self.client.flush_rest().await?;
             }
+            // A query the server has not answered gets a bound, if configured.
+            let query_deadline = match (self.query_timeout, c.query_started) {
+                (Some(t), Some(sent)) if !c.pipeline.settled() => sent.checked_add(t),
+                _ => None,
+            };
             // A client idle inside a transaction holds its server: that gets a bound.
             let idle_in_tx = match self.idle_transaction_timeout {
                 Some(t) if conn.status != TxStatus::Idle && c.pipeline.settled() => Some(t),
                 _ => None,
             };
+            let mut timed_out = false;
             tokio::select! {
                 biased;
                 g = &mut view_changed => view_changed.seen(g),
@@ -262,6 +273,22 @@ impl Forwarder<'_> {
                 _ = sleep_or_never(idle_in_tx) => {
                     return Err(ProxyError::IdleInTransaction(idle_in_tx.unwrap_or_default()));
                 }
+                _ = sleep_until_or_never(query_deadline) => timed_out = true,
+            }
+            if timed_out {
+                // The server may be gone or frozen: its query is cancelled (best effort, in the
+                // background) and the connection closed, never pooled.
+                let l = lease.take().expect("a server is attached here");
+                tracing::info!(session = me.id, node = %l.pool.key.node, "query_timeout: cancelling the query and closing its server connection");
+                let (target, key) = (l.conn.target.clone(), l.conn.key);
+                tokio::spawn(async move {
+                    crate::cancel::cancel_server(&target, key, RESET_TIMEOUT).await;
+                });
+                self.slot.set_server(None).await;
+                l.discard(&std::mem::take(&mut c.usage));
+                return Err(ProxyError::QueryTimedOut(
+                    self.query_timeout.unwrap_or_default(),
+                ));
             }
             // Fencing: checked after every wake-up, before anything the server said is passed
             // on (one atomic load while the view is unchanged).
@@ -280,8 +307,24 @@ impl Forwarder<'_> {
             // Server messages are handled where they lie in the read buffer (taken out of the
             // connection meanwhile).
             let mut rbuf = std::mem::take(&mut conn.framed.rbuf);
+            // The rest of a large message being streamed goes on as it comes.
+            if c.streaming > 0 {
+                let k = c.streaming.min(rbuf.len());
+                self.client.wbuf.extend_from_slice(&rbuf[..k]);
+                c.usage.bytes_sent += k as u64;
+                c.streaming -= k;
+                if k == rbuf.len() {
+                    rbuf.clear();
+                } else {
+                    rbuf.advance(k);
+                }
+            }
             // Answers that pass as they are (see `Pipeline::passing`) go in one copy.
-            let passing = c.pipeline.passing(&rbuf);
+            let passing = if c.streaming > 0 {
+                0
+            } else {
+                c.pipeline.passing(&rbuf)
+            };
             if passing > 0 {
                 self.client.wbuf.extend_from_slice(&rbuf[..passing]);
                 c.usage.bytes_sent += passing as u64;
@@ -294,6 +337,16 @@ impl Forwarder<'_> {
                         .receive(frame, conn, &mut cx, &mut self.client.wbuf)
                         .map(|()| false)
                 });
+            if received.is_ok() && c.streaming == 0 {
+                if let Some(rest) = stream_large(&rbuf, c.pipeline.forwards_front()) {
+                    // A large row or COPY chunk still arriving: passed on as it comes, not
+                    // buffered whole (a 100 MB value costs a read's worth of memory).
+                    self.client.wbuf.extend_from_slice(&rbuf);
+                    c.usage.bytes_sent += rbuf.len() as u64;
+                    c.streaming = rest;
+                    rbuf.clear();
+                }
+            }
             conn.framed.rbuf = rbuf;
             if let Err(e) = received {
                 // Whatever was passed on (e.g. the server's FATAL) reaches the client first.
@@ -315,6 +368,11 @@ impl Forwarder<'_> {
             }
             if !self.client.flush_now()? {
                 self.client.flush_rest().await?;
+            }
+            // Buffers grown by a large message are given back once empty.
+            self.client.shrink(LARGE_KEEP);
+            if let Some(l) = lease.as_mut() {
+                l.conn.framed.shrink(LARGE_KEEP);
             }
         }
     }
@@ -444,6 +502,29 @@ impl Forwarder<'_> {
             }
         }
         self.checkout.release(lease, &usage, Instant::now());
+    }
+}
+
+/// Messages larger than this that are still arriving are streamed (see [`stream_large`]).
+const STREAM_AT: usize = 64 * 1024;
+/// Buffer space a session keeps between messages; a large message's is given back.
+const LARGE_KEEP: usize = 256 * 1024;
+
+/// With the start of a large DataRow or server CopyData at the front of `buf` that the
+/// pipeline would only copy through (`forwarded`), the bytes of it not yet in `buf`.
+fn stream_large(buf: &[u8], forwarded: bool) -> Option<usize> {
+    if buf.len() < 5 || !matches!(buf[0], b'D' | b'd') || !forwarded {
+        return None;
+    }
+    let total = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+    (total > STREAM_AT && total > buf.len()).then(|| total - buf.len())
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -29,15 +29,22 @@ use crate::registry::NewClient;
 use crate::tls::ClientStream;
 use crate::Shared;
 
-/// How long a client has to get through startup and authentication.
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// The slot a connection holds until it is logged in (released when dropped).
+pub struct Pending {
+    /// Held, not read: dropping it frees the login slot.
+    #[allow(dead_code)]
+    pub slot: tokio::sync::OwnedSemaphorePermit,
+    /// Every login slot was busy: only the admin console may be reached.
+    pub admin_only: bool,
+}
+
+pub async fn run(socket: TcpStream, peer: SocketAddr, shared: Arc<Shared>, pending: Pending) {
     let _ = socket.set_nodelay(true);
     let local = socket.local_addr().ok();
     let mut client = Framed::new(ClientStream::Plain(socket), Side::Client);
-    if let Err(e) = session(&mut client, &shared, peer, local).await {
+    if let Err(e) = session(&mut client, &shared, peer, local, pending).await {
         if e.is_disconnect() {
             tracing::debug!(client_addr = %peer, error = %e, "client disconnected");
         } else if matches!(e, ProxyError::ServerFatal) {
@@ -61,8 +68,12 @@ async fn session(
     shared: &Arc<Shared>,
     peer: SocketAddr,
     local: Option<SocketAddr>,
+    pending: Pending,
 ) -> Result<(), ProxyError> {
-    let start = tokio::time::timeout(LOGIN_TIMEOUT, startup::read(client, shared.tls.as_ref()))
+    let config = shared.config();
+    // One bound for the whole login: startup, encryption, authentication.
+    let deadline = tokio::time::Instant::now() + config.proxy.login_timeout;
+    let start = tokio::time::timeout_at(deadline, startup::read(client, shared.tls.as_ref()))
         .await
         .map_err(|_| ProxyError::AuthTimeout)??;
     let start = match start {
@@ -73,10 +84,21 @@ async fn session(
         startup::Start::Session(s) => s,
     };
     let requested = params::requested(&start)?;
-    let config = shared.config();
     if config.proxy.client_tls.mode == TlsMode::Require && !client.io.is_tls() {
         return Err(ProxyError::TlsRequired);
     }
+    // The first `[[proxy.auth.rules]]` entry that matches decides, as pg_hba.conf does.
+    let Some(method) = config
+        .proxy
+        .auth
+        .method_for(&start.user, &start.database, peer.ip())
+    else {
+        return Err(ProxyError::Rejected {
+            user: start.user.clone(),
+            database: start.database.clone(),
+            addr: peer.ip(),
+        });
+    };
     let looked_up;
     let user = match config.users.iter().find(|u| u.name == start.user) {
         Some(u) => Some(u),
@@ -94,15 +116,9 @@ async fn session(
             looked_up.as_ref()
         }
     };
-    let credential = tokio::time::timeout(
-        LOGIN_TIMEOUT,
-        auth::authenticate(
-            client,
-            config.proxy.auth.method,
-            &start.user,
-            user,
-            &shared.verifiers,
-        ),
+    let credential = tokio::time::timeout_at(
+        deadline,
+        auth::authenticate(client, method, &start.user, user, &shared.verifiers),
     )
     .await
     .map_err(|_| ProxyError::AuthTimeout)??;
@@ -112,6 +128,22 @@ async fn session(
         .find(|(n, _)| n.eq_ignore_ascii_case("application_name"))
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    // Logged in: from now on the session counts toward max_client_conn (the console has its
+    // reserve beyond it), no longer as a pending login.
+    let admin = start.database == crate::ADMIN_DATABASE;
+    if !admin && pending.admin_only {
+        return Err(ProxyError::TooManyLogins(config.proxy.max_pending_logins));
+    }
+    let _slot = match shared.client_slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) if admin => shared
+            .admin_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::TooManyClients(config.proxy.max_client_conn))?,
+        Err(_) => return Err(ProxyError::TooManyClients(config.proxy.max_client_conn)),
+    };
+    drop(pending);
     let entry = shared.clients.register(NewClient {
         addr: peer,
         local,
@@ -128,6 +160,7 @@ async fn session(
         put_login_ok(
             client,
             &admin_params(),
+            &[],
             registration.pid,
             registration.secret,
         );
@@ -140,9 +173,15 @@ async fn session(
         &shared.topology,
         config.proxy.server_connect_timeout,
     );
-    let (shown, settings) = params::login(&mut checkout, &requested).await?;
+    let logged_in = params::login(&mut checkout, &requested).await?;
     let registration = shared.cancels.register();
-    put_login_ok(client, &shown, registration.pid, registration.secret);
+    put_login_ok(
+        client,
+        &logged_in.shown,
+        &logged_in.notices,
+        registration.pid,
+        registration.secret,
+    );
     client.flush().await?;
     forward::Forwarder {
         client,
@@ -152,18 +191,23 @@ async fn session(
         statement_capacity: config.proxy.max_prepared_statements as usize,
         me: &entry.info,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
+        query_timeout: config.proxy.query_timeout,
     }
-    .run(state::SessionState::new(settings))
+    .run(state::SessionState::new(logged_in.settings))
     .await
 }
 
 fn put_login_ok(
     client: &mut Framed<ClientStream>,
     params: &BTreeMap<String, String>,
+    notices: &[bytes::Bytes],
     pid: i32,
     secret: i32,
 ) {
     backend::put_auth_ok(&mut client.wbuf);
+    for n in notices {
+        client.wbuf.extend_from_slice(n);
+    }
     for (name, value) in params {
         backend::put_parameter_status(&mut client.wbuf, name, value);
     }

@@ -91,13 +91,23 @@ fn clean_application_name(v: &str) -> String {
     pgwarden_protocol::startup::clean_ascii(&v.as_bytes()[..v.len().min(63)])
 }
 
-/// What the client is shown at login and the settings its session starts with (lower-case name
-/// -> SQL). Checks pairs this pool has not seen on a server, and learns the pool's server
-/// parameters on its first login.
+/// What a client is told at login and starts with.
+pub struct LoggedIn {
+    /// ParameterStatus values shown.
+    pub shown: BTreeMap<String, String>,
+    /// The settings its session starts with (lower-case name -> SQL).
+    pub settings: BTreeMap<String, String>,
+    /// NoticeResponse frames its startup parameters produced on a server.
+    pub notices: Vec<bytes::Bytes>,
+}
+
+/// What the client is shown at login and the settings its session starts with. Checks pairs
+/// this pool has not seen on a server, and learns the pool's server parameters on its first
+/// login.
 pub async fn login(
     checkout: &mut Checkout<'_>,
     requested: &[(String, String)],
-) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), ProxyError> {
+) -> Result<LoggedIn, ProxyError> {
     let common = checkout.group.common.clone();
     let mut settings = BTreeMap::new();
     let mut unchecked = Vec::new();
@@ -122,6 +132,7 @@ pub async fn login(
             check(checkout, lease, &unchecked).await?
         }
     };
+    let mut notices = Vec::new();
     for (name, value) in requested {
         let lower = name.to_ascii_lowercase();
         if lower == "application_name" {
@@ -132,7 +143,10 @@ pub async fn login(
             continue;
         }
         match common.startup_checks.get(&(lower, value.clone())) {
-            Some(Ok(reported)) => shown.extend(reported),
+            Some(Ok(accepted)) => {
+                shown.extend(accepted.reported);
+                notices.extend(accepted.notices);
+            }
             Some(Err((code, message))) => return Err(ProxyError::ServerRefused { code, message }),
             // Not checked (no server was free, or the record is full): shown as given.
             None => {
@@ -140,7 +154,11 @@ pub async fn login(
             }
         }
     }
-    Ok((shown, settings))
+    Ok(LoggedIn {
+        shown,
+        settings,
+        notices,
+    })
 }
 
 /// Sets each pair on one server connection, recording the outcomes; returns the server's
@@ -165,7 +183,10 @@ async fn check(
         let checked = match outcome.error {
             None => {
                 lease.conn.applied.insert(pair.0.clone(), sql);
-                Ok(outcome.reported)
+                Ok(crate::pools::Accepted {
+                    reported: outcome.reported,
+                    notices: outcome.notices,
+                })
             }
             Some(e) => {
                 failure.get_or_insert_with(|| e.clone());

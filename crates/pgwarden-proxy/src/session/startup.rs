@@ -27,16 +27,28 @@ pub struct Startup {
     pub params: Vec<(String, String)>,
 }
 
+/// The request codes of SSLRequest and GSSENCRequest, as PostgreSQL names them in its error.
+const SSL_REQUEST: u32 = (1234 << 16) | 5679;
+const GSSENC_REQUEST: u32 = (1234 << 16) | 5680;
+
 /// Reads packets until a StartupMessage or CancelRequest. An SSLRequest is accepted ('S', then
 /// the TLS handshake) when `tls` is set, else declined ('N'); GSSENCRequest is always declined.
-/// A declined client goes on in plaintext or gives up.
+/// A declined client goes on in plaintext or gives up. As on PostgreSQL, each request may come
+/// once (a GSSENCRequest also not after TLS was set up); a repeated one is refused with 0A000.
 pub async fn read(
     client: &mut Framed<ClientStream>,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Start, ProxyError> {
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         let packet = client.read_startup().await?;
         match startup::parse(&packet).map_err(ProxyError::ClientProtocol)? {
+            StartupPacket::SslRequest if ssl_done => {
+                return Err(ProxyError::UnsupportedFrontendProtocol(SSL_REQUEST))
+            }
+            StartupPacket::GssEncRequest if gss_done => {
+                return Err(ProxyError::UnsupportedFrontendProtocol(GSSENC_REQUEST))
+            }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 if !client.rbuf.is_empty() {
                     // Data sent before our answer could be injected by a man in the middle.
@@ -47,8 +59,9 @@ pub async fn read(
                         },
                     ));
                 }
+                let ssl = p_is_ssl(&packet);
                 match (tls, &client.io) {
-                    (Some(acceptor), ClientStream::Plain(_)) if p_is_ssl(&packet) => {
+                    (Some(acceptor), ClientStream::Plain(_)) if ssl => {
                         client.wbuf.put_u8(b'S');
                         client.flush().await?;
                         client
@@ -56,10 +69,16 @@ pub async fn read(
                             .upgrade(acceptor)
                             .await
                             .map_err(ProxyError::ClientIo)?;
+                        (ssl_done, gss_done) = (true, true);
                     }
                     _ => {
                         client.wbuf.put_u8(b'N');
                         client.flush().await?;
+                        if ssl {
+                            ssl_done = true;
+                        } else {
+                            gss_done = true;
+                        }
                     }
                 }
             }

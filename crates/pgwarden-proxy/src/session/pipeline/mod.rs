@@ -150,6 +150,11 @@ fn client_protocol(e: pgwarden_protocol::ProtocolError) -> ProxyError {
 }
 
 impl Pipeline {
+    /// The message at the front is a client's, whose answers go to the client as they are.
+    pub fn forwards_front(&self) -> bool {
+        matches!(self.queue.front(), Some(Pending::Forward { .. }))
+    }
+
     /// Nothing in flight and no half-sent batch: the server can be given back.
     pub fn settled(&self) -> bool {
         self.queue.is_empty() && !self.in_batch
