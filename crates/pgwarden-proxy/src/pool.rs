@@ -194,14 +194,20 @@ impl Lease {
 
     /// [`Lease::release`] with the clock already read (at the server's last answer).
     pub fn release_at(self, fenced_out: bool, usage: &Usage, now: Instant) {
-        let pool = self.pool.clone();
-        pool.release_at(self, fenced_out, usage, now)
+        let Lease {
+            conn, permit, pool, ..
+        } = self;
+        pool.release_conn(conn, permit, fenced_out, usage, now)
     }
 
     /// Drops a connection whose state is unknown.
     pub fn discard(self, usage: &Usage) {
-        let pool = self.pool.clone();
-        pool.discard(self, usage)
+        let Lease {
+            conn, permit, pool, ..
+        } = self;
+        pool.record(usage);
+        tokio::spawn(server::close(conn));
+        pool.give_back(permit);
     }
 }
 
@@ -465,10 +471,14 @@ impl Pool {
     }
 
     /// Returns a connection; one that is not reusable (or fenced out) is closed.
-    fn release_at(&self, lease: Lease, fenced_out: bool, usage: &Usage, now: Instant) {
-        let Lease {
-            mut conn, permit, ..
-        } = lease;
+    fn release_conn(
+        &self,
+        mut conn: Box<ServerConn>,
+        permit: OwnedSemaphorePermit,
+        fenced_out: bool,
+        usage: &Usage,
+        now: Instant,
+    ) {
         self.record(usage);
         conn.last_used = now;
         conn.info.set_idle();
@@ -481,13 +491,6 @@ impl Pool {
         } else {
             tokio::spawn(server::close(conn));
         }
-        self.give_back(permit);
-    }
-
-    fn discard(&self, lease: Lease, usage: &Usage) {
-        let Lease { conn, permit, .. } = lease;
-        self.record(usage);
-        tokio::spawn(server::close(conn));
         self.give_back(permit);
     }
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::raw::{error_code, first_column, first_column_bytes};
-use common::setup;
+use common::{setup, APP_PASSWORD};
 use pgwarden_testkit::eventually;
 use tokio_postgres::Client;
 
@@ -397,5 +397,25 @@ async fn a_client_encoding_other_than_utf8_works_and_its_settings_pin() {
         let (_, value) = a.until_ready().await;
         assert_eq!(first_column(&pid), pinned, "round {round}: a moved");
         assert_eq!(first_column_bytes(&value), [Some(b"caf\xe9".to_vec())]);
+    }
+}
+
+/// A NOTICE PostgreSQL sends at login (an application_name it cuts) reaches the client through
+/// the proxy too, in both pool modes.
+#[tokio::test]
+async fn login_notices_reach_the_client_as_without_a_proxy() {
+    let long = "x".repeat(100);
+    for mode in ["transaction", "session"] {
+        let s = setup(0, &format!("pool_mode = \"{mode}\"")).await;
+        let direct = std::net::SocketAddr::from(([127, 0, 0, 1], s.cluster.port(0)));
+        let extra = [("application_name", long.as_str())];
+        let pg = common::raw::Raw::connect(direct, "app", APP_PASSWORD, "app", &extra).await;
+        let proxied = s.raw(&extra).await;
+        assert_eq!(pg.login_notices.len(), 1, "{:?}", pg.login_notices);
+        assert_eq!(proxied.login_notices, pg.login_notices, "{mode}");
+        assert_eq!(
+            proxied.param("application_name"),
+            pg.param("application_name")
+        );
     }
 }

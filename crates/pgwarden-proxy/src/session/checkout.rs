@@ -40,6 +40,7 @@ impl<'a> Checkout<'a> {
     }
 
     /// Takes the current routing if it changed (one atomic load when it did not).
+    #[inline]
     fn refresh(&mut self) {
         if self.topology.generation() != self.routing.generation {
             self.routing = self.topology.routing();
@@ -48,11 +49,13 @@ impl<'a> Checkout<'a> {
     }
 
     /// The generation the session last acted on.
+    #[inline]
     pub fn generation(&self) -> u64 {
         self.routing.generation
     }
 
     /// The pool and epoch for the next transaction.
+    #[inline]
     fn target(&mut self) -> Result<(&Arc<Pool>, Epoch), Unavailable> {
         self.refresh();
         if self.routed.is_none() {
@@ -74,6 +77,7 @@ impl<'a> Checkout<'a> {
     }
 
     /// A server at once, if the routed node's pool has one free and good (no future).
+    #[inline]
     pub fn now(&mut self) -> Option<Lease> {
         let (pool, epoch) = self.target().ok()?;
         pool.checkout_now(epoch)
@@ -151,6 +155,7 @@ impl<'a> Checkout<'a> {
     }
 
     /// Whether the server held may go on serving writes under the current routing.
+    #[inline]
     pub fn may_serve(&mut self, lease: &Lease) -> bool {
         self.refresh();
         if let Some((pool, epoch)) = &self.routed {

@@ -259,23 +259,34 @@ impl Forwarder<'_> {
                 _ => None,
             };
             // A client idle inside a transaction holds its server: that gets a bound.
+            // (Never both: one waits on the server, the other on the client.)
             let idle_in_tx = match self.idle_transaction_timeout {
                 Some(t) if conn.status != TxStatus::Idle && c.pipeline.settled() => Some(t),
                 _ => None,
             };
-            let mut timed_out = false;
+            let timer = match (query_deadline, idle_in_tx) {
+                (Some(at), _) => Some((at, Timer::Query)),
+                (None, Some(t)) => Some((Instant::now() + t, Timer::IdleInTransaction)),
+                (None, None) => None,
+            };
+            let mut fired = None;
+            // The view watch comes last: fencing does not depend on the order (the generation
+            // is checked below after every wake-up), and a wake-up for the server's answer
+            // then returns before polling it.
             tokio::select! {
                 biased;
-                g = &mut view_changed => view_changed.seen(g),
                 r = conn.framed.fill() => r?,
                 r = self.client.fill() => r?,
                 _ = &mut admin_kill => return Err(ProxyError::Killed),
-                _ = sleep_or_never(idle_in_tx) => {
-                    return Err(ProxyError::IdleInTransaction(idle_in_tx.unwrap_or_default()));
-                }
-                _ = sleep_until_or_never(query_deadline) => timed_out = true,
+                _ = sleep_until_or_never(timer.map(|(at, _)| at)) => fired = timer.map(|(_, t)| t),
+                g = &mut view_changed => view_changed.seen(g),
             }
-            if timed_out {
+            if fired == Some(Timer::IdleInTransaction) {
+                return Err(ProxyError::IdleInTransaction(
+                    idle_in_tx.unwrap_or_default(),
+                ));
+            }
+            if fired == Some(Timer::Query) {
                 // The server may be gone or frozen: its query is cancelled (best effort, in the
                 // background) and the connection closed, never pooled.
                 let l = lease.take().expect("a server is attached here");
@@ -337,7 +348,7 @@ impl Forwarder<'_> {
                         .receive(frame, conn, &mut cx, &mut self.client.wbuf)
                         .map(|()| false)
                 });
-            if received.is_ok() && c.streaming == 0 {
+            if !rbuf.is_empty() && c.streaming == 0 && received.is_ok() {
                 if let Some(rest) = stream_large(&rbuf, c.pipeline.forwards_front()) {
                     // A large row or COPY chunk still arriving: passed on as it comes, not
                     // buffered whole (a 100 MB value costs a read's worth of memory).
@@ -528,10 +539,11 @@ async fn sleep_until_or_never(at: Option<Instant>) {
     }
 }
 
-/// Sleeps for `d`, or forever without one.
-async fn sleep_or_never(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
+/// What bounds a wait of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// `query_timeout`: the server has not answered.
+    Query,
+    /// `idle_transaction_timeout`: the client sits inside a transaction.
+    IdleInTransaction,
 }

@@ -91,6 +91,26 @@ fn clean_application_name(v: &str) -> String {
     pgwarden_protocol::startup::clean_ascii(&v.as_bytes()[..v.len().min(63)])
 }
 
+/// The NOTICE PostgreSQL sends at login when it cuts an `application_name`.
+fn truncation_notice(v: &str) -> Option<bytes::Bytes> {
+    if v.len() <= 63 {
+        return None;
+    }
+    let whole = pgwarden_protocol::startup::clean_ascii(v.as_bytes());
+    let message = format!(
+        "identifier \"{whole}\" will be truncated to \"{}\"",
+        clean_application_name(v)
+    );
+    let mut out = bytes::BytesMut::new();
+    pgwarden_protocol::error_response::ErrorReport::new(
+        pgwarden_protocol::error_response::Severity::Notice,
+        pgwarden_protocol::SqlState::NAME_TOO_LONG,
+        &message,
+    )
+    .put_notice(&mut out);
+    Some(out.freeze())
+}
+
 /// What a client is told at login and starts with.
 pub struct LoggedIn {
     /// ParameterStatus values shown.
@@ -136,6 +156,7 @@ pub async fn login(
     for (name, value) in requested {
         let lower = name.to_ascii_lowercase();
         if lower == "application_name" {
+            notices.extend(truncation_notice(value));
             shown.insert(
                 "application_name".to_string(),
                 clean_application_name(value),

@@ -21,6 +21,8 @@ pub struct Raw {
     pub params: Vec<(String, String)>,
     /// BackendKeyData: (pid, secret).
     pub key: Option<(i32, i32)>,
+    /// The messages (`M` fields) of the NoticeResponses received during login.
+    pub login_notices: Vec<String>,
 }
 
 /// A server message: its type and body.
@@ -53,6 +55,7 @@ impl Raw {
             out: packet,
             params: Vec::new(),
             key: None,
+            login_notices: Vec::new(),
         };
         raw.flush().await;
         let mut scram: Option<ScramClient> = None;
@@ -81,6 +84,9 @@ impl Raw {
                 BackendMessage::BackendKeyData { pid, secret } => raw.key = Some((pid, secret)),
                 BackendMessage::ErrorResponse(e) => panic!("login failed: {:?}", e.message()),
                 BackendMessage::ReadyForQuery(_) => return raw,
+                BackendMessage::NoticeResponse(n) => raw
+                    .login_notices
+                    .push(n.message().unwrap_or_default().to_string()),
                 _ => {}
             }
         }
