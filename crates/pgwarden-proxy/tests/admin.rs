@@ -324,3 +324,38 @@ async fn reload_applies_a_valid_config_and_rejects_an_invalid_one() {
         c.batch_execute("COMMIT").await.expect("commit");
     }
 }
+
+/// A reload that changes settings needing a restart keeps their running values: SHOW CONFIG
+/// shows what runs, and the pool mode does not switch under the clients.
+#[tokio::test]
+async fn a_reload_keeps_settings_that_need_a_restart() {
+    let s = setup(0, ADMIN).await;
+    let console = admin(&s).await;
+    let config_value = |rows: &[Row], key: &str| {
+        rows.iter()
+            .find(|r| r.get("key").cloned().flatten().as_deref() == Some(key))
+            .and_then(|r| r.get("value").cloned().flatten())
+            .unwrap_or_else(|| panic!("no {key} in SHOW CONFIG"))
+    };
+    let before = rows(&console, "SHOW CONFIG").await;
+    let listen = config_value(&before, "listen");
+    let changed = proxy_config(
+        &s.cluster,
+        &format!("pool_mode = \"session\"\ndefault_pool_size = 7\n{ADMIN}"),
+    )
+    .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"");
+    std::fs::write(&s.config_path, changed).expect("write");
+    console.simple_query("RELOAD").await.expect("reload");
+    let after = rows(&console, "SHOW CONFIG").await;
+    assert_eq!(
+        config_value(&after, "listen"),
+        listen,
+        "listen still runs as before"
+    );
+    assert_eq!(config_value(&after, "pool_mode"), "transaction");
+    assert_eq!(config_value(&after, "default_pool_size"), "7", "applied");
+    let a = s.app().await;
+    a.batch_execute("SELECT 1").await.expect("served");
+    let pools = rows(&console, "SHOW POOLS").await;
+    assert_eq!(get(app_pool(&pools), "pool_mode"), "transaction");
+}
