@@ -9,6 +9,10 @@
 //! sees.
 
 use std::collections::HashMap;
+
+/// The hasher of the per-statement maps, looked up several times per transaction: seeded per
+/// process (keys may come from clients), several times cheaper than the default SipHash.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,7 +44,7 @@ impl Statement {
 /// The per-pool cache of statements by exact text.
 #[derive(Default)]
 pub struct StatementCache {
-    by_text: Mutex<HashMap<(Bytes, Bytes), Arc<Statement>>>,
+    by_text: Mutex<FastMap<(Bytes, Bytes), Arc<Statement>>>,
     next: AtomicU64,
 }
 
@@ -76,7 +80,7 @@ impl StatementCache {
 /// Which of our statements one server connection has, with recency for eviction.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    names: HashMap<String, u64>,
+    names: FastMap<String, u64>,
     tick: u64,
 }
 

@@ -128,7 +128,7 @@ impl Forwarder<'_> {
         let mut lease: Option<Lease> = None;
         let mut c = Client {
             pipeline: Pipeline::default(),
-            statements: ClientStatements::new(),
+            statements: ClientStatements::default(),
             session,
             usage: Usage::default(),
             query_started: None,

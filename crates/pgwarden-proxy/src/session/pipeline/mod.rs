@@ -17,7 +17,7 @@ mod express;
 mod stale;
 mod statements;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,11 +30,11 @@ use pgwarden_sql::{classify_query_bytes, Effect};
 use super::retry::Batches;
 use super::state::SessionState;
 use crate::error::ProxyError;
-use crate::prepared::{deallocate, Deallocate, Statement, StatementCache};
+use crate::prepared::{deallocate, Deallocate, FastMap, Statement, StatementCache};
 use crate::server::ServerConn;
 
 /// A client's own statement names.
-pub type ClientStatements = HashMap<String, Arc<Statement>>;
+pub type ClientStatements = FastMap<String, Arc<Statement>>;
 
 /// What to undo if a message never takes effect.
 #[derive(Debug)]
@@ -116,8 +116,8 @@ pub struct Pipeline {
     in_batch: bool,
     /// Session effects of the client's statements ("" = unnamed) and portals, for those that
     /// have one.
-    statement_effects: HashMap<String, Effect>,
-    portal_effects: HashMap<String, Effect>,
+    statement_effects: FastMap<String, Effect>,
+    portal_effects: FastMap<String, Effect>,
     /// Unanswered extended-protocol batches, for sending one again (transaction mode).
     batches: Batches,
     /// The query text last classified for session effects, and its effect.
