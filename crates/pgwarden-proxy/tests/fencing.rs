@@ -201,7 +201,9 @@ async fn a_promotion_cuts_held_connections_and_the_old_primary_takes_no_more_com
     })
     .await;
 
+    // pg_promote() returns once the promotion is done.
     cluster.execute(1, "SELECT pg_promote()").await;
+    let promoted = Instant::now();
     let leads_n2 = |p: &Proxied| {
         p.shared
             .topology
@@ -218,6 +220,12 @@ async fn a_promotion_cuts_held_connections_and_the_old_primary_takes_no_more_com
     })
     .await;
     let seen = Instant::now();
+    // The next monitor round sees it (interval 200 ms); bounded loosely for a loaded machine.
+    assert!(
+        seen - promoted < Duration::from_secs(2),
+        "followed after {:?}",
+        seen - promoted
+    );
 
     // Held connections to n1 were cut when the proxies saw the promotion.
     let e = port_of(&session).await.expect_err("session mode is cut");
