@@ -1,0 +1,389 @@
+//! The HA keys of one cluster under `/<namespace>/<cluster>/`, and the operations the agents
+//! use, for any [`Kv`].
+//!
+//! - `leader` — `{"node", "epoch"}`, bound to the leader's lease: it vanishes when the leader
+//!   stops renewing. Taken only by a transaction that finds it absent.
+//! - `epoch` — the last epoch granted, never deleted: every new leader gets one more, so an
+//!   epoch is never given twice even when the leader key expired in between.
+//! - `members/<node>` — each agent's published state, bound to its own lease.
+//! - `initialize` — the node that bootstrapped the cluster (the first to take it).
+
+use pgwarden_core::{Epoch, NodeId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
+use crate::DcsError;
+
+/// The holder of the leader key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    pub node: NodeId,
+    pub epoch: Epoch,
+    /// The key's modification revision: releasing compares against it.
+    pub revision: Revision,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LeaderValue {
+    node: String,
+    epoch: u64,
+}
+
+/// A member's published state, as the agents define it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member<T> {
+    pub node: NodeId,
+    pub state: T,
+}
+
+/// How many times a take retries when only the epoch counter moved under it.
+const TAKE_TRIES: usize = 3;
+
+pub struct ClusterStore<K> {
+    kv: K,
+    prefix: String,
+}
+
+impl<K: Kv> ClusterStore<K> {
+    pub fn new(kv: K, namespace: &str, cluster: &str) -> Self {
+        let namespace = namespace.trim_matches('/');
+        ClusterStore {
+            kv,
+            prefix: format!("/{namespace}/{cluster}/"),
+        }
+    }
+
+    pub fn kv(&self) -> &K {
+        &self.kv
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn parse<T: DeserializeOwned>(e: &Entry) -> Result<T, DcsError> {
+        serde_json::from_slice(&e.value).map_err(|source| DcsError::BadValue {
+            key: e.key.clone(),
+            source,
+        })
+    }
+
+    /// The current leader, if the key is held.
+    pub async fn leader(&self) -> Result<Option<Leader>, DcsError> {
+        let Some(e) = self.kv.get(&self.key("leader")).await? else {
+            return Ok(None);
+        };
+        let v: LeaderValue = Self::parse(&e)?;
+        Ok(Some(Leader {
+            node: NodeId::new(&v.node),
+            epoch: Epoch(v.epoch),
+            revision: e.mod_revision,
+        }))
+    }
+
+    /// Takes the leader key for `node`, bound to `lease`, if nobody holds it: the epoch is the
+    /// last one granted plus one. `None`: someone else holds it (or took it first).
+    pub async fn take_leader(
+        &self,
+        node: &NodeId,
+        lease: LeaseId,
+    ) -> Result<Option<Leader>, DcsError> {
+        let (leader_key, epoch_key) = (self.key("leader"), self.key("epoch"));
+        for _ in 0..TAKE_TRIES {
+            if self.kv.get(&leader_key).await?.is_some() {
+                return Ok(None);
+            }
+            let counter = self.kv.get(&epoch_key).await?;
+            let (last, counter_revision) = match &counter {
+                Some(e) => (Self::parse::<u64>(e)?, e.mod_revision),
+                None => (0, 0),
+            };
+            let epoch = last + 1;
+            let value = serde_json::to_vec(&LeaderValue {
+                node: node.to_string(),
+                epoch,
+            })
+            .expect("a leader value serialises");
+            let taken = self
+                .kv
+                .txn(
+                    vec![
+                        Compare {
+                            key: leader_key.clone(),
+                            mod_revision: 0,
+                        },
+                        Compare {
+                            key: epoch_key.clone(),
+                            mod_revision: counter_revision,
+                        },
+                    ],
+                    vec![
+                        Op::Put {
+                            key: epoch_key.clone(),
+                            value: epoch.to_string().into_bytes(),
+                            lease: None,
+                        },
+                        Op::Put {
+                            key: leader_key.clone(),
+                            value,
+                            lease: Some(lease),
+                        },
+                    ],
+                )
+                .await?;
+            if taken {
+                let held = self.leader().await?;
+                return Ok(held.filter(|l| &l.node == node && l.epoch == Epoch(epoch)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Gives the leader key up if `held` is still the holder; returns whether it was.
+    pub async fn release_leader(&self, held: &Leader) -> Result<bool, DcsError> {
+        let key = self.key("leader");
+        self.kv
+            .txn(
+                vec![Compare {
+                    key: key.clone(),
+                    mod_revision: held.revision,
+                }],
+                vec![Op::Delete { key }],
+            )
+            .await
+    }
+
+    /// Publishes `node`'s state, bound to its lease.
+    pub async fn put_member<T: Serialize>(
+        &self,
+        node: &NodeId,
+        state: &T,
+        lease: LeaseId,
+    ) -> Result<(), DcsError> {
+        let value = serde_json::to_vec(state).map_err(|source| DcsError::BadValue {
+            key: self.key(&format!("members/{node}")),
+            source,
+        })?;
+        self.kv
+            .txn(
+                vec![],
+                vec![Op::Put {
+                    key: self.key(&format!("members/{node}")),
+                    value,
+                    lease: Some(lease),
+                }],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Every member that has published and whose lease lives, in name order.
+    pub async fn members<T: DeserializeOwned>(&self) -> Result<Vec<Member<T>>, DcsError> {
+        let prefix = self.key("members/");
+        self.kv
+            .list(&prefix)
+            .await?
+            .iter()
+            .map(|e| {
+                Ok(Member {
+                    node: NodeId::new(&e.key[prefix.len()..]),
+                    state: Self::parse(e)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records `node` as the one that bootstraps the cluster, if nobody has; returns whether
+    /// `node` is it (also when it had already taken the key).
+    pub async fn initialize(&self, node: &NodeId) -> Result<bool, DcsError> {
+        let key = self.key("initialize");
+        let value = serde_json::to_vec(node.as_str()).expect("a name serialises");
+        self.kv
+            .txn(
+                vec![Compare {
+                    key: key.clone(),
+                    mod_revision: 0,
+                }],
+                vec![Op::Put {
+                    key,
+                    value,
+                    lease: None,
+                }],
+            )
+            .await?;
+        Ok(self.initialized_by().await?.as_ref() == Some(node))
+    }
+
+    /// The node that took `initialize`, if any.
+    pub async fn initialized_by(&self) -> Result<Option<NodeId>, DcsError> {
+        match self.kv.get(&self.key("initialize")).await? {
+            Some(e) => Ok(Some(NodeId::new(&Self::parse::<String>(&e)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Changes anywhere in this cluster's keys (including expiries).
+    pub async fn watch(&self) -> Result<watch::Receiver<Revision>, DcsError> {
+        self.kv.watch(&self.prefix).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryKv;
+    use std::time::Duration;
+
+    fn store() -> ClusterStore<MemoryKv> {
+        ClusterStore::new(MemoryKv::new(), "pgwarden", "main")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_leader_at_a_time_with_an_epoch_never_given_twice() {
+        let s = store();
+        let (n1, n2) = (NodeId::new("n1"), NodeId::new("n2"));
+        let l1 = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+        let l2 = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+        let first = s
+            .take_leader(&n1, l1)
+            .await
+            .expect("take")
+            .expect("n1 leads");
+        assert_eq!(first.epoch, Epoch(1));
+        assert_eq!(s.take_leader(&n2, l2).await.expect("take"), None, "held");
+        assert_eq!(s.leader().await.expect("leader").as_ref(), Some(&first));
+        // Released: the next leader gets epoch 2.
+        assert!(s.release_leader(&first).await.expect("release"));
+        assert!(
+            !s.release_leader(&first).await.expect("release"),
+            "not twice"
+        );
+        let second = s
+            .take_leader(&n2, l2)
+            .await
+            .expect("take")
+            .expect("n2 leads");
+        assert_eq!(second.epoch, Epoch(2));
+        // A stale holder cannot release the new leader's key.
+        assert!(!s.release_leader(&first).await.expect("release"));
+        // Expired (n2 stops renewing): the key goes, the epoch stays counted.
+        s.kv().keep_alive(l1).await.expect("n1 alive");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(s.leader().await.expect("leader"), None);
+        let l1b = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+        let third = s
+            .take_leader(&n1, l1b)
+            .await
+            .expect("take")
+            .expect("n1 again");
+        assert_eq!(third.epoch, Epoch(3));
+    }
+
+    /// A store that yields before every call, so concurrent takers interleave between their
+    /// read and their transaction (the in-process store alone never yields).
+    struct Yielding(MemoryKv);
+
+    impl Kv for Yielding {
+        async fn get(&self, key: &str) -> Result<Option<Entry>, DcsError> {
+            tokio::task::yield_now().await;
+            self.0.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<Entry>, DcsError> {
+            tokio::task::yield_now().await;
+            self.0.list(prefix).await
+        }
+        async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, DcsError> {
+            tokio::task::yield_now().await;
+            self.0.txn(compares, ops).await
+        }
+        async fn grant(&self, ttl: Duration) -> Result<LeaseId, DcsError> {
+            self.0.grant(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<(), DcsError> {
+            self.0.keep_alive(lease).await
+        }
+        async fn revoke(&self, lease: LeaseId) -> Result<(), DcsError> {
+            self.0.revoke(lease).await
+        }
+        async fn watch(&self, prefix: &str) -> Result<watch::Receiver<Revision>, DcsError> {
+            self.0.watch(prefix).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn racing_takes_elect_exactly_one() {
+        let s = std::sync::Arc::new(ClusterStore::new(
+            Yielding(MemoryKv::new()),
+            "pgwarden",
+            "main",
+        ));
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let node = NodeId::new(&format!("n{i}"));
+                let lease = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+                s.take_leader(&node, lease).await.expect("take")
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            if let Some(l) = t.await.expect("task") {
+                winners.push(l);
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        assert_eq!(winners[0].epoch, Epoch(1));
+        // Written once: the losers' transactions found the key taken (not last-writer-wins).
+        let key = s.kv().get("/pgwarden/main/leader").await.expect("get").expect("held");
+        assert_eq!(key.create_revision, key.mod_revision, "the leader key was overwritten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn members_live_with_their_lease_and_initialize_is_taken_once() {
+        let s = store();
+        let (n1, n2) = (NodeId::new("n1"), NodeId::new("n2"));
+        let l1 = s.kv().grant(Duration::from_secs(5)).await.expect("lease");
+        let l2 = s.kv().grant(Duration::from_secs(30)).await.expect("lease");
+        s.put_member(&n1, &serde_json::json!({"role": "primary"}), l1)
+            .await
+            .expect("put");
+        s.put_member(&n2, &serde_json::json!({"role": "replica"}), l2)
+            .await
+            .expect("put");
+        let all: Vec<Member<serde_json::Value>> = s.members().await.expect("members");
+        assert_eq!(
+            all.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(),
+            ["n1", "n2"]
+        );
+        assert_eq!(all[1].state["role"], "replica");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let all: Vec<Member<serde_json::Value>> = s.members().await.expect("members");
+        assert_eq!(all.len(), 1, "n1's lease expired");
+        assert!(s.initialize(&n2).await.expect("init"));
+        assert!(!s.initialize(&n1).await.expect("init"), "n2 took it");
+        assert!(s.initialize(&n2).await.expect("init"), "still n2's");
+        assert_eq!(s.initialized_by().await.expect("by"), Some(n2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_value_is_an_error_with_its_key() {
+        let s = store();
+        s.kv()
+            .txn(
+                vec![],
+                vec![Op::Put {
+                    key: "/pgwarden/main/leader".into(),
+                    value: b"not json".to_vec(),
+                    lease: None,
+                }],
+            )
+            .await
+            .expect("txn");
+        let e = s.leader().await.expect_err("bad value");
+        assert!(e.to_string().contains("/pgwarden/main/leader"), "{e}");
+        assert!(!e.is_retryable());
+    }
+}

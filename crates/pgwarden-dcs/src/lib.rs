@@ -1,0 +1,22 @@
+//! The consensus store the HA agents agree through: a small key-value trait with etcd's
+//! semantics, its implementations, and the cluster's keys on top of it.
+//!
+//! Owns: [`Kv`] — revisions, leases with a TTL, multi-key compare-and-swap transactions,
+//! watches — and [`ClusterStore`], the HA keys (the leader key bound to a lease with a
+//! monotonic epoch, member keys, `initialize`). Must not know PostgreSQL.
+//!
+//! # Layout
+//! - [`kv`] — the [`Kv`] trait and its types.
+//! - [`memory`] — [`memory::MemoryKv`], valid only when every agent lives in one process (the
+//!   demo): no consensus over the network is made here.
+//! - [`cluster`] — [`ClusterStore`]: the keys and operations the agents use.
+//! - [`error`] — [`DcsError`].
+
+pub mod cluster;
+pub mod error;
+pub mod kv;
+pub mod memory;
+
+pub use cluster::{ClusterStore, Leader, Member};
+pub use error::DcsError;
+pub use kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
