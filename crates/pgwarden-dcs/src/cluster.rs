@@ -337,8 +337,16 @@ mod tests {
         assert_eq!(winners.len(), 1, "{winners:?}");
         assert_eq!(winners[0].epoch, Epoch(1));
         // Written once: the losers' transactions found the key taken (not last-writer-wins).
-        let key = s.kv().get("/pgwarden/main/leader").await.expect("get").expect("held");
-        assert_eq!(key.create_revision, key.mod_revision, "the leader key was overwritten");
+        let key = s
+            .kv()
+            .get("/pgwarden/main/leader")
+            .await
+            .expect("get")
+            .expect("held");
+        assert_eq!(
+            key.create_revision, key.mod_revision,
+            "the leader key was overwritten"
+        );
     }
 
     #[tokio::test(start_paused = true)]

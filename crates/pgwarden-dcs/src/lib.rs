@@ -9,11 +9,13 @@
 //! - [`kv`] — the [`Kv`] trait and its types.
 //! - [`memory`] — [`memory::MemoryKv`], valid only when every agent lives in one process (the
 //!   demo): no consensus over the network is made here.
+//! - [`etcd`] — [`etcd::EtcdKv`], the etcd v3 store, every call bounded by a timeout.
 //! - [`cluster`] — [`ClusterStore`]: the keys and operations the agents use.
 //! - [`error`] — [`DcsError`].
 
 pub mod cluster;
 pub mod error;
+pub mod etcd;
 pub mod kv;
 pub mod memory;
 

@@ -18,10 +18,12 @@
 //! # Layout
 //! - [`cluster`] — [`Cluster`], [`ClusterBuilder`] and the per-node helpers.
 //! - [`template`] — the shared initdb template.
+//! - [`etcd`] — [`etcd::Etcd`], a real etcd on free ports.
 //! - [`ports`] — free TCP ports.
 //! - [`wait`] — [`eventually`], the bounded retry every test uses instead of sleeping.
 
 pub mod cluster;
+pub mod etcd;
 pub mod ports;
 pub mod template;
 pub mod wait;
