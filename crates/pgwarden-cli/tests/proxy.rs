@@ -102,8 +102,9 @@ async fn pool_size(console: &Client) -> String {
         .expect("default_pool_size row")
 }
 
-#[tokio::test]
-async fn sighup_reloads_and_sigterm_lets_the_running_transaction_finish() {
+/// A cluster with role and database `app`, and a `pgwarden proxy` process in front of it with
+/// `proxy_toml` in its `[proxy]` section, listening. Returns the config file and the port too.
+async fn cluster_and_proxy(proxy_toml: &str) -> (Cluster, std::path::PathBuf, u16, Proc) {
     let cluster = Cluster::builder().build().await;
     cluster
         .execute(0, &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'"))
@@ -111,9 +112,15 @@ async fn sighup_reloads_and_sigterm_lets_the_running_transaction_finish() {
     cluster.execute(0, "CREATE DATABASE app OWNER app").await;
     let port = free_ports(1)[0];
     let path = cluster.dir().join("proxy.toml");
-    std::fs::write(&path, config(&cluster, port, "default_pool_size = 5")).expect("write");
+    std::fs::write(&path, config(&cluster, port, proxy_toml)).expect("write");
     let proxy = start(&path);
     proxy.wait_log("proxy listening");
+    (cluster, path, port, proxy)
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_sigterm_lets_the_running_transaction_finish() {
+    let (cluster, path, port, proxy) = cluster_and_proxy("default_pool_size = 5").await;
     let console = connect(port, "pgwarden").await.expect("admin console");
     let app = connect(port, "app").await.expect("app");
     app.batch_execute("CREATE TABLE t (x int)")
@@ -184,16 +191,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 /// grew are given back: eight concurrent 100 MB rows leave the proxy near its idle size.
 #[tokio::test]
 async fn large_results_are_streamed_and_their_buffers_given_back() {
-    let cluster = Cluster::builder().build().await;
-    cluster
-        .execute(0, &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'"))
-        .await;
-    cluster.execute(0, "CREATE DATABASE app OWNER app").await;
-    let port = free_ports(1)[0];
-    let path = cluster.dir().join("proxy.toml");
-    std::fs::write(&path, config(&cluster, port, "default_pool_size = 8")).expect("write");
-    let proxy = start(&path);
-    proxy.wait_log("proxy listening");
+    let (_cluster, _path, port, proxy) = cluster_and_proxy("default_pool_size = 8").await;
     let mut clients = Vec::new();
     for _ in 0..8 {
         let c = connect(port, "app").await.expect("app");

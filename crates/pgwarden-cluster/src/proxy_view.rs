@@ -44,7 +44,10 @@ pub async fn ask(config: &Config, timeout: Duration) -> Option<ProxyLeader> {
         .iter()
         .find_map(|a| config.users.iter().find(|u| &u.name == a))?;
     let password = admin.password.expose();
-    if password.starts_with("SCRAM-SHA-256$") || md5_like(password) {
+    // A stored verifier or hash cannot log in anywhere.
+    if pgwarden_protocol::scram::Verifier::parse(password).is_some()
+        || pgwarden_protocol::md5::is_stored(password)
+    {
         return None;
     }
     let listen = config.proxy.listen;
@@ -69,11 +72,6 @@ pub async fn ask(config: &Config, timeout: Duration) -> Option<ProxyLeader> {
         parse(&rows?)
     };
     tokio::time::timeout(timeout, asked).await.ok().flatten()
-}
-
-/// An md5 hash (`md5` and 32 hex digits) cannot log in anywhere.
-fn md5_like(p: &str) -> bool {
-    p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn parse(messages: &[SimpleQueryMessage]) -> Option<ProxyLeader> {
