@@ -26,7 +26,7 @@ use bytes::Buf;
 use pgwarden_config::PoolMode;
 use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::ErrorReport;
-use pgwarden_protocol::frame::{message_len, MAX_MESSAGE};
+use pgwarden_protocol::frame::{self, message_len, MAX_MESSAGE};
 
 use super::checkout::{fenced, Checkout};
 use super::pipeline::{ClientStatements, Context, Pipeline};
@@ -295,8 +295,7 @@ impl Forwarder<'_> {
                 tokio::spawn(async move {
                     crate::cancel::cancel_server(&target, key, RESET_TIMEOUT).await;
                 });
-                self.slot.set_server(None).await;
-                l.discard(&std::mem::take(&mut c.usage));
+                self.drop_server(l, c).await;
                 return Err(ProxyError::QueryTimedOut(
                     self.query_timeout.unwrap_or_default(),
                 ));
@@ -309,8 +308,7 @@ impl Forwarder<'_> {
                     let l = lease.take().expect("a server is attached here");
                     let e = fenced(&l);
                     tracing::info!(node = %l.pool.key.node, epoch = %l.conn.epoch, session = me.id, "the node no longer leads: cutting the session's server connection");
-                    self.slot.set_server(None).await;
-                    l.discard(&std::mem::take(&mut c.usage));
+                    self.drop_server(l, c).await;
                     return Err(e);
                 }
             }
@@ -478,6 +476,13 @@ impl Forwarder<'_> {
         }
     }
 
+    /// Closes a server in the middle of its use (fenced out, timed out): cancels stop going to
+    /// it, and it is never pooled.
+    async fn drop_server(&mut self, lease: Lease, c: &mut Client) {
+        self.slot.set_server(None).await;
+        lease.discard(&std::mem::take(&mut c.usage));
+    }
+
     /// Gives the server back between transactions (its cancel slot already cleared).
     fn back_to_pool(&mut self, lease: Lease, c: &mut Client) {
         self.me.set_idle();
@@ -524,11 +529,11 @@ const LARGE_KEEP: usize = 256 * 1024;
 /// With the start of a large DataRow or server CopyData at the front of `buf` that the
 /// pipeline would only copy through (`forwarded`), the bytes of it not yet in `buf`.
 fn stream_large(buf: &[u8], forwarded: bool) -> Option<usize> {
-    if buf.len() < 5 || !matches!(buf[0], b'D' | b'd') || !forwarded {
+    if !forwarded || !matches!(buf.first(), Some(b'D' | b'd')) {
         return None;
     }
-    let total = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
-    (total > STREAM_AT && total > buf.len()).then(|| total - buf.len())
+    let rest = frame::missing(buf)?;
+    (rest > 0 && rest + buf.len() > STREAM_AT).then_some(rest)
 }
 
 /// Sleeps until `at`, or forever without one.
