@@ -1,0 +1,860 @@
+//! The agent's decision: a pure function from what one agent observed (its own PostgreSQL, its
+//! lease, the store, the other members) to what it does next, or why it does nothing.
+//!
+//! The driver observes, calls [`decide`], carries the actions out and observes again, at once
+//! when it acted and otherwise after `loop_wait` or the next event (a store change, the
+//! postmaster's exit). A step that takes several actions across ticks (bootstrap, failover,
+//! rejoin) is therefore a sequence of decisions, each from a fresh observation, so a lost race
+//! or a failed step is seen and undone by the next one.
+//!
+//! Safety rules, in the order they are checked:
+//! 1. **Fence first.** A node whose PostgreSQL is (or is becoming) a writable primary stops it at
+//!    once when it no longer knows itself the leader: another node holds the key, or its own
+//!    lease has not been renewed for `ttl - fence_margin` by its own monotonic clock (so it
+//!    stops before the store could grant the key to anyone else).
+//! 2. **Start writable only under the lease.** `StartPrimary` and `Promote` are only decided for
+//!    the holder of the leader key.
+//! 3. **Elect by the rules of [`crate::candidates`]**, with positions the candidate asked its
+//!    peers for directly.
+
+use std::fmt;
+use std::time::Duration;
+
+use pgwarden_core::{format_duration, Epoch, Lsn, NodeId};
+
+use crate::candidates::{self, Candidate, Excluded, Ranking};
+
+/// Monotonic time since an arbitrary origin (the agent's start).
+pub type Tick = Duration;
+
+/// `synchronous_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    #[default]
+    Off,
+    /// Synchronous standbys from the healthy members; none left → writes go on asynchronously.
+    On,
+    /// As `on`, but never fewer synchronous standbys than asked: writes wait instead.
+    Strict,
+}
+
+/// `rejoin`: what an old primary does when another node leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rejoin {
+    /// `pg_rewind` from the leader; if that fails, clone again.
+    #[default]
+    Rewind,
+    /// Clone again (a new base backup).
+    Clone,
+    /// Wait for a person.
+    Manual,
+}
+
+/// `on_postgres_crash`: what the leader does when its PostgreSQL exits unasked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnCrash {
+    /// Restart in place as primary on the same timeline within `primary_restart_timeout`.
+    #[default]
+    Restart,
+    /// Release the lease at once so a replica takes over.
+    Failover,
+}
+
+/// The rules an agent decides by (from `[agent]` and the cluster's settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub ttl: Duration,
+    pub loop_wait: Duration,
+    /// Fence this long before the lease could expire.
+    pub fence_margin: Duration,
+    pub primary_restart_timeout: Duration,
+    pub on_crash: OnCrash,
+    pub maximum_lag_on_failover: Option<u64>,
+    pub synchronous_mode: SyncMode,
+    pub rejoin: Rejoin,
+    /// A standby that has not streamed from the leader for this long, on an older timeline,
+    /// has diverged and rejoins (rewinds) as an old primary would.
+    pub diverged_after: Duration,
+}
+
+/// This node's PostgreSQL as the driver found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pg {
+    /// No data directory (or an empty one).
+    Missing,
+    /// A data directory and no server running. `standby`: it has `standby.signal`.
+    Stopped {
+        standby: bool,
+    },
+    /// Spawned, not accepting connections yet.
+    Starting {
+        as_primary: bool,
+    },
+    Running(Running),
+}
+
+/// A running server's own answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// `pg_is_in_recovery()` is false.
+    pub primary: bool,
+    pub timeline: u32,
+    /// Primary: its current WAL position. Standby: the WAL it received (flushed).
+    pub lsn: Lsn,
+    /// Standby: the node its `primary_conninfo` names, if one of the members.
+    pub upstream: Option<NodeId>,
+    /// Standby: since when its WAL receiver has not been streaming (`None`: it streams).
+    pub not_streaming_since: Option<Tick>,
+}
+
+/// The leader key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub node: NodeId,
+    pub epoch: Epoch,
+    /// Bound to this agent's current lease (false for a key left by an earlier run of it).
+    pub ours: bool,
+}
+
+/// What the store said in this round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    pub leader: Option<LeaderKey>,
+    /// The last epoch ever granted (`None`: the cluster never had a leader).
+    pub last_epoch: Option<Epoch>,
+    pub initialized_by: Option<NodeId>,
+    /// The last position the leader recorded, and who it was.
+    pub last_leader: Option<(NodeId, Lsn)>,
+    /// The leader's timeline, from its published state.
+    pub leader_timeline: Option<u32>,
+    /// Synchronous mode: the members that may be promoted.
+    pub synchronous_set: Option<Vec<NodeId>>,
+}
+
+/// Everything one decision is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub node: NodeId,
+    pub now: Tick,
+    pub pg: Pg,
+    /// Since when this node's PostgreSQL has not been running (`None`: it runs, or it was
+    /// never started by this agent).
+    pub pg_down_since: Option<Tick>,
+    /// `None`: the store could not be read this round.
+    pub store: Option<Store>,
+    /// When the last successful renewal of this agent's lease was sent.
+    pub renewed_at: Option<Tick>,
+    /// Every member (this one included) as the election sees it.
+    pub candidates: Vec<Candidate>,
+    /// The leader's agent API and PostgreSQL both refused connections, twice.
+    pub leader_gone: bool,
+    /// The last rewind of this data directory failed.
+    pub rewind_failed: bool,
+}
+
+/// One step for the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Take the `initialize` key (the first agent bootstraps).
+    ClaimInitialize,
+    /// `initdb` a new cluster (only for the holder of `initialize`, only once).
+    Initdb,
+    /// A new base backup from the leader through this node's slot.
+    Clone {
+        from: NodeId,
+    },
+    /// Take the leader key: it is absent and this node may lead.
+    TakeLeader,
+    /// Take the key from a leader whose processes are gone.
+    TakeOver {
+        from: NodeId,
+    },
+    /// The key names this node but is bound to a lease from an earlier run of this agent.
+    AdoptLeader,
+    ReleaseLeader,
+    /// Start PostgreSQL as a primary (the key is held).
+    StartPrimary,
+    /// Start PostgreSQL as a standby of `upstream` (`None`: keep its configured upstream).
+    StartStandby {
+        upstream: Option<NodeId>,
+    },
+    /// Create the other members' slots here, then promote.
+    Promote,
+    /// Point the running standby at `upstream` by reload.
+    Follow {
+        upstream: NodeId,
+    },
+    /// Stop PostgreSQL at once: it must not take another write.
+    Fence,
+    /// Stop PostgreSQL if it runs, `pg_rewind` from the leader, and make it its standby.
+    Rewind {
+        from: NodeId,
+    },
+    /// Empty the data directory and clone again.
+    Reclone {
+        from: NodeId,
+    },
+    /// The leader's housekeeping: slots for the other members, its position in the store.
+    Lead,
+}
+
+/// Why an agent is not acting (published with its state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    StoreUnreachable,
+    /// The key is held, but this agent's lease was not renewed within `ttl - fence_margin`.
+    LeaseStale,
+    /// This leader fences itself after this long unless it renews first.
+    FencingIn {
+        after: Duration,
+    },
+    WaitingForInitialize {
+        by: NodeId,
+    },
+    /// No leader to clone from (or to follow) yet.
+    NoLeader,
+    /// The cluster had a leader and this node has no data: it waits for one to clone from.
+    NeverInitdbAgain,
+    Starting,
+    /// An election in which this node may not run.
+    NotElected(Excluded),
+    /// Nobody may run: each member's reason.
+    NoCandidate(Vec<(NodeId, Excluded)>),
+    RejoinIsManual {
+        leader: NodeId,
+    },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::StoreUnreachable => f.write_str("the consensus store is unreachable"),
+            Reason::LeaseStale => f.write_str(
+                "holding the leader key, but the lease has not been renewed within ttl - fence_margin",
+            ),
+            Reason::FencingIn { after } => write!(
+                f,
+                "the consensus store is unreachable; fencing in {} unless the lease is renewed",
+                format_duration(*after)
+            ),
+            Reason::WaitingForInitialize { by } => {
+                write!(f, "waiting for {by} to initialise the cluster")
+            }
+            Reason::NoLeader => f.write_str("no leader to stream from"),
+            Reason::NeverInitdbAgain => f.write_str(
+                "no data directory, and the cluster already exists: waiting for a leader to clone from",
+            ),
+            Reason::Starting => f.write_str("PostgreSQL is starting"),
+            Reason::NotElected(why) => write!(f, "not running for leader: {why}"),
+            Reason::NoCandidate(all) => {
+                f.write_str("no member may take over:")?;
+                for (i, (n, why)) in all.iter().enumerate() {
+                    write!(f, "{} {n} {why}", if i == 0 { "" } else { ";" })?;
+                }
+                if all.is_empty() {
+                    f.write_str(" no members")?;
+                }
+                Ok(())
+            }
+            Reason::RejoinIsManual { leader } => write!(
+                f,
+                "{leader} leads and rejoin = \"manual\": this old primary waits for an operator"
+            ),
+        }
+    }
+}
+
+/// The role this node has after the decision, as published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Replica,
+    /// Neither: no data, stopped, fenced or rejoining.
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    pub role: Role,
+    /// Why it does not act (or not more).
+    pub waiting: Option<Reason>,
+}
+
+impl Decision {
+    fn act(role: Role, actions: Vec<Action>) -> Self {
+        Decision {
+            actions,
+            role,
+            waiting: None,
+        }
+    }
+
+    fn wait(role: Role, why: Reason) -> Self {
+        Decision {
+            actions: Vec::new(),
+            role,
+            waiting: Some(why),
+        }
+    }
+}
+
+/// The next step for the agent that observed `o`.
+pub fn decide(o: &Observation, s: &Settings) -> Decision {
+    if let Some(d) = fence(o, s) {
+        return d;
+    }
+    let Some(store) = &o.store else {
+        return unreachable_store(o, s);
+    };
+    let holds = store.leader.as_ref().is_some_and(|l| l.node == o.node);
+    let other = store
+        .leader
+        .as_ref()
+        .filter(|l| l.node != o.node)
+        .map(|l| l.node.clone());
+    if holds && !lease_fresh(o, s) {
+        // Rule 2: the key may be about to go; nothing writable starts under it.
+        return Decision::wait(Role::Down, Reason::LeaseStale);
+    }
+    if holds && store.leader.as_ref().is_some_and(|l| !l.ours) && o.pg != Pg::Missing {
+        // An earlier run of this agent led: bind the key to this run's lease, keeping the epoch.
+        return Decision::act(Role::Down, vec![Action::AdoptLeader]);
+    }
+    match &o.pg {
+        Pg::Missing if holds => Decision::act(Role::Down, vec![Action::ReleaseLeader]),
+        Pg::Missing => missing(o, store, other),
+        Pg::Stopped { standby } => stopped(o, s, store, *standby, holds, other),
+        Pg::Starting { as_primary: true } if holds && lost_the_lead(o, s) => {
+            Decision::act(Role::Down, vec![Action::Fence, Action::ReleaseLeader])
+        }
+        Pg::Starting { .. } => Decision::wait(Role::Down, Reason::Starting),
+        Pg::Running(r) if r.primary => running_primary(o, store, holds, other),
+        Pg::Running(r) => running_standby(o, s, store, r, holds, other),
+    }
+}
+
+/// Rule 1: a server that is or may become writable stops when its lease may be gone.
+fn fence(o: &Observation, s: &Settings) -> Option<Decision> {
+    let writable = match &o.pg {
+        Pg::Running(r) => r.primary,
+        Pg::Starting { as_primary } => *as_primary,
+        Pg::Missing | Pg::Stopped { .. } => false,
+    };
+    if !writable {
+        return None;
+    }
+    let lease_may_be_gone = !lease_fresh(o, s);
+    let someone_else = o
+        .store
+        .as_ref()
+        .and_then(|st| st.leader.as_ref())
+        .is_some_and(|l| l.node != o.node);
+    (lease_may_be_gone || someone_else).then(|| Decision::act(Role::Down, vec![Action::Fence]))
+}
+
+/// This agent's lease was renewed less than `ttl - fence_margin` ago.
+fn lease_fresh(o: &Observation, s: &Settings) -> bool {
+    o.renewed_at
+        .is_some_and(|at| o.now.saturating_sub(at) + s.fence_margin < s.ttl)
+}
+
+fn unreachable_store(o: &Observation, s: &Settings) -> Decision {
+    match &o.pg {
+        Pg::Running(r) if r.primary => {
+            // Not fenced yet (rule 1 ran): it keeps writing until the margin.
+            let since = o.renewed_at.map_or(Duration::ZERO, |at| o.now - at);
+            Decision::wait(
+                Role::Leader,
+                Reason::FencingIn {
+                    after: s.ttl.saturating_sub(s.fence_margin + since),
+                },
+            )
+        }
+        Pg::Running(_) => Decision::wait(Role::Replica, Reason::StoreUnreachable),
+        // A standby's data directory may start read-only without the store.
+        Pg::Stopped { standby: true } => {
+            Decision::act(Role::Down, vec![Action::StartStandby { upstream: None }])
+        }
+        _ => Decision::wait(Role::Down, Reason::StoreUnreachable),
+    }
+}
+
+fn missing(o: &Observation, store: &Store, other: Option<NodeId>) -> Decision {
+    if let Some(leader) = other {
+        return Decision::act(Role::Down, vec![Action::Clone { from: leader }]);
+    }
+    match &store.initialized_by {
+        None => Decision::act(Role::Down, vec![Action::ClaimInitialize]),
+        Some(by) if by == &o.node && store.last_epoch.is_none() => {
+            Decision::act(Role::Down, vec![Action::Initdb])
+        }
+        Some(_) if store.last_epoch.is_some() => {
+            Decision::wait(Role::Down, Reason::NeverInitdbAgain)
+        }
+        Some(by) => Decision::wait(Role::Down, Reason::WaitingForInitialize { by: by.clone() }),
+    }
+}
+
+fn stopped(
+    o: &Observation,
+    s: &Settings,
+    store: &Store,
+    standby: bool,
+    holds: bool,
+    other: Option<NodeId>,
+) -> Decision {
+    if holds {
+        if standby {
+            // Promoted on the next round, once it runs.
+            return Decision::act(Role::Down, vec![Action::StartStandby { upstream: None }]);
+        }
+        if lost_the_lead(o, s) {
+            return Decision::act(Role::Down, vec![Action::ReleaseLeader]);
+        }
+        return Decision::act(Role::Leader, vec![Action::StartPrimary]);
+    }
+    if let Some(leader) = other {
+        if standby {
+            return Decision::act(
+                Role::Down,
+                vec![Action::StartStandby {
+                    upstream: Some(leader),
+                }],
+            );
+        }
+        return rejoin(o, s, leader);
+    }
+    // Nobody leads.
+    if !standby && may_lead_again(o, store) && !lost_the_lead(o, s) {
+        return Decision::act(Role::Down, vec![Action::TakeLeader]);
+    }
+    // Run as a standby: the election counts it once it runs.
+    Decision::act(Role::Down, vec![Action::StartStandby { upstream: None }])
+}
+
+/// The leader's PostgreSQL went down under this agent and may not come back as primary: it is
+/// configured to hand over, or it did not restart within `primary_restart_timeout`.
+fn lost_the_lead(o: &Observation, s: &Settings) -> bool {
+    o.pg_down_since.is_some_and(|t| {
+        s.on_crash == OnCrash::Failover || o.now.saturating_sub(t) >= s.primary_restart_timeout
+    })
+}
+
+/// A stopped primary's data may lead without a promotion when nobody can have led after it:
+/// it bootstrapped the cluster and nobody ever led, or it was the last leader.
+fn may_lead_again(o: &Observation, store: &Store) -> bool {
+    match (&store.last_leader, store.last_epoch) {
+        (Some((last, _)), _) => last == &o.node,
+        (None, None) => store.initialized_by.as_ref() == Some(&o.node),
+        (None, Some(_)) => false,
+    }
+}
+
+fn rejoin(o: &Observation, s: &Settings, leader: NodeId) -> Decision {
+    let action = match s.rejoin {
+        Rejoin::Manual => return Decision::wait(Role::Down, Reason::RejoinIsManual { leader }),
+        Rejoin::Rewind if !o.rewind_failed => Action::Rewind { from: leader },
+        Rejoin::Rewind | Rejoin::Clone => Action::Reclone { from: leader },
+    };
+    Decision::act(Role::Down, vec![action])
+}
+
+fn running_primary(o: &Observation, store: &Store, holds: bool, other: Option<NodeId>) -> Decision {
+    if holds {
+        return Decision::act(Role::Leader, vec![Action::Lead]);
+    }
+    debug_assert!(
+        other.is_none(),
+        "rule 1 fences a primary under another leader"
+    );
+    if may_lead_again(o, store) {
+        // The key lapsed under a primary that still renews (or the cluster is new): nobody can
+        // be further ahead, so it takes the key again rather than forcing a promotion elsewhere.
+        return Decision::act(Role::Leader, vec![Action::TakeLeader, Action::Lead]);
+    }
+    Decision::act(Role::Down, vec![Action::Fence])
+}
+
+fn running_standby(
+    o: &Observation,
+    s: &Settings,
+    store: &Store,
+    r: &Running,
+    holds: bool,
+    other: Option<NodeId>,
+) -> Decision {
+    if holds {
+        return Decision::act(Role::Leader, vec![Action::Promote, Action::Lead]);
+    }
+    if let Some(leader) = other {
+        if o.leader_gone {
+            return elect(o, s, store, Some(leader));
+        }
+        if r.upstream.as_ref() != Some(&leader) {
+            return Decision::act(Role::Replica, vec![Action::Follow { upstream: leader }]);
+        }
+        let diverged = r
+            .not_streaming_since
+            .is_some_and(|t| o.now - t >= s.diverged_after)
+            && store.leader_timeline.is_some_and(|tl| tl > r.timeline);
+        if diverged {
+            // It cannot follow the new timeline: rewind (or clone) as an old primary would.
+            return rejoin(o, s, leader);
+        }
+        return Decision::act(Role::Replica, Vec::new());
+    }
+    elect(o, s, store, None)
+}
+
+/// No (live) leader: run if this node is the one the rules pick.
+fn elect(o: &Observation, s: &Settings, store: &Store, gone: Option<NodeId>) -> Decision {
+    let rules = candidates::Rules {
+        fresh_within: s.loop_wait * 2 + s.loop_wait / 2,
+        maximum_lag: s.maximum_lag_on_failover,
+        leader_position: store.last_leader.as_ref().map(|(_, lsn)| *lsn),
+        synchronous_set: match s.synchronous_mode {
+            SyncMode::Off => None,
+            SyncMode::On | SyncMode::Strict => {
+                Some(store.synchronous_set.clone().unwrap_or_default())
+            }
+        },
+    };
+    let members: Vec<Candidate> = o
+        .candidates
+        .iter()
+        .filter(|c| Some(&c.node) != gone.as_ref())
+        .cloned()
+        .collect();
+    let Ranking { winner, excluded } = candidates::rank(&members, &rules);
+    match winner {
+        Some(w) if w == o.node => {
+            let take = match gone {
+                Some(from) => Action::TakeOver { from },
+                None => Action::TakeLeader,
+            };
+            Decision::act(Role::Replica, vec![take])
+        }
+        Some(_) => {
+            let why = excluded
+                .into_iter()
+                .find(|(n, _)| n == &o.node)
+                .map(|(_, e)| e)
+                .unwrap_or(Excluded::NotRunning);
+            Decision::wait(Role::Replica, Reason::NotElected(why))
+        }
+        None => Decision::wait(Role::Replica, Reason::NoCandidate(excluded)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+    const NOW: Tick = Duration::from_secs(100);
+    const MB: u64 = 1 << 20;
+
+    fn settings() -> Settings {
+        Settings {
+            ttl: 7 * S,
+            loop_wait: S,
+            fence_margin: 2 * S,
+            primary_restart_timeout: 5 * S,
+            on_crash: OnCrash::Restart,
+            maximum_lag_on_failover: Some(MB),
+            synchronous_mode: SyncMode::Off,
+            rejoin: Rejoin::Rewind,
+            diverged_after: 10 * S,
+        }
+    }
+
+    fn n(name: &str) -> NodeId {
+        NodeId::new(name)
+    }
+
+    fn primary() -> Pg {
+        Pg::Running(Running {
+            primary: true,
+            timeline: 1,
+            lsn: Lsn(100 * MB),
+            upstream: None,
+            not_streaming_since: None,
+        })
+    }
+
+    fn standby(upstream: Option<&str>) -> Pg {
+        Pg::Running(Running {
+            primary: false,
+            timeline: 1,
+            lsn: Lsn(100 * MB),
+            upstream: upstream.map(n),
+            not_streaming_since: None,
+        })
+    }
+
+    fn not_streaming(since: Tick, timeline: u32) -> Pg {
+        Pg::Running(Running {
+            primary: false,
+            timeline,
+            lsn: Lsn(100 * MB),
+            upstream: Some(n("n1")),
+            not_streaming_since: Some(since),
+        })
+    }
+
+    /// A store where `leader` leads (its key bound to its agent's current lease).
+    fn store(leader: Option<&str>) -> Store {
+        Store {
+            leader: leader.map(|l| LeaderKey {
+                node: n(l),
+                epoch: Epoch(3),
+                ours: true,
+            }),
+            last_epoch: Some(Epoch(3)),
+            initialized_by: Some(n("n1")),
+            last_leader: Some((n("n1"), Lsn(100 * MB))),
+            leader_timeline: Some(1),
+            synchronous_set: None,
+        }
+    }
+
+    fn new_cluster() -> Store {
+        Store {
+            leader: None,
+            last_epoch: None,
+            initialized_by: None,
+            last_leader: None,
+            leader_timeline: None,
+            synchronous_set: None,
+        }
+    }
+
+    fn cand(name: &str, mb_behind: u64) -> Candidate {
+        Candidate {
+            node: n(name),
+            age: Duration::ZERO,
+            standby_running: true,
+            received: Some(Lsn((100 - mb_behind) * MB)),
+            priority: 1,
+            nofailover: false,
+        }
+    }
+
+    /// Node `node` with `pg`, seeing `store`; renewed half a second ago; n2 and n3 as
+    /// equal standbys in the election.
+    fn obs(node: &str, pg: Pg, store: Option<Store>) -> Observation {
+        Observation {
+            node: n(node),
+            now: NOW,
+            pg,
+            pg_down_since: None,
+            store,
+            renewed_at: Some(NOW - S / 2),
+            candidates: vec![cand("n2", 0), cand("n3", 0)],
+            leader_gone: false,
+            rewind_failed: false,
+        }
+    }
+
+    use Action::*;
+
+    /// What, observed, under, decided actions, a phrase of the reason.
+    type Case<'a> = (
+        &'a str,
+        Observation,
+        &'a Settings,
+        Vec<Action>,
+        Option<&'a str>,
+    );
+
+    #[test]
+    fn decisions() {
+        let s = settings();
+        let with = |f: &dyn Fn(&mut Observation), o: Observation| {
+            let mut o = o;
+            f(&mut o);
+            o
+        };
+        let crashed =
+            |after: u32| move |o: &mut Observation| o.pg_down_since = Some(NOW - after * S);
+        let renewed = |ago_ms: u64| {
+            move |o: &mut Observation| o.renewed_at = Some(NOW - Duration::from_millis(ago_ms))
+        };
+        let old_key = |o: &mut Observation| {
+            if let Some(l) = o.store.as_mut().and_then(|s| s.leader.as_mut()) {
+                l.ours = false;
+            }
+        };
+        let gone = |o: &mut Observation| o.leader_gone = true;
+        let ahead_n3 = |o: &mut Observation| o.candidates = vec![cand("n2", 1), cand("n3", 0)];
+        let failover = Settings {
+            on_crash: OnCrash::Failover,
+            ..settings()
+        };
+        let manual = Settings {
+            rejoin: Rejoin::Manual,
+            ..settings()
+        };
+        let clone = Settings {
+            rejoin: Rejoin::Clone,
+            ..settings()
+        };
+        let synchronous = Settings {
+            synchronous_mode: SyncMode::On,
+            ..settings()
+        };
+        let sync_set = |names: &[&str]| {
+            let names: Vec<NodeId> = names.iter().map(|x| n(x)).collect();
+            move |o: &mut Observation| {
+                o.store.as_mut().expect("store").synchronous_set = Some(names.clone())
+            }
+        };
+        let no_last_leader = |o: &mut Observation| {
+            let st = o.store.as_mut().expect("store");
+            st.last_leader = None;
+        };
+        let initialised_by = |who: &'static str| {
+            move |o: &mut Observation| {
+                o.store.as_mut().expect("store").initialized_by = Some(n(who))
+            }
+        };
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            // Bootstrap.
+            ("a new cluster: claim initialize", obs("n1", Pg::Missing, Some(new_cluster())), &s, vec![ClaimInitialize], None),
+            ("the claimer runs initdb", with(&initialised_by("n1"), obs("n1", Pg::Missing, Some(new_cluster()))), &s, vec![Initdb], None),
+            ("the others wait for it", with(&initialised_by("n1"), obs("n2", Pg::Missing, Some(new_cluster()))), &s, vec![], Some("waiting for n1 to initialise")),
+            ("after initdb the claimer takes the key", with(&initialised_by("n1"), obs("n1", Pg::Stopped { standby: false }, Some(new_cluster()))), &s, vec![TakeLeader], None),
+            ("then starts as primary", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1")))), &s, vec![StartPrimary], None),
+            ("a replica clones from the leader", obs("n2", Pg::Missing, Some(store(Some("n1")))), &s, vec![Clone { from: n("n1") }], None),
+            ("never initdb again once a leader existed", obs("n1", Pg::Missing, Some(store(None))), &s, vec![], Some("already exists")),
+            ("no data and holding the key: release it", obs("n1", Pg::Missing, Some(store(Some("n1")))), &s, vec![ReleaseLeader], None),
+            ("a cloned standby starts following the leader", obs("n2", Pg::Stopped { standby: true }, Some(store(Some("n1")))), &s, vec![StartStandby { upstream: Some(n("n1")) }], None),
+            ("starting: wait", obs("n2", Pg::Starting { as_primary: false }, Some(store(Some("n1")))), &s, vec![], Some("starting")),
+            // Leading.
+            ("the leader leads", obs("n1", primary(), Some(store(Some("n1")))), &s, vec![Lead], None),
+            ("at the fence margin: fence", with(&renewed(5000), obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Fence], None),
+            ("just inside the margin: lead", with(&renewed(4900), obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], None),
+            ("never renewed: fence", with(&|o: &mut Observation| o.renewed_at = None, obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Fence], None),
+            ("another node holds the key: fence", obs("n1", primary(), Some(store(Some("n2")))), &s, vec![Fence], None),
+            ("store unreachable, lease fresh: keep writing", obs("n1", primary(), None), &s, vec![], Some("fencing in 4s 500ms")),
+            ("store unreachable past the margin: fence", with(&renewed(5500), obs("n1", primary(), None)), &s, vec![Fence], None),
+            ("a primary starting after the margin: fence", with(&renewed(6000), obs("n1", Pg::Starting { as_primary: true }, None)), &s, vec![Fence], None),
+            ("key lapsed under the last leader: take it again", obs("n1", primary(), Some(store(None))), &s, vec![TakeLeader, Lead], None),
+            ("key lapsed, another was the last leader: fence", with(&no_last_leader, obs("n2", primary(), Some(store(None)))), &s, vec![Fence], None),
+            ("an earlier run's key is adopted before starting", with(&old_key, obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1"))))), &s, vec![AdoptLeader], None),
+            // The leader's PostgreSQL crashed.
+            ("crashed: restart in place", with(&crashed(1), obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1"))))), &s, vec![StartPrimary], None),
+            ("crashed past primary_restart_timeout: release", with(&crashed(5), obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1"))))), &s, vec![ReleaseLeader], None),
+            ("restart still starting past the timeout: fence and release", with(&crashed(6), obs("n1", Pg::Starting { as_primary: true }, Some(store(Some("n1"))))), &s, vec![Fence, ReleaseLeader], None),
+            ("restart starting within the timeout: wait", with(&crashed(2), obs("n1", Pg::Starting { as_primary: true }, Some(store(Some("n1"))))), &s, vec![], Some("starting")),
+            ("on_postgres_crash = failover: release at once", with(&crashed(0), obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1"))))), &failover, vec![ReleaseLeader], None),
+            ("released after a crash: not taken again", with(&crashed(6), obs("n1", Pg::Stopped { standby: false }, Some(store(None)))), &s, vec![StartStandby { upstream: None }], None),
+            ("a stopped last leader with no key: take it", obs("n1", Pg::Stopped { standby: false }, Some(store(None))), &s, vec![TakeLeader], None),
+            ("holding the key on standby data: start, then promote", obs("n2", Pg::Stopped { standby: true }, Some(store(Some("n2")))), &s, vec![StartStandby { upstream: None }], None),
+            // Replicas.
+            ("a replica follows", obs("n2", standby(Some("n1")), Some(store(Some("n1")))), &s, vec![], None),
+            ("a new leader: repoint", obs("n2", standby(Some("n1")), Some(store(Some("n3")))), &s, vec![Follow { upstream: n("n3") }], None),
+            ("an unknown upstream: repoint", obs("n2", standby(None), Some(store(Some("n1")))), &s, vec![Follow { upstream: n("n1") }], None),
+            ("store unreachable: a replica stays", obs("n2", standby(Some("n1")), None), &s, vec![], Some("unreachable")),
+            ("store unreachable: a stopped standby starts read-only", obs("n2", Pg::Stopped { standby: true }, None), &s, vec![StartStandby { upstream: None }], None),
+            ("store unreachable: a stopped primary stays down", obs("n1", Pg::Stopped { standby: false }, None), &s, vec![], Some("unreachable")),
+            ("store unreachable: no data, nothing", obs("n2", Pg::Missing, None), &s, vec![], Some("unreachable")),
+            ("holding the key as a standby: promote", obs("n2", standby(Some("n1")), Some(store(Some("n2")))), &s, vec![Promote, Lead], None),
+            // Elections.
+            ("no leader: the winner takes the key", obs("n2", standby(Some("n1")), Some(store(None))), &s, vec![TakeLeader], None),
+            ("no leader: the other waits with its reason", obs("n3", standby(Some("n1")), Some(store(None))), &s, vec![], Some("n2 is ahead")),
+            ("further ahead wins", with(&ahead_n3, obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("behind: the loser waits", with(&ahead_n3, obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("n3 is ahead")),
+            ("all too far behind: nobody", with(&|o: &mut Observation| o.candidates = vec![cand("n2", 2), cand("n3", 3)], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("maximum_lag_on_failover")),
+            ("nofailover: not this one", with(&|o: &mut Observation| o.candidates = vec![Candidate { nofailover: true, ..cand("n2", 0) }, cand("n3", 1)], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("nofailover")),
+            ("a peer that stopped answering does not block", with(&|o: &mut Observation| o.candidates = vec![cand("n2", 1), Candidate { age: 10 * S, ..cand("n3", 0) }], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("synchronous: only the recorded set", with(&sync_set(&["n3"]), obs("n2", standby(Some("n1")), Some(store(None)))), &synchronous, vec![], Some("not in the synchronous set")),
+            ("holding the key with a lease past the margin: no start", with(&renewed(5000), obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1"))))), &s, vec![], Some("not been renewed")),
+            ("synchronous: the recorded one runs though behind", with(&|o: &mut Observation| { sync_set(&["n3"])(o); o.candidates = vec![cand("n2", 0), cand("n3", 1)]; }, obs("n3", standby(Some("n1")), Some(store(None)))), &synchronous, vec![TakeLeader], None),
+            ("synchronous, nothing recorded: nobody", obs("n2", standby(Some("n1")), Some(store(None))), &synchronous, vec![], Some("not in the synchronous set")),
+            // Process death of the leader.
+            ("the leader's processes are gone: take over", with(&gone, obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![TakeOver { from: n("n1") }], None),
+            ("gone, but another is ahead: wait", with(&|o: &mut Observation| { gone(o); ahead_n3(o); }, obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![], Some("n3 is ahead")),
+            ("gone leader does not count as a candidate", with(&|o: &mut Observation| { gone(o); o.candidates = vec![cand("n1", 0), cand("n2", 1)]; }, obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![TakeOver { from: n("n1") }], None),
+            // Rejoin.
+            ("an old primary under a new leader rewinds", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2")))), &s, vec![Rewind { from: n("n2") }], None),
+            ("a failed rewind: clone again", with(&|o: &mut Observation| o.rewind_failed = true, obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![Reclone { from: n("n2") }], None),
+            ("rejoin = clone", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2")))), &clone, vec![Reclone { from: n("n2") }], None),
+            ("rejoin = manual: wait and say so", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2")))), &manual, vec![], Some("manual")),
+            ("a standby that cannot follow the new timeline rewinds", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", not_streaming(NOW - 10 * S, 1), Some(store(Some("n1"))))), &s, vec![Rewind { from: n("n1") }], None),
+            ("not streaming briefly: wait", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", not_streaming(NOW - 2 * S, 1), Some(store(Some("n1"))))), &s, vec![], None),
+            ("not streaming on the leader's timeline: not diverged", obs("n3", not_streaming(NOW - 30 * S, 1), Some(store(Some("n1")))), &s, vec![], None),
+        ];
+        assert!(cases.len() >= 40, "{} cases", cases.len());
+        for (what, o, s, actions, reason) in cases {
+            let d = decide(&o, s);
+            assert_eq!(d.actions, actions, "{what}: {d:?}");
+            match (reason, &d.waiting) {
+                (None, None) => {}
+                (Some(want), Some(got)) => {
+                    let got = got.to_string();
+                    assert!(got.contains(want), "{what}: reason {got:?} lacks {want:?}");
+                }
+                (want, got) => panic!("{what}: reason {got:?}, wanted {want:?}"),
+            }
+        }
+    }
+
+    /// Rule 2 over every combination: a decision never starts or promotes a writable server
+    /// unless this node holds the leader key, and never keeps one running past the margin.
+    #[test]
+    fn never_writable_without_the_key() {
+        let pgs = [
+            Pg::Missing,
+            Pg::Stopped { standby: false },
+            Pg::Stopped { standby: true },
+            Pg::Starting { as_primary: true },
+            Pg::Starting { as_primary: false },
+            primary(),
+            standby(Some("n1")),
+            standby(None),
+        ];
+        let stores = [
+            None,
+            Some(store(None)),
+            Some(store(Some("n1"))),
+            Some(store(Some("n2"))),
+            Some(new_cluster()),
+        ];
+        for pg in &pgs {
+            for st in &stores {
+                for renewed in [None, Some(NOW - S), Some(NOW - 6 * S)] {
+                    for down in [None, Some(NOW - S), Some(NOW - 10 * S)] {
+                        let mut o = obs("n1", pg.clone(), st.clone());
+                        o.renewed_at = renewed;
+                        o.pg_down_since = down;
+                        let d = decide(&o, &settings());
+                        let holds = st
+                            .as_ref()
+                            .and_then(|s| s.leader.as_ref())
+                            .is_some_and(|l| l.node == o.node);
+                        let lease_ok = renewed.is_some_and(|r| NOW - r + 2 * S < 7 * S);
+                        for a in &d.actions {
+                            if matches!(a, StartPrimary | Promote) {
+                                assert!(holds && lease_ok, "{a:?} without the key: {o:?}");
+                            }
+                        }
+                        let writable = matches!(pg, Pg::Running(r) if r.primary)
+                            || matches!(pg, Pg::Starting { as_primary: true });
+                        if writable
+                            && (!lease_ok
+                                || st
+                                    .as_ref()
+                                    .and_then(|s| s.leader.as_ref())
+                                    .is_some_and(|l| l.node != o.node))
+                        {
+                            assert_eq!(d.actions.first(), Some(&Fence), "{o:?}: {d:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
