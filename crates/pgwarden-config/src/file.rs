@@ -37,6 +37,38 @@ pub struct FileConfig {
     pub monitor: FileMonitor,
     pub nodes: Vec<FileNode>,
     pub proxy: FileProxy,
+    pub agent: FileAgent,
+    pub dcs: Option<FileDcs>,
+}
+
+/// `[agent]`: the HA agents' rules.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileAgent {
+    pub ttl: Option<Field<String>>,
+    pub loop_wait: Option<Field<String>>,
+    pub retry_timeout: Option<Field<String>>,
+    pub fence_margin: Option<Field<String>>,
+    pub primary_restart_timeout: Option<Field<String>>,
+    pub on_postgres_crash: Option<Field<String>>,
+    pub maximum_lag_on_failover: Option<Field<String>>,
+    pub synchronous_mode: Option<Field<String>>,
+    pub rejoin: Option<Field<String>>,
+}
+
+/// `[dcs]`: the consensus store.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileDcs {
+    pub endpoints: Option<Field<Vec<String>>>,
+    pub namespace: Option<Field<String>>,
+    pub timeout: Option<Field<String>>,
+    pub username: Option<Field<String>>,
+    pub password: Option<Field<String>>,
+    pub password_file: Option<Field<String>>,
+    pub ca_file: Option<Field<String>>,
+    pub cert_file: Option<Field<String>>,
+    pub key_file: Option<Field<String>>,
 }
 
 /// `[proxy]`.
@@ -139,6 +171,11 @@ pub struct FileNode {
     pub host: Option<Field<String>>,
     pub port: Option<Field<i64>>,
     pub data_dir: Option<Field<String>>,
+    /// The node's agent API, `host:port`.
+    pub api: Option<Field<String>>,
+    pub priority: Option<Field<i64>>,
+    pub nofailover: Option<Field<bool>>,
+    pub nosync: Option<Field<bool>>,
 }
 
 /// Parses TOML text into the file layer plus the paths of every unknown key.

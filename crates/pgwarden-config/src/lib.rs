@@ -10,20 +10,23 @@
 //! # Layout
 //! - [`file`] — the serde structs (`FileConfig` and its sections).
 //! - [`model`] — the validated types ([`Config`], [`NodeConfig`], [`ReplicationMode`], ...).
-//! - [`validate`] — file -> model, every error at once (`validate_proxy` for `[proxy]`).
+//! - [`validate`] — file -> model, every error at once (`validate_proxy` for `[proxy]`,
+//!   `validate_agent` for `[agent]` and `[dcs]`).
 //! - [`error`] — [`ConfigError`] and [`FieldError`].
 
 pub mod error;
 pub mod file;
 pub mod model;
 pub mod validate;
+mod validate_agent;
 mod validate_proxy;
 
 pub use error::{ConfigError, FieldError};
 pub use model::{
-    AuthConfig, AuthMethod, AuthRule, Cidr, ClientTlsConfig, Config, FollowPromotions,
-    MonitorConfig, NodeConfig, PoolMode, PostgresConfig, ProxyConfig, ReplicationConfig,
-    ReplicationMode, Secret, TlsMode, UserConfig,
+    AgentConfig, AuthConfig, AuthMethod, AuthRule, Cidr, ClientTlsConfig, Config, DcsConfig,
+    FollowPromotions, MonitorConfig, NodeConfig, OnPostgresCrash, PoolMode, PostgresConfig,
+    ProxyConfig, RejoinMode, ReplicationConfig, ReplicationMode, Secret, SynchronousMode, TlsMode,
+    UserConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -39,6 +39,10 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     /// `[proxy]` (defaults when absent).
     pub proxy: ProxyConfig,
+    /// `[agent]` (defaults when absent).
+    pub agent: AgentConfig,
+    /// `[dcs]`: the consensus store; `None` when the cluster has no HA agents.
+    pub dcs: Option<DcsConfig>,
     /// The file this was loaded from, if any.
     pub source: Option<PathBuf>,
 }
@@ -148,6 +152,14 @@ pub struct NodeConfig {
     pub port: u16,
     /// PGDATA, for nodes this host manages.
     pub data_dir: Option<PathBuf>,
+    /// Where this node's agent serves its API.
+    pub api: Option<std::net::SocketAddr>,
+    /// Preferred among equally advanced failover candidates (and synchronous standbys).
+    pub priority: u32,
+    /// Never promoted automatically.
+    pub nofailover: bool,
+    /// Never a synchronous standby.
+    pub nosync: bool,
 }
 
 impl NodeConfig {
@@ -328,3 +340,80 @@ pub struct ProxyConfig {
 
 /// The default `auth_query`, as PgBouncer's.
 pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
+/// `[agent]`: how the HA agents decide. The timing rule (checked by validation):
+/// `loop_wait + 2 * retry_timeout + fence_margin <= ttl`, so a leader fences itself before its
+/// lease can run out, after having had two full store timeouts to renew it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The leader lease's lifetime: a silent leader is replaced this long after its last renewal.
+    pub ttl: Duration,
+    /// How often an agent looks and publishes (and the lease is renewed).
+    pub loop_wait: Duration,
+    /// The bound on one store call.
+    pub retry_timeout: Duration,
+    /// The leader stops its PostgreSQL this long before the lease could run out.
+    pub fence_margin: Duration,
+    /// How long the leader may take to restart a crashed PostgreSQL before it hands over.
+    pub primary_restart_timeout: Duration,
+    pub on_postgres_crash: OnPostgresCrash,
+    /// A standby further behind the leader's last position than this is never promoted.
+    pub maximum_lag_on_failover: Option<ByteSize>,
+    pub synchronous_mode: SynchronousMode,
+    pub rejoin: RejoinMode,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            ttl: Duration::from_secs(7),
+            loop_wait: Duration::from_secs(1),
+            retry_timeout: Duration::from_secs(1),
+            fence_margin: Duration::from_secs(2),
+            primary_restart_timeout: Duration::from_secs(5),
+            on_postgres_crash: OnPostgresCrash::Restart,
+            maximum_lag_on_failover: Some(ByteSize::mib(1)),
+            synchronous_mode: SynchronousMode::Off,
+            rejoin: RejoinMode::Rewind,
+        }
+    }
+}
+
+/// `agent.on_postgres_crash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPostgresCrash {
+    Restart,
+    Failover,
+}
+
+/// `agent.synchronous_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynchronousMode {
+    Off,
+    On,
+    Strict,
+}
+
+/// `agent.rejoin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejoinMode {
+    Rewind,
+    Clone,
+    Manual,
+}
+
+/// `[dcs]`: the etcd cluster the agents (and the proxy) agree through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DcsConfig {
+    /// `host:port` or `http(s)://host:port`.
+    pub endpoints: Vec<String>,
+    /// The key prefix: keys live under `/<namespace>/<cluster>/`.
+    pub namespace: String,
+    /// The bound on one store call (`agent.retry_timeout` unless given).
+    pub timeout: Duration,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}

@@ -134,6 +134,10 @@ pub fn validate(
     let monitor = monitor(&mut e, file.monitor);
     let users = users(&mut e, std::mem::take(&mut file.proxy.users));
     let proxy = crate::validate_proxy::proxy(&mut e, file.proxy, base_dir, &users, &monitor);
+    let agent = crate::validate_agent::agent(&mut e, file.agent);
+    let dcs = file
+        .dcs
+        .map(|d| crate::validate_agent::dcs(&mut e, d, base_dir, &agent));
     if e.list.is_empty() {
         Ok(Config {
             cluster,
@@ -143,6 +147,8 @@ pub fn validate(
             nodes,
             users,
             proxy,
+            agent,
+            dcs,
             source: None,
         })
     } else {
@@ -237,7 +243,7 @@ fn postgres(e: &mut Errors, f: FilePostgres, base: &Path, nodes: &[NodeConfig]) 
 }
 
 /// A password given inline or by file, not both.
-fn password(
+pub(crate) fn password(
     e: &mut Errors,
     path: &str,
     inline: Option<Field<String>>,
@@ -407,11 +413,40 @@ fn nodes(e: &mut Errors, list: Vec<FileNode>, base: &Path) -> Vec<NodeConfig> {
             Some(s) => Some(resolve(base, &s)),
             None => None,
         };
+        let api = e
+            .get(&p("api"), n.api)
+            .and_then(|s| match s.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    e.push(
+                        p("api"),
+                        format!("\"{s}\" is not an address: expected ip:port, e.g. 127.0.0.1:8008"),
+                    );
+                    None
+                }
+            });
+        if let Some(a) = api {
+            if !addrs.insert((a.ip().to_string(), a.port())) {
+                e.push(p("api"), format!("{a} is already used by another node"));
+            }
+        }
+        let priority = match e.get(&p("priority"), n.priority) {
+            None => 1,
+            Some(v) if (0..=1000).contains(&v) => v as u32,
+            Some(v) => {
+                e.push(p("priority"), format!("{v} must be between 0 and 1000"));
+                1
+            }
+        };
         out.push(NodeConfig {
             name,
             host,
             port,
             data_dir,
+            api,
+            priority,
+            nofailover: e.get(&p("nofailover"), n.nofailover).unwrap_or(false),
+            nosync: e.get(&p("nosync"), n.nosync).unwrap_or(false),
         });
     }
     out

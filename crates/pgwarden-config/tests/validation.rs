@@ -395,3 +395,61 @@ fn bad_auth_rules_are_reported_with_their_paths() {
         assert!(got.iter().any(|l| l.starts_with(want)), "{want}: {got:?}");
     }
 }
+
+#[test]
+fn agent_and_dcs_sections_validate() {
+    let c = Config::from_toml(GOOD, Path::new("/etc/pgwarden")).expect("valid");
+    assert!(c.dcs.is_none(), "no [dcs]: no HA store");
+    assert_eq!(c.agent.ttl, Duration::from_secs(7));
+    assert_eq!(c.nodes[0].priority, 1);
+    let text = format!(
+        "{GOOD}api = \"127.0.0.1:8009\"\npriority = 5\nnofailover = true\nnosync = true\n\
+         [agent]\nttl = \"10s\"\nloop_wait = \"2s\"\nsynchronous_mode = \"strict\"\nrejoin = \"clone\"\n\
+         maximum_lag_on_failover = \"unlimited\"\non_postgres_crash = \"failover\"\n\
+         [dcs]\nendpoints = [\"127.0.0.1:2379\", \"http://10.0.0.2:2379\"]\nnamespace = \"prod\"\n"
+    );
+    let c = Config::from_toml(&text, Path::new("/etc/pgwarden")).expect("valid");
+    let n2 = &c.nodes[1];
+    assert_eq!(n2.api, Some("127.0.0.1:8009".parse().expect("addr")));
+    assert_eq!((n2.priority, n2.nofailover, n2.nosync), (5, true, true));
+    assert_eq!(c.agent.ttl, Duration::from_secs(10));
+    assert_eq!(
+        c.agent.synchronous_mode,
+        pgwarden_config::SynchronousMode::Strict
+    );
+    assert_eq!(c.agent.rejoin, pgwarden_config::RejoinMode::Clone);
+    assert_eq!(c.agent.maximum_lag_on_failover, None);
+    let dcs = c.dcs.expect("dcs");
+    assert_eq!(dcs.endpoints.len(), 2);
+    assert_eq!(dcs.namespace, "prod");
+    assert_eq!(dcs.timeout, Duration::from_secs(1), "agent.retry_timeout");
+}
+
+#[test]
+fn agent_and_dcs_mistakes_are_all_reported() {
+    let text = format!(
+        "{GOOD}api = \"nowhere\"\npriority = -1\n\
+         [agent]\nttl = \"3s\"\nloop_wait = \"0s\"\nsynchronous_mode = \"sometimes\"\nrejoin = \"pray\"\n\
+         maximum_lag_on_failover = \"lots\"\nbogus = 1\n\
+         [dcs]\nendpoints = [\"etcd\"]\nnamespace = \"a/b\"\nusername = \"root\"\n"
+    );
+    let got = errors(&text);
+    for want in [
+        "nodes[1].api: \"nowhere\" is not an address",
+        "nodes[1].priority: -1 must be between 0 and 1000",
+        "agent.ttl: (3s) must be at least loop_wait + 2 * retry_timeout + fence_margin (5s)",
+        "agent.loop_wait: must be greater than 0",
+        "agent.synchronous_mode: unknown value \"sometimes\": expected off, on, strict",
+        "agent.rejoin: unknown value \"pray\"",
+        "agent.maximum_lag_on_failover:",
+        "agent.bogus: unknown key",
+        "dcs.endpoints[0]: \"etcd\" is not host:port",
+        "dcs.namespace: must not contain '/'",
+        "dcs.username: dcs.username and dcs.password must be given together",
+    ] {
+        assert!(
+            got.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in {got:#?}"
+        );
+    }
+}
