@@ -7,8 +7,13 @@
 //!   epoch is never given twice even when the leader key expired in between.
 //! - `members/<node>` — each agent's published state, bound to its own lease.
 //! - `initialize` — the node that bootstrapped the cluster (the first to take it).
+//! - `last_leader` — `{"node", "epoch", "lsn"}`, the leader's last recorded WAL position, not
+//!   bound to a lease: it outlives the leader, so a failover can tell how far behind the
+//!   candidates are. Written only while the writer holds the leader key.
+//! - `sync` — the synchronous set: the members that may be promoted in synchronous mode.
+//!   Written only while the writer holds the leader key.
 
-use pgwarden_core::{Epoch, NodeId};
+use pgwarden_core::{Epoch, Lsn, NodeId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -23,6 +28,16 @@ pub struct Leader {
     pub epoch: Epoch,
     /// The key's modification revision: releasing compares against it.
     pub revision: Revision,
+    /// The lease the key is bound to.
+    pub lease: Option<LeaseId>,
+}
+
+/// The leader's last recorded position (`last_leader`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastLeader {
+    pub node: String,
+    pub epoch: u64,
+    pub lsn: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,7 +95,118 @@ impl<K: Kv> ClusterStore<K> {
             node: NodeId::new(&v.node),
             epoch: Epoch(v.epoch),
             revision: e.mod_revision,
+            lease: e.lease,
         }))
+    }
+
+    /// The last epoch ever granted.
+    pub async fn last_epoch(&self) -> Result<Option<Epoch>, DcsError> {
+        match self.kv.get(&self.key("epoch")).await? {
+            Some(e) => Ok(Some(Epoch(Self::parse::<u64>(&e)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes the key from `gone`, a leader whose processes are known dead, if it still holds
+    /// it: the same transaction as [`ClusterStore::take_leader`] with the holder compared
+    /// instead of absence.
+    pub async fn take_over(
+        &self,
+        gone: &Leader,
+        node: &NodeId,
+        lease: LeaseId,
+    ) -> Result<Option<Leader>, DcsError> {
+        self.take(node, lease, gone.revision).await
+    }
+
+    /// Binds `held` (this node's key, left by an earlier run of its agent) to `lease`, keeping
+    /// its epoch.
+    pub async fn adopt_leader(&self, held: &Leader, lease: LeaseId) -> Result<bool, DcsError> {
+        let key = self.key("leader");
+        let value = serde_json::to_vec(&LeaderValue {
+            node: held.node.to_string(),
+            epoch: held.epoch.0,
+        })
+        .expect("a leader value serialises");
+        self.kv
+            .txn(
+                vec![Compare {
+                    key: key.clone(),
+                    mod_revision: held.revision,
+                }],
+                vec![Op::Put {
+                    key,
+                    value,
+                    lease: Some(lease),
+                }],
+            )
+            .await
+    }
+
+    /// Writes `name` (a key not bound to a lease) if `held` still holds the leader key.
+    async fn put_as_leader<T: Serialize>(
+        &self,
+        held: &Leader,
+        name: &str,
+        value: &T,
+    ) -> Result<bool, DcsError> {
+        let value = serde_json::to_vec(value).map_err(|source| DcsError::BadValue {
+            key: self.key(name),
+            source,
+        })?;
+        self.kv
+            .txn(
+                vec![Compare {
+                    key: self.key("leader"),
+                    mod_revision: held.revision,
+                }],
+                vec![Op::Put {
+                    key: self.key(name),
+                    value,
+                    lease: None,
+                }],
+            )
+            .await
+    }
+
+    /// Records the leader's position; false if `held` no longer holds the key.
+    pub async fn put_last_leader(&self, held: &Leader, lsn: Lsn) -> Result<bool, DcsError> {
+        let v = LastLeader {
+            node: held.node.to_string(),
+            epoch: held.epoch.0,
+            lsn: lsn.to_string(),
+        };
+        self.put_as_leader(held, "last_leader", &v).await
+    }
+
+    pub async fn last_leader(&self) -> Result<Option<(NodeId, Epoch, Lsn)>, DcsError> {
+        let Some(e) = self.kv.get(&self.key("last_leader")).await? else {
+            return Ok(None);
+        };
+        let v: LastLeader = Self::parse(&e)?;
+        let lsn = v.lsn.parse::<Lsn>().map_err(|_| DcsError::BadValue {
+            key: e.key.clone(),
+            source: serde::de::Error::custom(format!("bad lsn {}", v.lsn)),
+        })?;
+        Ok(Some((NodeId::new(&v.node), Epoch(v.epoch), lsn)))
+    }
+
+    /// Records the synchronous set; false if `held` no longer holds the key.
+    pub async fn put_synchronous_set(
+        &self,
+        held: &Leader,
+        set: &[NodeId],
+    ) -> Result<bool, DcsError> {
+        let names: Vec<&str> = set.iter().map(|n| n.as_str()).collect();
+        self.put_as_leader(held, "sync", &names).await
+    }
+
+    pub async fn synchronous_set(&self) -> Result<Option<Vec<NodeId>>, DcsError> {
+        let Some(e) = self.kv.get(&self.key("sync")).await? else {
+            return Ok(None);
+        };
+        let names: Vec<String> = Self::parse(&e)?;
+        Ok(Some(names.iter().map(|n| NodeId::new(n)).collect()))
     }
 
     /// Takes the leader key for `node`, bound to `lease`, if nobody holds it: the epoch is the
@@ -90,9 +216,24 @@ impl<K: Kv> ClusterStore<K> {
         node: &NodeId,
         lease: LeaseId,
     ) -> Result<Option<Leader>, DcsError> {
+        self.take(node, lease, 0).await
+    }
+
+    /// Takes the key if its modification revision is `expect` (0: absent).
+    async fn take(
+        &self,
+        node: &NodeId,
+        lease: LeaseId,
+        expect: Revision,
+    ) -> Result<Option<Leader>, DcsError> {
         let (leader_key, epoch_key) = (self.key("leader"), self.key("epoch"));
         for _ in 0..TAKE_TRIES {
-            if self.kv.get(&leader_key).await?.is_some() {
+            let current = self
+                .kv
+                .get(&leader_key)
+                .await?
+                .map_or(0, |e| e.mod_revision);
+            if current != expect {
                 return Ok(None);
             }
             let counter = self.kv.get(&epoch_key).await?;
@@ -112,7 +253,7 @@ impl<K: Kv> ClusterStore<K> {
                     vec![
                         Compare {
                             key: leader_key.clone(),
-                            mod_revision: 0,
+                            mod_revision: expect,
                         },
                         Compare {
                             key: epoch_key.clone(),
@@ -374,6 +515,48 @@ mod tests {
         assert!(!s.initialize(&n1).await.expect("init"), "n2 took it");
         assert!(s.initialize(&n2).await.expect("init"), "still n2's");
         assert_eq!(s.initialized_by().await.expect("by"), Some(n2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn take_over_adopt_and_leader_only_keys() {
+        let s = store();
+        let (n1, n2) = (NodeId::new("n1"), NodeId::new("n2"));
+        let l1 = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+        let l2 = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+        let first = s.take_leader(&n1, l1).await.expect("take").expect("n1");
+        assert_eq!(first.lease, Some(l1));
+        assert!(s.put_last_leader(&first, Lsn(42)).await.expect("put"));
+        assert!(s
+            .put_synchronous_set(&first, &[n2.clone()])
+            .await
+            .expect("put"));
+        // A run of n1's agent with a new lease adopts the key, keeping the epoch.
+        let l1b = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
+        assert!(s.adopt_leader(&first, l1b).await.expect("adopt"));
+        let adopted = s.leader().await.expect("leader").expect("held");
+        assert_eq!((adopted.epoch, adopted.lease), (Epoch(1), Some(l1b)));
+        // The stale view of the key can neither write leader-only keys nor be taken over.
+        assert!(!s.put_last_leader(&first, Lsn(43)).await.expect("put"));
+        assert_eq!(s.take_over(&first, &n2, l2).await.expect("take over"), None);
+        // Taken over from the current holder: the next epoch, and the old holder is locked out.
+        let second = s
+            .take_over(&adopted, &n2, l2)
+            .await
+            .expect("take over")
+            .expect("n2");
+        assert_eq!(second.epoch, Epoch(2));
+        assert!(!s.put_synchronous_set(&adopted, &[]).await.expect("put"));
+        assert!(!s.adopt_leader(&adopted, l1b).await.expect("adopt"));
+        assert_eq!(
+            s.last_leader().await.expect("last"),
+            Some((n1.clone(), Epoch(1), Lsn(42)))
+        );
+        assert_eq!(s.synchronous_set().await.expect("sync"), Some(vec![n2]));
+        assert_eq!(s.last_epoch().await.expect("epoch"), Some(Epoch(2)));
+        // Both outlive every lease.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(s.leader().await.expect("leader"), None);
+        assert!(s.last_leader().await.expect("last").is_some());
     }
 
     #[tokio::test(start_paused = true)]
