@@ -53,6 +53,17 @@ pub struct Member<T> {
     pub state: T,
 }
 
+/// Every key of the cluster at one revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot<T> {
+    pub leader: Option<Leader>,
+    pub last_epoch: Option<Epoch>,
+    pub initialized_by: Option<NodeId>,
+    pub last_leader: Option<(NodeId, Epoch, Lsn)>,
+    pub synchronous_set: Option<Vec<NodeId>>,
+    pub members: Vec<Member<T>>,
+}
+
 /// How many times a take retries when only the epoch counter moved under it.
 const TAKE_TRIES: usize = 3;
 
@@ -87,16 +98,64 @@ impl<K: Kv> ClusterStore<K> {
 
     /// The current leader, if the key is held.
     pub async fn leader(&self) -> Result<Option<Leader>, DcsError> {
-        let Some(e) = self.kv.get(&self.key("leader")).await? else {
-            return Ok(None);
-        };
-        let v: LeaderValue = Self::parse(&e)?;
-        Ok(Some(Leader {
+        match self.kv.get(&self.key("leader")).await? {
+            Some(e) => Self::leader_from(&e).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn leader_from(e: &Entry) -> Result<Leader, DcsError> {
+        let v: LeaderValue = Self::parse(e)?;
+        Ok(Leader {
             node: NodeId::new(&v.node),
             epoch: Epoch(v.epoch),
             revision: e.mod_revision,
             lease: e.lease,
-        }))
+        })
+    }
+
+    /// Every key of the cluster in one read (one revision). A member whose state does not
+    /// parse as `T` is left out (an agent of another version), not an error.
+    pub async fn snapshot<T: DeserializeOwned>(&self) -> Result<Snapshot<T>, DcsError> {
+        let mut snap = Snapshot {
+            leader: None,
+            last_epoch: None,
+            initialized_by: None,
+            last_leader: None,
+            synchronous_set: None,
+            members: Vec::new(),
+        };
+        for e in self.kv.list(&self.prefix).await? {
+            let name = &e.key[self.prefix.len()..];
+            match name {
+                "leader" => snap.leader = Some(Self::leader_from(&e)?),
+                "epoch" => snap.last_epoch = Some(Epoch(Self::parse::<u64>(&e)?)),
+                "initialize" => {
+                    snap.initialized_by = Some(NodeId::new(&Self::parse::<String>(&e)?))
+                }
+                "last_leader" => snap.last_leader = Some(Self::last_leader_from(&e)?),
+                "sync" => {
+                    let names: Vec<String> = Self::parse(&e)?;
+                    snap.synchronous_set = Some(names.iter().map(|n| NodeId::new(n)).collect());
+                }
+                _ => {
+                    if let Some(node) = name.strip_prefix("members/") {
+                        if let Ok(state) = Self::parse(&e) {
+                            snap.members.push(Member {
+                                node: NodeId::new(node),
+                                state,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Changes to the leader key (taken, released, expired).
+    pub async fn watch_leader(&self) -> Result<watch::Receiver<Revision>, DcsError> {
+        self.kv.watch(&self.key("leader")).await
     }
 
     /// The last epoch ever granted.
@@ -180,15 +239,19 @@ impl<K: Kv> ClusterStore<K> {
     }
 
     pub async fn last_leader(&self) -> Result<Option<(NodeId, Epoch, Lsn)>, DcsError> {
-        let Some(e) = self.kv.get(&self.key("last_leader")).await? else {
-            return Ok(None);
-        };
-        let v: LastLeader = Self::parse(&e)?;
+        match self.kv.get(&self.key("last_leader")).await? {
+            Some(e) => Self::last_leader_from(&e).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn last_leader_from(e: &Entry) -> Result<(NodeId, Epoch, Lsn), DcsError> {
+        let v: LastLeader = Self::parse(e)?;
         let lsn = v.lsn.parse::<Lsn>().map_err(|_| DcsError::BadValue {
             key: e.key.clone(),
             source: serde::de::Error::custom(format!("bad lsn {}", v.lsn)),
         })?;
-        Ok(Some((NodeId::new(&v.node), Epoch(v.epoch), lsn)))
+        Ok((NodeId::new(&v.node), Epoch(v.epoch), lsn))
     }
 
     /// Records the synchronous set; false if `held` no longer holds the key.
@@ -527,7 +590,7 @@ mod tests {
         assert_eq!(first.lease, Some(l1));
         assert!(s.put_last_leader(&first, Lsn(42)).await.expect("put"));
         assert!(s
-            .put_synchronous_set(&first, &[n2.clone()])
+            .put_synchronous_set(&first, std::slice::from_ref(&n2))
             .await
             .expect("put"));
         // A run of n1's agent with a new lease adopts the key, keeping the epoch.

@@ -1,5 +1,5 @@
-//! The HA agent: a pure decision core (observed state -> actions) and, with the next pieces of
-//! the HA issue, the driver that executes them. Must not talk to clients.
+//! The HA agent: a pure decision core (observed state -> actions), the driver that observes a
+//! node and carries the decisions out, and its HTTP API. Must not talk to clients.
 //!
 //! # Layout
 //! - [`decide`] — the agent's decision: what one agent does next from what it observed, or
@@ -7,7 +7,16 @@
 //! - [`candidates`] — who may take the leader lease when nobody holds it, and why each other
 //!   member may not (pure, table-tested).
 //! - [`sync`] — managed synchronous replication: who is named, and the safe order of changes.
+//! - [`agent`] — [`Agent`], the driver: owns its node's PostgreSQL, its lease and its member key.
+//! - [`member`] — [`MemberState`], what an agent publishes.
+//! - [`api`] — `GET /health`, `/primary`, `/replica`.
 
+pub mod agent;
+pub mod api;
 pub mod candidates;
 pub mod decide;
+pub mod member;
 pub mod sync;
+
+pub use agent::{Agent, AgentError};
+pub use member::MemberState;

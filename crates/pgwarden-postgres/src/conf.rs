@@ -80,6 +80,8 @@ impl Settings {
         set("wal_log_hints", "on");
         set("wal_keep_size", &self.wal_keep_size);
         set("wal_receiver_status_interval", "1s");
+        // A standby whose upstream went away (a failover) tries again after 1 s, not 5 s.
+        set("wal_retrieve_retry_interval", "1s");
         set("password_encryption", "scram-sha-256");
         set("synchronous_standby_names", &self.sync.setting());
         set("logging_collector", "on");

@@ -59,8 +59,6 @@ pub enum PgError {
     },
     #[error("the PostgreSQL OS user cannot reach {}: {} is not searchable by it; choose a directory elsewhere (e.g. under /tmp or /var/lib)", path.display(), blocker.display())]
     Unreachable { path: PathBuf, blocker: PathBuf },
-    #[error("the socket path {} is longer than the 107 bytes Unix allows; use a shorter data directory path", .0.display())]
-    SocketPathTooLong(PathBuf),
 }
 
 impl PgError {

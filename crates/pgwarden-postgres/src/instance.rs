@@ -41,6 +41,9 @@ pub struct Instance {
     die_with_parent: bool,
 }
 
+/// Where the servers' Unix sockets go.
+pub const SOCKET_DIR: &str = "/tmp";
+
 const INCLUDE_LINE: &str = "include 'pgwarden.conf'\n";
 
 impl Instance {
@@ -63,8 +66,9 @@ impl Instance {
     }
 
     /// Ties the server's life to the starting thread's (see `prctl(PR_SET_PDEATHSIG)`): for
-    /// processes that own their servers outright, like the demo and test clusters. The HA agent
-    /// must not use it: PostgreSQL has to outlive an agent restart.
+    /// processes that own their servers outright. The HA agent uses it on purpose: a server
+    /// whose agent died must not go on taking writes while its lease runs out, so an agent's
+    /// death is its server's death (and the replicas see both gone at once).
     pub fn die_with_parent(mut self) -> Self {
         self.die_with_parent = true;
         self
@@ -278,6 +282,69 @@ impl Instance {
         run_as.write_file(&auto, &text, 0o600)
     }
 
+    /// The `host` and `port` of this standby's `primary_conninfo`, if it has one.
+    pub fn upstream(&self) -> Option<(String, u16)> {
+        let text = std::fs::read_to_string(self.data_dir.join("postgresql.auto.conf")).ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.split('=').next().unwrap_or("").trim() == "primary_conninfo")?;
+        let value = line.split_once('=')?.1;
+        let word = |key: &str| {
+            value
+                .split_whitespace()
+                .find_map(|w| w.trim_matches('\'').strip_prefix(&format!("{key}=")))
+                .map(|v| v.trim_matches('\'').to_string())
+        };
+        Some((word("host")?, word("port")?.parse().ok()?))
+    }
+
+    /// Makes this stopped data directory a copy of `source`'s timeline with `pg_rewind`
+    /// (which first finishes crash recovery if the server did not stop cleanly), then points
+    /// it at `source` as a standby through `slot`.
+    pub async fn rewind_from(
+        &self,
+        source: &Endpoint,
+        superuser: &ReplicationLogin<'_>,
+        replication: &ReplicationLogin<'_>,
+        slot: &str,
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        let data = self.data_dir.to_string_lossy();
+        let server = format!(
+            "host={} port={} user={} dbname=postgres",
+            conf::conninfo_value(&source.host),
+            source.port,
+            conf::conninfo_value(superuser.user),
+        );
+        let target = format!("--target-pgdata={data}");
+        let source_arg = format!("--source-server={server}");
+        let mut args = vec![target.as_str(), source_arg.as_str()];
+        if !self.durable {
+            args.push("--no-sync");
+        }
+        exec::run(
+            &self.env.bins.program("pg_rewind"),
+            &args,
+            &[
+                ("PGPASSWORD", superuser.password),
+                ("PGAPPNAME", &self.name),
+            ],
+            self.env.run_as,
+            timeout,
+        )
+        .await?;
+        self.forget_upstream_files()?;
+        self.follow(source, replication, slot)
+    }
+
+    /// Removes everything in the data directory (before a new clone).
+    pub fn remove_data(&self) -> Result<(), PgError> {
+        if self.data_dir.is_dir() {
+            self.empty_data_dir()?;
+        }
+        Ok(())
+    }
+
     /// A base backup copies the upstream's logs and socket lock files; they are not ours.
     fn forget_upstream_files(&self) -> Result<(), PgError> {
         let log_dir = self.data_dir.join("log");
@@ -317,10 +384,6 @@ impl Instance {
         if !self.is_initialised() {
             return Err(PgError::NotInitialised(self.data_dir.clone()));
         }
-        let socket = self.data_dir.join(format!(".s.PGSQL.{}", self.port));
-        if socket.as_os_str().len() > 107 {
-            return Err(PgError::SocketPathTooLong(socket));
-        }
         let log_dir = self.data_dir.join("log");
         self.env.run_as.create_dir(&log_dir, 0o700)?;
         let startup_log = log_dir.join("startup.log");
@@ -342,11 +405,10 @@ impl Instance {
             .arg(format!("cluster_name={}", self.name))
             .arg("-c")
             .arg(format!("listen_addresses={}", self.host))
+            // Not in the data directory: pg_rewind copies every file there and fails on a
+            // socket. `/tmp/.s.PGSQL.<port>` is PostgreSQL's own default.
             .arg("-c")
-            .arg(format!(
-                "unix_socket_directories={}",
-                self.data_dir.display()
-            ))
+            .arg(format!("unix_socket_directories={SOCKET_DIR}"))
             .env("LC_ALL", "C")
             .current_dir("/")
             .stdin(Stdio::null())

@@ -1,0 +1,431 @@
+//! Carrying out one [`Action`].
+
+use std::time::Duration;
+
+use pgwarden_core::NodeId;
+use pgwarden_dcs::{Kv, Leader};
+use pgwarden_postgres::sql::{self, ConnectSpec};
+use pgwarden_postgres::{Endpoint, ReplicationLogin, Settings, StopMode, SyncStandbys};
+
+use super::{Agent, AgentError};
+use crate::decide::{Action, SyncMode};
+use crate::sync::{self, Streaming, SyncStep};
+
+const CLONE_TIMEOUT: Duration = Duration::from_secs(3600);
+const REWIND_TIMEOUT: Duration = Duration::from_secs(600);
+const PROMOTE_WAIT_SECONDS: i32 = 30;
+
+impl<K: Kv> Agent<K> {
+    pub(super) async fn act(&mut self, a: &Action) -> Result<(), AgentError> {
+        match a {
+            Action::ClaimInitialize => {
+                if self.store.initialize(&self.id).await? {
+                    tracing::info!(node = %self.id, "this node initialises the cluster");
+                }
+            }
+            Action::Initdb => {
+                let pg = &self.config.postgres;
+                self.instance
+                    .initdb(&pg.superuser, pg.superuser_password.expose())
+                    .await?;
+                self.instance
+                    .configure(&self.pg_settings(), &pg.replication_user)?;
+            }
+            Action::Clone { from } => {
+                let upstream = self.endpoint(from)?;
+                let pw = self.replication_password();
+                let pg = &self.config.postgres;
+                let login = ReplicationLogin {
+                    user: &pg.replication_user,
+                    password: &pw,
+                };
+                tracing::info!(node = %self.id, from = %from, "cloning");
+                self.instance
+                    .clone_from(&upstream, &login, self.id.as_str(), CLONE_TIMEOUT)
+                    .await?;
+                self.instance
+                    .configure(&self.pg_settings(), &pg.replication_user)?;
+                self.mem.upstream = Some(from.clone());
+            }
+            Action::TakeLeader => {
+                let lease = self.lease_id()?;
+                match self.store.take_leader(&self.id, lease).await? {
+                    Some(l) => {
+                        tracing::info!(node = %self.id, epoch = %l.epoch, "took the leader key")
+                    }
+                    None => {
+                        tracing::info!(node = %self.id, "another node took the leader key first")
+                    }
+                }
+            }
+            Action::TakeOver { from } => {
+                let lease = self.lease_id()?;
+                let held = self.held_by(from)?;
+                match self.store.take_over(&held, &self.id, lease).await? {
+                    Some(l) => {
+                        tracing::info!(node = %self.id, from = %from, epoch = %l.epoch, "took the leader key from a leader whose processes are gone")
+                    }
+                    None => tracing::info!(node = %self.id, "the leader key changed first"),
+                }
+            }
+            Action::AdoptLeader => {
+                let lease = self.lease_id()?;
+                let held = self.held_by(&self.id.clone())?;
+                if self.store.adopt_leader(&held, lease).await? {
+                    tracing::info!(node = %self.id, epoch = %held.epoch, "kept the leader key from an earlier run");
+                }
+            }
+            Action::ReleaseLeader => {
+                let held = self.held_by(&self.id.clone())?;
+                self.store.release_leader(&held).await?;
+                tracing::warn!(node = %self.id, epoch = %held.epoch, "released the leader key");
+            }
+            Action::StartPrimary => self.start()?,
+            Action::StartStandby { upstream } => {
+                match upstream {
+                    Some(u) => self.follow(u)?,
+                    None => {
+                        let signal = self.instance.data_dir.join("standby.signal");
+                        self.instance.env().run_as.write_file(&signal, "", 0o600)?;
+                    }
+                }
+                self.start()?;
+            }
+            Action::Promote => self.promote().await?,
+            Action::Follow { upstream } => {
+                self.follow(upstream)?;
+                self.query("SELECT pg_reload_conf()", &[]).await?;
+                self.mem.not_streaming_since = Some(std::time::Instant::now());
+                tracing::info!(node = %self.id, upstream = %upstream, "following a new leader");
+            }
+            Action::Fence => {
+                if let Some(pm) = self.postmaster.as_mut() {
+                    tracing::warn!(node = %self.id, "fencing: stopping postgres at once");
+                    pm.stop(StopMode::Immediate, Duration::from_secs(2)).await;
+                }
+                self.postmaster = None;
+                self.client = None;
+            }
+            Action::Rewind { from } => {
+                self.stop_cleanly().await;
+                let source = self.endpoint(from)?;
+                let pg = &self.config.postgres;
+                let pw = self.replication_password();
+                let superuser = ReplicationLogin {
+                    user: &pg.superuser,
+                    password: pg.superuser_password.expose(),
+                };
+                let repl = ReplicationLogin {
+                    user: &pg.replication_user,
+                    password: &pw,
+                };
+                // pg_rewind reads the source's timeline from its control file, which a fresh
+                // promotion updates only at its first checkpoint: without one it would find
+                // nothing to rewind.
+                self.checkpoint_on(&source).await?;
+                tracing::info!(node = %self.id, from = %from, "rewinding");
+                let result = self
+                    .instance
+                    .rewind_from(&source, &superuser, &repl, self.id.as_str(), REWIND_TIMEOUT)
+                    .await;
+                self.mem.rewind_failed = result.is_err();
+                result?;
+                self.instance
+                    .configure(&self.pg_settings(), &pg.replication_user)?;
+                self.mem.upstream = Some(from.clone());
+            }
+            Action::Reclone { from } => {
+                self.stop_cleanly().await;
+                tracing::warn!(node = %self.id, from = %from, "removing the data directory to clone it again");
+                self.instance.remove_data()?;
+                self.mem.rewind_failed = false;
+                Box::pin(self.act(&Action::Clone { from: from.clone() })).await?;
+            }
+            Action::Lead => self.lead().await?,
+        }
+        Ok(())
+    }
+
+    fn lease_id(&self) -> Result<pgwarden_dcs::LeaseId, AgentError> {
+        self.lease
+            .id()
+            .ok_or(AgentError::NotReady("the agent has no lease yet"))
+    }
+
+    /// The leader key as last read, if `node` holds it.
+    fn held_by(&self, node: &NodeId) -> Result<Leader, AgentError> {
+        self.snapshot
+            .as_ref()
+            .and_then(|s| s.leader.clone())
+            .filter(|l| &l.node == node)
+            .ok_or(AgentError::NotReady("the leader key changed"))
+    }
+
+    fn endpoint(&self, node: &NodeId) -> Result<Endpoint, AgentError> {
+        let n = self
+            .config
+            .node(node.as_str())
+            .ok_or_else(|| AgentError::UnknownNode(node.to_string()))?;
+        Ok(Endpoint {
+            host: n.host.clone(),
+            port: n.port,
+        })
+    }
+
+    async fn checkpoint_on(&self, node: &Endpoint) -> Result<(), AgentError> {
+        let pg = &self.config.postgres;
+        let spec = ConnectSpec {
+            host: &node.host,
+            port: node.port,
+            user: &pg.superuser,
+            password: pg.superuser_password.expose(),
+            dbname: "postgres",
+            application_name: "pgwarden-agent",
+            timeout: Duration::from_secs(5),
+        };
+        let client = sql::connect(&spec).await?;
+        tokio::time::timeout(Duration::from_secs(120), client.batch_execute("CHECKPOINT"))
+            .await
+            .map_err(|_| {
+                AgentError::Sql(format!(
+                    "CHECKPOINT on {} took longer than 120s",
+                    spec.addr()
+                ))
+            })?
+            .map_err(|e| AgentError::Sql(format!("CHECKPOINT on {}: {e}", spec.addr())))
+    }
+
+    fn replication_password(&self) -> String {
+        self.config
+            .postgres
+            .replication_password
+            .as_ref()
+            .map(|s| s.expose().to_string())
+            .unwrap_or_default()
+    }
+
+    fn follow(&mut self, upstream: &NodeId) -> Result<(), AgentError> {
+        let ep = self.endpoint(upstream)?;
+        let pw = self.replication_password();
+        let login = ReplicationLogin {
+            user: &self.config.postgres.replication_user,
+            password: &pw,
+        };
+        self.instance.follow(&ep, &login, self.id.as_str())?;
+        self.mem.upstream = Some(upstream.clone());
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), AgentError> {
+        self.instance
+            .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
+        self.postmaster = Some(self.instance.spawn()?);
+        Ok(())
+    }
+
+    async fn stop_cleanly(&mut self) {
+        if let Some(pm) = self.postmaster.as_mut() {
+            pm.stop(StopMode::Fast, Duration::from_secs(10)).await;
+        }
+        self.postmaster = None;
+        self.client = None;
+    }
+
+    /// Slots for the other members first (so they can stream the moment they repoint), the
+    /// synchronous standbys named before the first write in synchronous mode, then promote.
+    async fn promote(&mut self) -> Result<(), AgentError> {
+        self.ensure_slots().await?;
+        if self.rules.synchronous_mode != SyncMode::Off {
+            self.mem.sync_applied = self.configured_sync_standbys();
+            self.instance
+                .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
+            self.query("SELECT pg_reload_conf()", &[]).await?;
+        }
+        let rows = self
+            .query("SELECT pg_promote(true, $1)", &[&PROMOTE_WAIT_SECONDS])
+            .await?;
+        let done: bool = rows.first().map(|r| r.get(0)).unwrap_or(false);
+        if !done {
+            return Err(AgentError::Sql(format!(
+                "pg_promote did not finish within {PROMOTE_WAIT_SECONDS}s"
+            )));
+        }
+        self.mem.upstream = None;
+        let epoch = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .map(|l| l.epoch);
+        tracing::info!(node = %self.id, epoch = ?epoch, "promoted");
+        Ok(())
+    }
+
+    /// The leader's round: roles and slots once, its position every round, synchronous
+    /// standbys kept in step with the healthy members.
+    async fn lead(&mut self) -> Result<(), AgentError> {
+        let held = self.held_by(&self.id.clone())?;
+        if self.mem.slots_for != Some(held.epoch) {
+            self.ensure_slots().await?;
+            self.mem.slots_for = Some(held.epoch);
+        }
+        if !self.mem.roles_ready {
+            self.ensure_roles().await?;
+            self.mem.roles_ready = true;
+        }
+        let rows = self.query("SELECT pg_current_wal_lsn()::text", &[]).await?;
+        let lsn: Option<String> = rows.first().map(|r| r.get(0));
+        if let Some(lsn) = lsn.and_then(|s| s.parse().ok()) {
+            self.store.put_last_leader(&held, lsn).await?;
+        }
+        if self.rules.synchronous_mode != SyncMode::Off {
+            self.manage_sync(&held).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_slots(&mut self) -> Result<(), AgentError> {
+        let others: Vec<String> = self
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.me.name)
+            .map(|n| n.name.clone())
+            .collect();
+        for slot in others {
+            self.query(
+                "SELECT pg_create_physical_replication_slot($1, true) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_roles(&mut self) -> Result<(), AgentError> {
+        let pg = &self.config.postgres;
+        let Some(pw) = pg.replication_password.clone() else {
+            return Ok(());
+        };
+        let user = pg.replication_user.clone();
+        let spec = ConnectSpec {
+            host: &self.me.host,
+            port: self.me.port,
+            user: &pg.superuser,
+            password: pg.superuser_password.expose(),
+            dbname: "postgres",
+            application_name: "pgwarden-agent",
+            timeout: Duration::from_secs(5),
+        };
+        let client = sql::connect(&spec).await?;
+        sql::ensure_role(&client, &spec.addr(), &user, pw.expose(), "REPLICATION").await?;
+        Ok(())
+    }
+
+    async fn manage_sync(&mut self, held: &Leader) -> Result<(), AgentError> {
+        let rows = self
+            .query(
+                "SELECT application_name, sync_state FROM pg_stat_replication WHERE state = 'streaming'",
+                &[],
+            )
+            .await?;
+        let streaming: Vec<Streaming> = rows
+            .iter()
+            .filter_map(|r| {
+                let name: String = r.get(0);
+                let state: String = r.get(1);
+                let n = self.config.node(&name)?;
+                Some(Streaming {
+                    node: NodeId::new(&name),
+                    priority: n.priority,
+                    nosync: n.nosync,
+                    synchronous: state == "sync",
+                })
+            })
+            .collect();
+        let count = self.config.replication.sync_count;
+        let mut want = sync::wanted(
+            self.rules.synchronous_mode,
+            count,
+            &self.mem.sync_applied,
+            &streaming,
+        );
+        if self.rules.synchronous_mode == SyncMode::Strict {
+            // Strict: never fewer than sync_count named, healthy or not, so writes wait.
+            for n in self.configured_sync_standbys_all() {
+                if want.len() >= count as usize {
+                    break;
+                }
+                if !want.contains(&n) {
+                    want.push(n);
+                }
+            }
+        }
+        let recorded = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.synchronous_set.clone())
+            .unwrap_or_default();
+        match sync::next_step(&recorded, &self.mem.sync_applied, &want, &streaming) {
+            None => {}
+            Some(SyncStep::Record(set)) => {
+                tracing::info!(node = %self.id, set = ?set, "recording the synchronous set");
+                self.store.put_synchronous_set(held, &set).await?;
+            }
+            Some(SyncStep::Apply(set)) => {
+                tracing::info!(node = %self.id, standbys = ?set, "naming the synchronous standbys");
+                self.mem.sync_applied = set;
+                self.instance
+                    .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
+                self.query("SELECT pg_reload_conf()", &[]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before the first promotion's write: the best `sync_count` other members by priority
+    /// (no member has reported yet; strict mode must not take a write unprotected).
+    fn configured_sync_standbys(&self) -> Vec<NodeId> {
+        let mut all = self.configured_sync_standbys_all();
+        all.truncate(self.config.replication.sync_count as usize);
+        all
+    }
+
+    /// Every other member that may be synchronous, by priority then name.
+    fn configured_sync_standbys_all(&self) -> Vec<NodeId> {
+        let mut others: Vec<_> = self
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.me.name && !n.nosync)
+            .collect();
+        others.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+        others.iter().map(|n| NodeId::new(&n.name)).collect()
+    }
+
+    /// `pgwarden.conf` for this cluster, with the synchronous standbys this agent named.
+    pub(super) fn pg_settings(&self) -> Settings {
+        let senders = (self.config.nodes.len() as u32 * 2 + 2).max(10);
+        let names: Vec<String> = self
+            .mem
+            .sync_applied
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let k = self.config.replication.sync_count;
+        let sync = match (self.rules.synchronous_mode, names.is_empty()) {
+            (SyncMode::Off, _) | (_, true) => SyncStandbys::None,
+            (SyncMode::Strict, false) => SyncStandbys::First(k, names),
+            // FIRST k with exactly the named ones: each of them holds every acknowledged
+            // commit, which is what the recorded set promises (ANY k would not).
+            (SyncMode::On, false) => SyncStandbys::First(k.min(names.len() as u32), names),
+        };
+        Settings {
+            max_wal_senders: senders,
+            max_replication_slots: senders,
+            sync,
+            parameters: self.config.postgres.parameters.clone(),
+            ..Settings::default()
+        }
+    }
+}

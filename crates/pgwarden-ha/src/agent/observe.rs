@@ -1,0 +1,363 @@
+//! One round's observation: the store in one read, this node's PostgreSQL from its own
+//! answers, the leader's liveness by its ports, and (only when there is an election) every
+//! peer's position asked on its API.
+
+use std::time::{Duration, Instant};
+
+use pgwarden_config::NodeConfig;
+use pgwarden_core::{Lsn, NodeId};
+use pgwarden_dcs::Kv;
+use pgwarden_postgres::sql::{self, ConnectSpec};
+
+use super::{Agent, AgentError, PEER_TIMEOUT};
+use crate::api;
+use crate::candidates::Candidate;
+use crate::decide::{Decision, LeaderKey, Observation, Pg, Role, Running, Store};
+use crate::member::MemberState;
+
+/// The bound on connecting to this node's PostgreSQL, and on one query.
+const SQL_TIMEOUT: Duration = Duration::from_secs(2);
+
+const STATE_SQL: &str = "\
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery()
+            THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text
+            ELSE pg_current_wal_lsn()::text END,
+       CASE WHEN pg_is_in_recovery()
+            THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
+                          (SELECT timeline_id FROM pg_control_checkpoint()),
+                          (SELECT min_recovery_end_timeline FROM pg_control_recovery()))::int8
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END,
+       COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
+
+impl<K: Kv> Agent<K> {
+    pub(super) async fn observe(&mut self) -> Observation {
+        let now = Instant::now();
+        self.mem.soon = false;
+        self.snapshot = match self.store.snapshot::<MemberState>().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(node = %self.id, error = %e, "cannot read the store");
+                None
+            }
+        };
+        let pg = self.observe_pg(now).await;
+        let lease = self.lease.id();
+        let store = self.snapshot.as_ref().map(|s| Store {
+            leader: s.leader.as_ref().map(|l| LeaderKey {
+                node: l.node.clone(),
+                epoch: l.epoch,
+                ours: l.lease.is_some() && l.lease == lease,
+            }),
+            last_epoch: s.last_epoch,
+            initialized_by: s.initialized_by.clone(),
+            last_leader: s.last_leader.as_ref().map(|(n, _, lsn)| (n.clone(), *lsn)),
+            leader_timeline: s.leader.as_ref().and_then(|l| {
+                s.members
+                    .iter()
+                    .find(|m| m.node == l.node && m.state.primary)
+                    .and_then(|m| m.state.timeline)
+            }),
+            synchronous_set: s.synchronous_set.clone(),
+        });
+        let other_leader = store
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .filter(|l| l.node != self.id)
+            .map(|l| l.node.clone());
+        let leader_gone = match &other_leader {
+            Some(l) => self.leader_gone(l, now).await,
+            None => {
+                self.mem.refused_since = None;
+                false
+            }
+        };
+        let electing = store.as_ref().is_some_and(|s| s.leader.is_none()) || leader_gone;
+        let candidates = if electing {
+            self.candidates(&pg, now).await
+        } else {
+            Vec::new()
+        };
+        Observation {
+            node: self.id.clone(),
+            now: self.tick(now),
+            pg,
+            pg_down_since: self.mem.pg_down_since.map(|t| self.tick(t)),
+            store,
+            renewed_at: self.lease.renewed_at().map(|t| self.tick(t)),
+            candidates,
+            leader_gone,
+            rewind_failed: self.mem.rewind_failed,
+        }
+    }
+
+    async fn observe_pg(&mut self, now: Instant) -> Pg {
+        if let Some(pm) = self.postmaster.as_mut() {
+            if let Some(status) = pm.try_wait() {
+                tracing::warn!(
+                    node = %self.id,
+                    %status,
+                    log = %pgwarden_postgres::log_tail(&self.instance.data_dir, 3),
+                    "postgres exited"
+                );
+                self.postmaster = None;
+                self.client = None;
+                self.mem.pg_down_since.get_or_insert(now);
+            }
+        }
+        if self.postmaster.is_none() {
+            return if self.instance.is_initialised() {
+                Pg::Stopped {
+                    standby: self.instance.is_standby(),
+                }
+            } else {
+                Pg::Missing
+            };
+        }
+        match self.query_state().await {
+            Ok((mut r, streaming)) => {
+                self.mem.pg_down_since = None;
+                if r.primary || streaming {
+                    self.mem.not_streaming_since = None;
+                } else {
+                    self.mem.not_streaming_since.get_or_insert(now);
+                }
+                r.not_streaming_since = self.mem.not_streaming_since.map(|t| self.tick(t));
+                r.upstream = if r.primary {
+                    None
+                } else {
+                    self.mem.upstream.clone()
+                };
+                Pg::Running(r)
+            }
+            Err(e) => {
+                tracing::debug!(node = %self.id, error = %e, "postgres does not answer yet");
+                self.client = None;
+                self.mem.pg_down_since.get_or_insert(now);
+                Pg::Starting {
+                    as_primary: !self.instance.is_standby(),
+                }
+            }
+        }
+    }
+
+    /// A connection to this node's own server as the superuser (kept between rounds).
+    pub(super) async fn client(&mut self) -> Result<&tokio_postgres::Client, AgentError> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let pg = &self.config.postgres;
+            let c = sql::connect(&ConnectSpec {
+                host: &self.me.host,
+                port: self.me.port,
+                user: &pg.superuser,
+                password: pg.superuser_password.expose(),
+                dbname: "postgres",
+                application_name: "pgwarden-agent",
+                timeout: SQL_TIMEOUT,
+            })
+            .await?;
+            self.client = Some(c);
+        }
+        Ok(self.client.as_ref().expect("just connected"))
+    }
+
+    /// Runs `sql` on this node's server within the bound.
+    pub(super) async fn query(
+        &mut self,
+        text: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, AgentError> {
+        let client = self.client().await?;
+        match tokio::time::timeout(SQL_TIMEOUT, client.query(text, params)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => {
+                self.client = None;
+                Err(AgentError::Sql(format!("{text:.40}...: {e}")))
+            }
+            Err(_) => {
+                self.client = None;
+                Err(AgentError::Sql(format!(
+                    "{text:.40}... took longer than {SQL_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    async fn query_state(&mut self) -> Result<(Running, bool), AgentError> {
+        let rows = self.query(STATE_SQL, &[]).await?;
+        let row = rows
+            .first()
+            .ok_or(AgentError::NotReady("no row from the state query"))?;
+        let in_recovery: bool = row.get(0);
+        let lsn: Option<String> = row.get(1);
+        let timeline: Option<i64> = row.get(2);
+        let streaming: bool = row.get(3);
+        Ok((
+            Running {
+                primary: !in_recovery,
+                timeline: timeline.unwrap_or(0) as u32,
+                lsn: lsn.and_then(|s| s.parse().ok()).unwrap_or(Lsn(0)),
+                upstream: None,
+                not_streaming_since: None,
+            },
+            streaming,
+        ))
+    }
+
+    /// Process death: the leader's PostgreSQL and agent ports both refuse connections, twice,
+    /// at least [`super::GONE_RECHECK`] apart. A timeout is not a refusal (a partition is not a
+    /// death: that case waits for the lease).
+    async fn leader_gone(&mut self, leader: &NodeId, now: Instant) -> bool {
+        let Some(node) = self.config.node(leader.as_str()) else {
+            return false;
+        };
+        let Some(api) = node.api else {
+            return false;
+        };
+        let (pg, api) = (node.address(), api.to_string());
+        let (a, b) = tokio::join!(refused(&pg), refused(&api));
+        if !(a && b) {
+            self.mem.refused_since = None;
+            return false;
+        }
+        match self.mem.refused_since {
+            Some(first) if now.duration_since(first) >= super::GONE_RECHECK => true,
+            Some(_) => {
+                self.mem.soon = true;
+                false
+            }
+            None => {
+                tracing::info!(node = %self.id, leader = %leader, "the leader's ports refuse connections; checking again");
+                self.mem.refused_since = Some(now);
+                self.mem.soon = true;
+                false
+            }
+        }
+    }
+
+    /// This node and every published member, with positions asked on their APIs.
+    async fn candidates(&mut self, pg: &Pg, now: Instant) -> Vec<Candidate> {
+        let mut out = vec![Candidate {
+            node: self.id.clone(),
+            age: Duration::ZERO,
+            standby_running: matches!(pg, Pg::Running(r) if !r.primary),
+            received: match pg {
+                Pg::Running(r) if !r.primary => Some(r.lsn),
+                _ => None,
+            },
+            priority: self.me.priority,
+            nofailover: self.me.nofailover,
+        }];
+        let Some(snap) = &self.snapshot else {
+            return out;
+        };
+        let peers: Vec<(NodeId, MemberState)> = snap
+            .members
+            .iter()
+            .filter(|m| m.node != self.id)
+            .map(|m| (m.node.clone(), m.state.clone()))
+            .collect();
+        let answers = futures::future::join_all(peers.iter().map(|(_, st)| async move {
+            match &st.api {
+                Some(addr) => api::fetch_state(addr, PEER_TIMEOUT).await,
+                None => Some(st.clone()),
+            }
+        }))
+        .await;
+        for ((node, published), answer) in peers.into_iter().zip(answers) {
+            let (state, age) = match answer {
+                Some(s) => {
+                    self.mem.heard.insert(node.clone(), now);
+                    (s, Duration::ZERO)
+                }
+                None => {
+                    let since = self.mem.heard.get(&node).copied().unwrap_or(self.origin);
+                    (published, now.duration_since(since))
+                }
+            };
+            out.push(candidate(node, &state, age));
+        }
+        out
+    }
+}
+
+fn candidate(node: NodeId, s: &MemberState, age: Duration) -> Candidate {
+    Candidate {
+        node,
+        age,
+        standby_running: s.state == "running" && !s.primary,
+        received: s.lsn.as_deref().and_then(|l| l.parse().ok()),
+        priority: s.priority,
+        nofailover: s.nofailover,
+    }
+}
+
+async fn refused(addr: &str) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// The state of a node before its first round.
+pub(super) fn blank_state(me: &NodeConfig) -> MemberState {
+    MemberState {
+        role: "down".into(),
+        state: "stopped".into(),
+        primary: false,
+        timeline: None,
+        lsn: None,
+        streaming: false,
+        lag_bytes: None,
+        epoch: None,
+        host: me.host.clone(),
+        port: me.port,
+        api: me.api.map(|a| a.to_string()),
+        priority: me.priority,
+        nofailover: me.nofailover,
+        nosync: me.nosync,
+        reason: None,
+    }
+}
+
+/// The state published after a decision.
+pub(super) fn member_state(
+    me: &NodeConfig,
+    o: &Observation,
+    d: &Decision,
+    snap: Option<&pgwarden_dcs::Snapshot<MemberState>>,
+) -> MemberState {
+    let mut s = blank_state(me);
+    s.role = match d.role {
+        Role::Leader => "leader",
+        Role::Replica => "replica",
+        Role::Down => "down",
+    }
+    .into();
+    s.state = match &o.pg {
+        Pg::Missing => "missing",
+        Pg::Stopped { .. } => "stopped",
+        Pg::Starting { .. } => "starting",
+        Pg::Running(_) => "running",
+    }
+    .into();
+    if let Pg::Running(r) = &o.pg {
+        s.primary = r.primary;
+        s.timeline = Some(r.timeline);
+        s.lsn = Some(r.lsn.to_string());
+        s.streaming = !r.primary && r.not_streaming_since.is_none();
+        if let Some((_, _, last)) = snap.and_then(|x| x.last_leader.as_ref()) {
+            s.lag_bytes = Some(last.bytes_since(r.lsn));
+        }
+    }
+    if d.role == Role::Leader {
+        s.epoch = snap
+            .and_then(|x| x.leader.as_ref())
+            .filter(|l| l.node == o.node)
+            .map(|l| l.epoch.0);
+    }
+    s.reason = d.waiting.as_ref().map(|r| r.to_string());
+    s
+}
