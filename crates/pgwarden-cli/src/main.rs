@@ -40,6 +40,16 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Run the HA agent of one node: it owns the node's PostgreSQL and fails over with the
+    /// other agents through the store in [dcs].
+    Agent {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// This node's name in [[nodes]].
+        #[arg(long)]
+        node: String,
+    },
     /// Run a local replicated cluster in the foreground.
     Demo {
         /// Where the cluster lives.
@@ -81,7 +91,7 @@ fn parse_mode(s: &str) -> Result<ReplicationMode, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo { .. } | Command::Proxy { .. } => "info",
+        Command::Demo { .. } | Command::Proxy { .. } | Command::Agent { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -135,6 +145,13 @@ async fn run(command: Command) -> ExitCode {
             status(&config, json, watch).await
         }
         Command::Proxy { .. } => unreachable!("handled in main"),
+        Command::Agent { config, node } => {
+            let config = match load(config) {
+                Ok(c) => std::sync::Arc::new(c),
+                Err(code) => return code,
+            };
+            agent(config, &node).await
+        }
         Command::Demo {
             dir,
             nodes,
@@ -245,7 +262,19 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
     };
     runtime.block_on(async move {
         let listen = config.proxy.listen;
-        let view = pgwarden_cluster::monitor::spawn(config.clone()).await;
+        // With [dcs] the agents decide who leads and the proxy follows the store; without it,
+        // the monitor's probes of a cluster managed by something else.
+        let view = if config.dcs.is_some() {
+            match pgwarden_ha::store::connect(&config).await {
+                Ok(store) => {
+                    pgwarden_ha::view::spawn(std::sync::Arc::new(store), config.agent.loop_wait)
+                        .await
+                }
+                Err(e) => return fail(&e.to_string(), 1),
+            }
+        } else {
+            pgwarden_cluster::monitor::spawn(config.clone()).await
+        };
         let proxy = match pgwarden_proxy::Proxy::bind(config, view).await {
             Ok(p) => p,
             Err(e) => return fail(&format!("cannot start the proxy on {listen}: {e}"), 1),
@@ -255,6 +284,33 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
         proxy.serve(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+async fn agent(config: std::sync::Arc<Config>, node: &str) -> ExitCode {
+    if config.node(node).is_none() {
+        return fail(
+            &format!("node \"{node}\" is not in [[nodes]] of the config"),
+            2,
+        );
+    }
+    pgwarden_postgres::become_subreaper();
+    let store = match pgwarden_ha::store::connect(&config).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 1),
+    };
+    let agent = match pgwarden_ha::Agent::new(config, node, store).await {
+        Ok(a) => a,
+        Err(e) => return fail(&e.to_string(), 1),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    match agent.run(stopped).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e.to_string(), 1),
+    }
 }
 
 /// SIGINT or SIGTERM.

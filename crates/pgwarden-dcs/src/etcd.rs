@@ -41,20 +41,55 @@ fn entry(kv: &etcd_client::KeyValue) -> Entry {
     }
 }
 
+/// How to reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// `host:port` or `http(s)://host:port`.
+    pub endpoints: Vec<String>,
+    pub user: Option<(String, String)>,
+    /// PEM CA certificate to verify the servers with (turns TLS on).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key (client-certificate authentication).
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The bound on connecting and on every call.
+    pub timeout: Duration,
+}
+
 impl EtcdKv {
-    /// Connects to `endpoints` (`http://host:port`), optionally as `user`, within `timeout`.
-    pub async fn connect(
-        endpoints: &[String],
-        user: Option<(String, String)>,
-        timeout: Duration,
-    ) -> Result<EtcdKv, DcsError> {
-        let mut options = ConnectOptions::new()
+    /// Connects within `options.timeout`.
+    pub async fn connect(options: &EtcdOptions) -> Result<EtcdKv, DcsError> {
+        let timeout = options.timeout;
+        let tls = options.ca_pem.is_some() || options.identity_pem.is_some();
+        let endpoints: Vec<String> = options
+            .endpoints
+            .iter()
+            .map(|e| {
+                if e.contains("://") {
+                    e.clone()
+                } else if tls {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
-        if let Some((name, password)) = user {
-            options = options.with_user(name, password);
+        if let Some((name, password)) = &options.user {
+            opts = opts.with_user(name.clone(), password.clone());
         }
-        let client = bounded(timeout, Client::connect(endpoints, Some(options))).await?;
+        if tls {
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &options.ca_pem {
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &options.identity_pem {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+        }
+        let client = bounded(timeout, Client::connect(endpoints, Some(opts))).await?;
         Ok(EtcdKv { client, timeout })
     }
 }

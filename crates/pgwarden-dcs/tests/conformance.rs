@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgwarden_core::{Epoch, NodeId};
-use pgwarden_dcs::etcd::EtcdKv;
+use pgwarden_dcs::etcd::{EtcdKv, EtcdOptions};
 use pgwarden_dcs::memory::MemoryKv;
 use pgwarden_dcs::{ClusterStore, Kv, Member};
 use pgwarden_testkit::etcd::Etcd;
@@ -131,9 +131,13 @@ async fn the_in_process_store_races() {
 #[tokio::test]
 async fn etcd() {
     let etcd = Etcd::start().await;
-    let kv = EtcdKv::connect(&[etcd.endpoint()], None, Duration::from_secs(3))
-        .await
-        .expect("connect to etcd");
+    let kv = EtcdKv::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        timeout: Duration::from_secs(3),
+        ..EtcdOptions::default()
+    })
+    .await
+    .expect("connect to etcd");
     scenarios(ClusterStore::new(kv.clone(), "pgwarden-test", "main")).await;
     race(Arc::new(ClusterStore::new(
         kv.clone(),
@@ -161,11 +165,11 @@ async fn etcd() {
 async fn an_unreachable_etcd_is_a_bounded_retryable_error() {
     let port = pgwarden_testkit::ports::free_ports(1)[0];
     let started = std::time::Instant::now();
-    let r = EtcdKv::connect(
-        &[format!("http://127.0.0.1:{port}")],
-        None,
-        Duration::from_secs(1),
-    )
+    let r = EtcdKv::connect(&EtcdOptions {
+        endpoints: vec![format!("127.0.0.1:{port}")],
+        timeout: Duration::from_secs(1),
+        ..EtcdOptions::default()
+    })
     .await;
     match r {
         Err(e) => assert!(e.is_retryable(), "{e}"),

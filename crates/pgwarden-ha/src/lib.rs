@@ -10,13 +10,17 @@
 //! - [`agent`] — [`Agent`], the driver: owns its node's PostgreSQL, its lease and its member key.
 //! - [`member`] — [`MemberState`], what an agent publishes.
 //! - [`api`] — `GET /health`, `/primary`, `/replica`.
+//! - [`store`] — the etcd store from `[dcs]`, or the in-process one.
+//! - [`view`] — the proxy's cluster view from the store.
 
 pub mod agent;
 pub mod api;
 pub mod candidates;
 pub mod decide;
 pub mod member;
+pub mod store;
 pub mod sync;
+pub mod view;
 
 pub use agent::{Agent, AgentError};
 pub use member::MemberState;

@@ -28,7 +28,7 @@ pub use bins::PgBinaries;
 pub use conf::{Settings, SyncStandbys};
 pub use error::PgError;
 pub use instance::{log_tail, Endpoint, Instance, ReplicationLogin};
-pub use process::{Postmaster, StopMode};
+pub use process::{become_subreaper, reap_orphans, Postmaster, StopMode};
 pub use user::RunAs;
 
 /// Everything needed to run PostgreSQL programs on this host.

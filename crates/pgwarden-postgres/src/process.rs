@@ -170,3 +170,51 @@ fn pid_file_status(data_dir: &Path, pid: u32) -> Option<String> {
     }
     Some(lines.nth(6)?.trim().to_string())
 }
+
+/// Makes this process a child subreaper: PostgreSQL backends orphaned by a killed postmaster
+/// are reparented to it (to be reaped by [`reap_orphans`]) rather than to an init that may
+/// never reap them.
+pub fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::debug!(error = %e, "cannot become a child subreaper");
+    }
+}
+
+/// Reaps this process's exited children that are PostgreSQL processes other than `keep` (a
+/// postmaster that its [`Postmaster`] reaps itself, keeping its exit status). Other children
+/// (a `pg_basebackup` run by a tokio `Command`) are left to whoever waits for them. Another
+/// agent's dead postmaster in the same process may be reaped here; its `Postmaster` then
+/// reports it gone without a status.
+pub fn reap_orphans(keep: &[u32]) {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if keep.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (
+            fields.next(),
+            fields.next().and_then(|p| p.parse::<u32>().ok()),
+        );
+        if state == Some("Z") && ppid == Some(me) && comm.starts_with("postgres") {
+            let _ = nix::sys::wait::waitpid(
+                Pid::from_raw(pid as i32),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}

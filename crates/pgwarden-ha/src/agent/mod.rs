@@ -188,6 +188,8 @@ impl<K: Kv> Agent<K> {
                 break;
             }
             let o = self.observe().await;
+            let keep: Vec<u32> = self.postmaster.iter().map(|p| p.pid()).collect();
+            pgwarden_postgres::reap_orphans(&keep);
             let d = decide::decide(&o, &self.rules);
             self.publish(&o, &d).await;
             self.lease.loop_turned(d.role == Role::Leader);

@@ -1,0 +1,68 @@
+//! The cluster's store from `[dcs]`.
+
+use pgwarden_config::{Config, DcsConfig};
+use pgwarden_dcs::etcd::{EtcdKv, EtcdOptions};
+use pgwarden_dcs::{ClusterStore, DcsError, Kv};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no [dcs] section: the agents need an etcd cluster to agree through (the in-process store is only for agents in one process, as in pgwarden demo)")]
+    NotConfigured,
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reach etcd at {endpoints}: {source}")]
+    Unreachable {
+        endpoints: String,
+        #[source]
+        source: DcsError,
+    },
+}
+
+/// Connects to the etcd of `[dcs]` and checks that it answers.
+pub async fn connect(config: &Config) -> Result<ClusterStore<EtcdKv>, StoreError> {
+    let dcs = config.dcs.as_ref().ok_or(StoreError::NotConfigured)?;
+    let options = options(dcs)?;
+    let endpoints = dcs.endpoints.join(", ");
+    let unreachable = |source| StoreError::Unreachable {
+        endpoints: endpoints.clone(),
+        source,
+    };
+    let kv = EtcdKv::connect(&options).await.map_err(unreachable)?;
+    // A lazy connection says nothing: one read proves the store answers.
+    kv.get("/").await.map_err(unreachable)?;
+    Ok(ClusterStore::new(kv, &dcs.namespace, &config.cluster))
+}
+
+fn options(dcs: &DcsConfig) -> Result<EtcdOptions, StoreError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| StoreError::File {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let ca_pem = dcs.ca_file.as_deref().map(read).transpose()?;
+    let identity_pem = match (&dcs.cert_file, &dcs.key_file) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    Ok(EtcdOptions {
+        endpoints: dcs.endpoints.clone(),
+        user: dcs
+            .username
+            .clone()
+            .zip(dcs.password.as_ref().map(|p| p.expose().to_string())),
+        ca_pem,
+        identity_pem,
+        timeout: dcs.timeout,
+    })
+}
+
+/// A store for agents that all live in this process (the demo).
+pub fn in_process<K: Kv + Clone>(kv: &K, config: &Config) -> ClusterStore<K> {
+    let namespace = config.dcs.as_ref().map_or("pgwarden", |d| &d.namespace);
+    ClusterStore::new(kv.clone(), namespace, &config.cluster)
+}
