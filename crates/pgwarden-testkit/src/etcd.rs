@@ -66,6 +66,10 @@ impl Etcd {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    pub fn client_addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.client_port).into()
+    }
 }
 
 impl Drop for Etcd {

@@ -19,11 +19,13 @@
 //! - [`cluster`] — [`Cluster`], [`ClusterBuilder`] and the per-node helpers.
 //! - [`template`] — the shared initdb template.
 //! - [`etcd`] — [`etcd::Etcd`], a real etcd on free ports.
+//! - [`fault`] — [`fault::FaultProxy`], a TCP proxy that cuts, blackholes or delays.
 //! - [`ports`] — free TCP ports.
 //! - [`wait`] — [`eventually`], the bounded retry every test uses instead of sleeping.
 
 pub mod cluster;
 pub mod etcd;
+pub mod fault;
 pub mod ports;
 pub mod template;
 pub mod wait;

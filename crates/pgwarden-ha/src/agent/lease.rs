@@ -1,5 +1,10 @@
 //! The agent's lease, kept alive by its own task so that a long action (a clone, a rewind)
 //! does not let it lapse, and not kept alive for a leader whose loop has stopped turning.
+//!
+//! The fence guard is a third task: while the loop reports a writable server, it stops that
+//! server (SIGQUIT, immediate shutdown) the moment the lease is `ttl - fence_margin` old by
+//! this process's monotonic clock. It does not wait for the loop, whose store calls may each
+//! take their whole timeout while the store is unreachable.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +25,8 @@ struct State {
     /// When the loop last finished a round, and whether it leads.
     loop_at: Instant,
     leading: bool,
+    /// The PID of a postmaster that may take writes, to stop once the lease is too old.
+    writable: Option<u32>,
 }
 
 impl Lease {
@@ -36,6 +43,11 @@ impl Lease {
         let mut s = self.lock();
         s.loop_at = Instant::now();
         s.leading = leading;
+    }
+
+    /// The postmaster that may take writes now (`None`: none does).
+    pub fn guard(&self, writable: Option<u32>) {
+        self.lock().writable = writable;
     }
 
     /// The store said the lease is gone: a new one is granted.
@@ -59,16 +71,19 @@ pub fn spawn<K: Kv>(
     store: Arc<ClusterStore<K>>,
     ttl: Duration,
     every: Duration,
-    loop_silence: Duration,
+    fence_after: Duration,
 ) -> (Arc<Lease>, tokio::task::JoinHandle<()>) {
+    let loop_silence = fence_after;
     let lease = Arc::new(Lease {
         state: Mutex::new(State {
             id: None,
             renewed_at: None,
             loop_at: Instant::now(),
             leading: false,
+            writable: None,
         }),
     });
+    tokio::spawn(fence_guard(lease.clone(), fence_after));
     let shared = lease.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -119,4 +134,29 @@ pub fn spawn<K: Kv>(
         }
     });
     (lease, task)
+}
+
+/// How often the guard looks: the bound on how late past `ttl - fence_margin` a fence comes.
+const GUARD_TICK: Duration = Duration::from_millis(50);
+
+/// Stops a writable server once the lease is older than `fence_after`; ends with the lease
+/// (its only other owner, the agent, is gone).
+async fn fence_guard(lease: Arc<Lease>, fence_after: Duration) {
+    while Arc::strong_count(&lease) > 1 {
+        tokio::time::sleep(GUARD_TICK).await;
+        let mut s = lease.lock();
+        let Some(pid) = s.writable else {
+            continue;
+        };
+        let stale = s.renewed_at.map_or(true, |t| t.elapsed() >= fence_after);
+        if stale {
+            tracing::error!(pid, "fencing: the lease was not renewed in time; stopping postgres at once");
+            // Our own child, not yet reaped (only its Postmaster reaps it), so the PID is its.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
+            s.writable = None;
+        }
+    }
 }

@@ -193,6 +193,14 @@ impl<K: Kv> Agent<K> {
             let d = decide::decide(&o, &self.rules);
             self.publish(&o, &d).await;
             self.lease.loop_turned(d.role == Role::Leader);
+            let writable = matches!(o.pg, Pg::Running(ref r) if r.primary)
+                || matches!(o.pg, Pg::Starting { as_primary: true });
+            self.lease.guard(
+                self.postmaster
+                    .as_ref()
+                    .map(|p| p.pid())
+                    .filter(|_| writable && !d.actions.contains(&Action::Fence)),
+            );
             let mut wait = if self.mem.soon || matches!(o.pg, Pg::Starting { .. }) {
                 Duration::from_millis(100)
             } else {
