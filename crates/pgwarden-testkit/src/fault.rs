@@ -32,7 +32,9 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on a free port of 127.0.0.1 and forwards to `target`.
     pub async fn start(target: SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fault proxy");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fault proxy");
         let port = listener.local_addr().expect("addr").port();
         let (tx, _) = watch::channel(Fault::Pass);
         let mode = Arc::new(tx);
@@ -164,10 +166,15 @@ mod tests {
     #[tokio::test]
     async fn pass_blackhole_delay_cut() {
         let p = FaultProxy::start(echo_server().await).await;
-        let mut s = TcpStream::connect(("127.0.0.1", p.port())).await.expect("connect");
+        let mut s = TcpStream::connect(("127.0.0.1", p.port()))
+            .await
+            .expect("connect");
         assert!(roundtrip(&mut s, Duration::from_secs(2)).await, "pass");
         p.set(Fault::Blackhole);
-        assert!(!roundtrip(&mut s, Duration::from_millis(300)).await, "blackholed");
+        assert!(
+            !roundtrip(&mut s, Duration::from_millis(300)).await,
+            "blackholed"
+        );
         p.set(Fault::Pass);
         let mut b = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b))
@@ -180,7 +187,12 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(300));
         p.set(Fault::Cut);
         assert!(!roundtrip(&mut s, Duration::from_millis(500)).await, "cut");
-        let mut fresh = TcpStream::connect(("127.0.0.1", p.port())).await.expect("accepted");
-        assert!(!roundtrip(&mut fresh, Duration::from_millis(500)).await, "new ones cut too");
+        let mut fresh = TcpStream::connect(("127.0.0.1", p.port()))
+            .await
+            .expect("accepted");
+        assert!(
+            !roundtrip(&mut fresh, Duration::from_millis(500)).await,
+            "new ones cut too"
+        );
     }
 }

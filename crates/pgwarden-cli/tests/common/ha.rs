@@ -112,8 +112,11 @@ impl Ha {
         for (name, pg_port, api_port, data_dir) in list {
             let etcd_link = FaultProxy::start(ha.etcd.client_addr()).await;
             let config = ha.dir.path().join(format!("{name}.toml"));
-            std::fs::write(&config, ha.config_with(&format!("127.0.0.1:{}", etcd_link.port())))
-                .expect("write config");
+            std::fs::write(
+                &config,
+                ha.config_with(&format!("127.0.0.1:{}", etcd_link.port())),
+            )
+            .expect("write config");
             ha.nodes.push(Node {
                 name,
                 pg_port,
@@ -129,7 +132,10 @@ impl Ha {
         }
         let proxy_config = ha.dir.path().join("proxy.toml");
         std::fs::write(&proxy_config, ha.config_with(&ha.etcd.endpoint())).expect("write");
-        ha.proxy = Some(spawn(&["proxy", "-c", path(&proxy_config)], &ha.log("proxy")));
+        ha.proxy = Some(spawn(
+            &["proxy", "-c", path(&proxy_config)],
+            &ha.log("proxy"),
+        ));
         ha
     }
 
@@ -147,7 +153,10 @@ impl Ha {
     pub fn start_agent(&mut self, i: usize) {
         let log = self.log(&self.nodes[i].name);
         let n = &mut self.nodes[i];
-        n.agent = Some(spawn(&["agent", "-c", path(&n.config), "--node", &n.name], &log));
+        n.agent = Some(spawn(
+            &["agent", "-c", path(&n.config), "--node", &n.name],
+            &log,
+        ));
     }
 
     pub fn agent_pid(&self, i: usize) -> i32 {
@@ -197,7 +206,12 @@ impl Ha {
 
     /// The leader (node index, epoch) once it is writable and `replicas` others stream from
     /// it on its timeline, under an epoch of at least `min_epoch`.
-    pub async fn settled(&self, replicas: usize, min_epoch: u64, timeout: Duration) -> (usize, u64) {
+    pub async fn settled(
+        &self,
+        replicas: usize,
+        min_epoch: u64,
+        timeout: Duration,
+    ) -> (usize, u64) {
         let store = self.store().await;
         eventually(timeout, "a leader with its replicas streaming", || async {
             let leader = store.leader().await.ok()??;
@@ -211,7 +225,9 @@ impl Ha {
             let streaming = members
                 .iter()
                 .filter(|m| {
-                    m.state.role == "replica" && m.state.streaming && m.state.timeline == lead.state.timeline
+                    m.state.role == "replica"
+                        && m.state.streaming
+                        && m.state.timeline == lead.state.timeline
                 })
                 .count();
             (streaming >= replicas).then(|| (self.index(leader.node.as_str()), leader.epoch.0))
@@ -220,7 +236,10 @@ impl Ha {
     }
 
     pub fn index(&self, name: &str) -> usize {
-        self.nodes.iter().position(|n| n.name == name).expect("a node")
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("a node")
     }
 
     pub async fn member(&self, i: usize) -> Option<MemberState> {
@@ -245,9 +264,11 @@ impl Ha {
     /// Creates the writer's table through the proxy and starts one autocommit insert every
     /// `every`, each with the next id, logging what was acknowledged by which server.
     pub async fn writer(&self, every: Duration) -> Writer {
-        let c = eventually(Duration::from_secs(30), "the proxy takes clients", || async {
-            self.proxied().await
-        })
+        let c = eventually(
+            Duration::from_secs(30),
+            "the proxy takes clients",
+            || async { self.proxied().await },
+        )
         .await;
         c.batch_execute("CREATE TABLE IF NOT EXISTS w (id bigint PRIMARY KEY)")
             .await
@@ -261,11 +282,14 @@ impl Ha {
             loop {
                 tokio::time::sleep(every).await;
                 id += 1;
-                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                if client.as_ref().map_or(true, |c| c.is_closed()) {
                     client = connect(port).await;
                 }
                 let Some(c) = client.as_ref() else {
-                    l.lock().expect("log").errors.push((Instant::now(), "cannot connect".into()));
+                    l.lock()
+                        .expect("log")
+                        .errors
+                        .push((Instant::now(), "cannot connect".into()));
                     continue;
                 };
                 let r = c
@@ -277,8 +301,14 @@ impl Ha {
                 let now = Instant::now();
                 let mut log = l.lock().expect("log");
                 match r {
-                    Ok(row) => log.acks.push(Ack { id, at: now, port: row.get(0) }),
-                    Err(e) => log.errors.push((now, pgwarden_testkit::cluster::describe(&e))),
+                    Ok(row) => log.acks.push(Ack {
+                        id,
+                        at: now,
+                        port: row.get(0),
+                    }),
+                    Err(e) => log
+                        .errors
+                        .push((now, pgwarden_testkit::cluster::describe(&e))),
                 }
             }
         });
@@ -290,7 +320,11 @@ impl Ha {
         let c = self.direct(i).await.expect("connect to the leader");
         let rows = c.query("SELECT id FROM w", &[]).await.expect("read w");
         let have: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-        log.acks.iter().map(|a| a.id).filter(|id| !have.contains(id)).collect()
+        log.acks
+            .iter()
+            .map(|a| a.id)
+            .filter(|id| !have.contains(id))
+            .collect()
     }
 
     pub fn agent_log(&self, i: usize) -> String {

@@ -150,7 +150,10 @@ async fn fence_guard(lease: Arc<Lease>, fence_after: Duration) {
         };
         let stale = s.renewed_at.map_or(true, |t| t.elapsed() >= fence_after);
         if stale {
-            tracing::error!(pid, "fencing: the lease was not renewed in time; stopping postgres at once");
+            tracing::error!(
+                pid,
+                "fencing: the lease was not renewed in time; stopping postgres at once"
+            );
             // Our own child, not yet reaped (only its Postmaster reaps it), so the PID is its.
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),

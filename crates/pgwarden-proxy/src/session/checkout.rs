@@ -90,9 +90,22 @@ impl<'a> Checkout<'a> {
             match self.target() {
                 Ok((pool, epoch)) => {
                     let pool = pool.clone();
-                    let lease = pool.acquire(epoch).await?;
-                    if let Some(lease) = self.verified(lease) {
-                        return Ok(lease);
+                    match pool.acquire(epoch).await {
+                        Ok(lease) => {
+                            if let Some(lease) = self.verified(lease) {
+                                return Ok(lease);
+                            }
+                        }
+                        // The leader is restarting, or dead and about to be replaced: the
+                        // client is between transactions, so it waits (bounded) for the view
+                        // to move or the server to come back instead of getting the error.
+                        Err(e) if passing(&e) && started.elapsed() < self.wait => {
+                            self.pause_for_change(started).await;
+                            if started.elapsed() >= self.wait {
+                                return Err(e);
+                            }
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 Err(why) => self.wait_for_change(why, started).await?,
@@ -154,6 +167,15 @@ impl<'a> Checkout<'a> {
         }
     }
 
+    /// Until the routing changes, [`RETRY_PAUSE`] has passed, or the bound counted from
+    /// `started`, whichever is first.
+    async fn pause_for_change(&mut self, started: Instant) {
+        let until = (Instant::now() + RETRY_PAUSE).min(started + self.wait);
+        let changed = self.topology.watch(self.routing.generation);
+        let _ = tokio::time::timeout_at(until, changed).await;
+        self.routed = None;
+    }
+
     /// Whether the server held may go on serving writes under the current routing.
     #[inline]
     pub fn may_serve(&mut self, lease: &Lease) -> bool {
@@ -170,6 +192,20 @@ impl<'a> Checkout<'a> {
     pub fn release(&mut self, lease: Lease, usage: &Usage, now: std::time::Instant) {
         let fenced_out = !self.may_serve(&lease);
         lease.release_at(fenced_out, usage, now);
+    }
+}
+
+/// How long a checkout pauses between attempts to reach a leader that refuses connections.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// A failure to reach the server that a restart or a failover ends: worth waiting out.
+fn passing(e: &ProxyError) -> bool {
+    match e {
+        ProxyError::Connect { .. } | ProxyError::ConnectTimeout { .. } => true,
+        ProxyError::ServerRefused { code, .. } => {
+            *code == pgwarden_protocol::SqlState::CANNOT_CONNECT_NOW
+        }
+        _ => false,
     }
 }
 
