@@ -190,3 +190,157 @@ async fn a_short_blip_to_etcd_causes_no_failover() {
         log.errors
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lost_by_every_agent_promotes_nobody_and_heals() {
+    let ha = Ha::start(3, "", &|_| String::new()).await;
+    let (_, epoch) = ha.settled(2, 1, BOOT).await;
+    let w = ha.writer(WRITE_EVERY).await;
+    wait_acks(&w, 20).await;
+    for i in 0..3 {
+        ha.link(i, Fault::Blackhole);
+    }
+    // The leader fences itself, the key lapses, and nobody can take it: past twice the lease,
+    // no epoch has been granted.
+    let store = ha.store().await;
+    eventually(HEAL, "the leader key lapses", || async {
+        store.leader().await.ok()?.is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        store.last_epoch().await.expect("epoch").map(|e| e.0),
+        Some(epoch),
+        "nobody was promoted"
+    );
+    for i in 0..3 {
+        ha.link(i, Fault::Pass);
+    }
+    ha.settled(2, epoch + 1, HEAL).await;
+    wait_acks(&w, 20).await;
+    w.stop().writers_in_order().expect("one writer at a time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_member_may_take_over_and_each_says_why() {
+    let ha = Ha::start(3, "maximum_lag_on_failover = \"1MB\"", &|i| {
+        if i == 1 {
+            "nofailover = true".into()
+        } else {
+            String::new()
+        }
+    })
+    .await;
+    let (leader, _) = ha.settled(2, 1, BOOT).await;
+    assert_eq!(leader, 0);
+    // n3 stops receiving; 4 MB more are written and reach n2 only.
+    ha.signal_tree(2, Signal::SIGSTOP);
+    let c = ha.direct(0).await.expect("leader");
+    c.batch_execute(
+        "CREATE TABLE big AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 4000)",
+    )
+    .await
+    .expect("write 4 MB");
+    let target: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    eventually(
+        HEAL,
+        "n2 received it and the leader recorded it",
+        || async {
+            let n2 = ha.member(1).await?;
+            let lsn: pgwarden_core::Lsn = n2.lsn?.parse().ok()?;
+            let store = ha.store().await;
+            let (_, _, last) = store.last_leader().await.ok()??;
+            (lsn >= target.parse().ok()? && last >= target.parse().ok()?).then_some(())
+        },
+    )
+    .await;
+    let mut ha = ha;
+    let pm = ha.postmaster_pid(0).expect("postmaster");
+    ha.kill_agent(0);
+    // Wholly gone before n3 wakes, or its WAL receiver would still fetch the rest.
+    eventually(HEAL, "n1's postgres is gone", || async {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pm), None)
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    ha.signal_tree(2, Signal::SIGCONT);
+    let store = ha.store().await;
+    let reasons = eventually(
+        HEAL,
+        "both replicas say why they do not take over",
+        || async {
+            let n2 = ha.member(1).await?.reason?;
+            let n3 = ha.member(2).await?.reason?;
+            (n2.contains("nofailover") && n3.contains("maximum_lag_on_failover"))
+                .then_some((n2, n3))
+        },
+    )
+    .await;
+    eprintln!("reasons: {reasons:?}");
+    // The dead leader's key lapses with its lease; nobody takes it, now or later.
+    eventually(HEAL, "the dead leader's key lapses", || async {
+        store.leader().await.ok()?.is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        store.leader().await.expect("leader").is_none(),
+        "nobody may lead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_loses_no_acknowledged_commit() {
+    let mut ha = Ha::start(3, "synchronous_mode = \"on\"", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let store = ha.store().await;
+    eventually(HEAL, "a synchronous standby is recorded", || async {
+        let set = store.synchronous_set().await.ok()??;
+        (!set.is_empty()).then_some(())
+    })
+    .await;
+    let w = ha.writer(Duration::from_millis(5)).await;
+    wait_acks(&w, 50).await;
+    ha.kill_agent(leader);
+    let (new_leader, _) = ha.settled(1, epoch + 1, HEAL).await;
+    wait_acks(&w, 50).await;
+    let log = w.stop();
+    log.writers_in_order().expect("one writer at a time");
+    assert_eq!(
+        ha.lost(new_leader, &log).await,
+        Vec::<i64>::new(),
+        "an acknowledged commit was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_synchronous_mode_waits_for_a_standby() {
+    let mut ha = Ha::start(2, "synchronous_mode = \"strict\"", &|_| String::new()).await;
+    ha.settled(1, 1, BOOT).await;
+    let store = ha.store().await;
+    eventually(HEAL, "n2 is the recorded synchronous standby", || async {
+        let set = store.synchronous_set().await.ok()??;
+        (set.len() == 1).then_some(())
+    })
+    .await;
+    let w = ha.writer(WRITE_EVERY).await;
+    wait_acks(&w, 20).await;
+    ha.kill_agent(1);
+    // With its only standby gone, strict mode acknowledges nothing...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled = w.acked();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        w.acked() <= stalled + 1,
+        "writes went on without a synchronous standby"
+    );
+    // ...until it is back.
+    ha.start_agent(1);
+    wait_acks(&w, 20).await;
+    w.stop().writers_in_order().expect("one writer");
+}

@@ -71,7 +71,7 @@ impl fmt::Display for Excluded {
             Excluded::Stale { age, bound } => write!(
                 f,
                 "last heard from {} ago (more than {})",
-                format_duration(*age),
+                format_duration(tenths(*age)),
                 format_duration(*bound)
             ),
             Excluded::NotRunning => write!(f, "its PostgreSQL is not running as a standby"),
@@ -89,6 +89,11 @@ impl fmt::Display for Excluded {
             Excluded::Behind { winner } => write!(f, "{winner} is ahead of it"),
         }
     }
+}
+
+/// `d` to a tenth of a second, for people.
+pub(crate) fn tenths(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64 / 100 * 100)
 }
 
 /// The outcome: the one that may run (if any) and why each other member may not.

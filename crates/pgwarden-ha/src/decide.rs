@@ -235,7 +235,7 @@ impl fmt::Display for Reason {
             Reason::FencingIn { after } => write!(
                 f,
                 "the consensus store is unreachable; fencing in {} unless the lease is renewed",
-                format_duration(*after)
+                format_duration(crate::candidates::tenths(*after))
             ),
             Reason::WaitingForInitialize { by } => {
                 write!(f, "waiting for {by} to initialise the cluster")

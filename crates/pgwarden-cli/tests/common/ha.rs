@@ -127,7 +127,16 @@ impl Ha {
                 agent: None,
             });
         }
-        for i in 0..nodes {
+        // n1 first, so that it bootstraps and leads: the tests know who the leader is.
+        ha.start_agent(0);
+        let store = ha.store().await;
+        eventually(
+            Duration::from_secs(60),
+            "n1 takes the leader key",
+            || async { store.leader().await.ok()?.map(|_| ()) },
+        )
+        .await;
+        for i in 1..nodes {
             ha.start_agent(i);
         }
         let proxy_config = ha.dir.path().join("proxy.toml");
@@ -368,6 +377,19 @@ impl Log {
 
 impl Drop for Ha {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The agents' own account of what happened, for the failure's reader.
+            for (i, n) in self.nodes.iter().enumerate() {
+                let log = self.agent_log(i);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {} (last lines) ---", n.name);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+            let proxy = std::fs::read_to_string(self.log("proxy")).unwrap_or_default();
+            eprintln!("--- proxy ---\n{proxy}");
+        }
         if let Some(mut p) = self.proxy.take() {
             let _ = p.kill();
             let _ = p.wait();
