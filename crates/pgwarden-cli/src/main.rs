@@ -69,6 +69,10 @@ enum Command {
         /// change it].
         #[arg(long)]
         proxy_port: Option<u16>,
+        /// Where the agents agree: `memory` (all in this process) or `etcd` (a local etcd and
+        /// one `pgwarden agent` process per node) [default: the demo's own, memory on a first run].
+        #[arg(long, value_parser = parse_dcs)]
+        dcs: Option<pgwarden_demo::Dcs>,
         /// Stop the cluster in DIR and remove DIR.
         #[arg(long)]
         destroy: bool,
@@ -86,6 +90,16 @@ enum ConfigCommand {
 
 fn parse_mode(s: &str) -> Result<ReplicationMode, String> {
     s.parse()
+}
+
+fn parse_dcs(s: &str) -> Result<pgwarden_demo::Dcs, String> {
+    match s {
+        "memory" => Ok(pgwarden_demo::Dcs::Memory),
+        "etcd" => Ok(pgwarden_demo::Dcs::Etcd),
+        other => Err(format!(
+            "unknown store \"{other}\": expected memory or etcd"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -158,6 +172,7 @@ async fn run(command: Command) -> ExitCode {
             port_base,
             replication,
             proxy_port,
+            dcs,
             destroy,
         } => {
             let opts = pgwarden_demo::DemoOptions {
@@ -166,6 +181,7 @@ async fn run(command: Command) -> ExitCode {
                 port_base,
                 replication,
                 proxy_port,
+                dcs,
             };
             let result = if destroy {
                 pgwarden_demo::destroy(&opts).await

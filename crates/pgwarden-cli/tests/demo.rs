@@ -182,9 +182,10 @@ fn refused(port: u16) -> bool {
 async fn first_run_sigterm_reuse_and_destroy() {
     let parent = demo_parent();
     let dir = parent.path().join("demo");
-    let base = free_port_range(4);
+    // 3 nodes, their agents' APIs, etcd's two ports, then the proxy.
+    let base = free_port_range(9);
     let port_arg = base.to_string();
-    let proxy_port = base + 3;
+    let proxy_port = base + 8;
     let proxy_arg = proxy_port.to_string();
     let args = [
         "--port-base",
@@ -252,7 +253,7 @@ async fn first_run_sigterm_reuse_and_destroy() {
     let (code, took) = demo.terminate();
     assert_eq!(code, 0, "{}", demo.stdout.join("\n"));
     assert!(took < Duration::from_secs(10), "stop took {took:?}");
-    for p in base..base + 4 {
+    for p in base..base + 9 {
         assert!(refused(p), "port {p} still open after SIGTERM");
     }
     for n in &config.nodes {
@@ -322,8 +323,8 @@ async fn runs_as_an_ordinary_user_with_quorum_replication() {
     } else {
         None
     };
-    let base = free_port_range(3);
-    let proxy = (base + 2).to_string();
+    let base = free_port_range(7);
+    let proxy = (base + 6).to_string();
     let base = base.to_string();
     let mut demo = Demo::start(
         &dir,
@@ -364,7 +365,7 @@ async fn runs_as_an_ordinary_user_with_quorum_replication() {
     .await;
     assert_eq!(status["performance"]["sync_replicas"], 1);
 
-    // A standby that dies is reported (not restarted: that is the HA agent's job).
+    // A standby that dies is reported, and its agent starts it again.
     let n2_dir = config.nodes[1].data_dir.clone().expect("data dir");
     let pid: i32 = std::fs::read_to_string(n2_dir.join("postmaster.pid"))
         .expect("postmaster.pid")
@@ -378,13 +379,13 @@ async fn runs_as_an_ordinary_user_with_quorum_replication() {
     loop {
         if let Ok(line) = demo.lines.recv_timeout(Duration::from_millis(100)) {
             demo.stdout.push(line.clone());
-            if line.contains("node died") && line.contains("node=n2") {
+            if line.contains("n2: postgres running (was") {
                 break;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "n2's death not reported:\n{}",
+            "n2's death and restart not reported:\n{}",
             demo.stdout.join("\n")
         );
     }
@@ -440,9 +441,9 @@ fn refuses_a_directory_that_is_not_a_demo() {
 async fn a_killed_demo_leaves_no_server_behind_and_the_next_run_recovers() {
     let parent = demo_parent();
     let dir = parent.path().join("demo");
-    let base = free_port_range(3);
+    let base = free_port_range(7);
     let port_arg = base.to_string();
-    let proxy_arg = (base + 2).to_string();
+    let proxy_arg = (base + 6).to_string();
     let args = [
         "--port-base",
         port_arg.as_str(),
@@ -497,8 +498,8 @@ async fn a_killed_demo_leaves_no_server_behind_and_the_next_run_recovers() {
 async fn ports_in_use_fail_before_anything_is_built_and_reruns_take_a_new_proxy_port() {
     let parent = demo_parent();
     let dir = parent.path().join("demo");
-    let base = free_port_range(5);
-    let (port_arg, proxy_arg) = (base.to_string(), (base + 3).to_string());
+    let base = free_port_range(10);
+    let (port_arg, proxy_arg) = (base.to_string(), (base + 8).to_string());
     let taken = std::net::TcpListener::bind(("127.0.0.1", base + 1)).expect("hold a port");
     let r = common::run(&[
         "demo",
@@ -530,12 +531,12 @@ async fn ports_in_use_fail_before_anything_is_built_and_reruns_take_a_new_proxy_
     let (code, _) = demo.terminate();
     assert_eq!(code, 0);
     // Another proxy port: taken, and the proxy listens there.
-    let new_proxy = (base + 4).to_string();
+    let new_proxy = (base + 9).to_string();
     let mut demo = Demo::start(&dir, &["--proxy-port", new_proxy.as_str()], None);
     let config_path = demo.wait_ready();
     let config = Config::load(&config_path).expect("config");
-    assert_eq!(config.proxy.listen.port(), base + 4);
-    let app = proxy_client(&config, base + 4).await;
+    assert_eq!(config.proxy.listen.port(), base + 9);
+    let app = proxy_client(&config, base + 9).await;
     app.batch_execute("SELECT 1")
         .await
         .expect("served on the new port");
@@ -556,4 +557,52 @@ async fn ports_in_use_fail_before_anything_is_built_and_reruns_take_a_new_proxy_
         "{}",
         r.stderr
     );
+}
+
+/// `--dcs etcd`: a local etcd and an agent process per node. The leader's agent killed, the
+/// cluster heals and says how long it took; the agent comes back and its node rejoins.
+#[tokio::test]
+async fn on_etcd_a_killed_leader_agent_heals_and_rejoins() {
+    let parent = demo_parent();
+    let dir = parent.path().join("demo");
+    let base = free_port_range(9);
+    let (port_arg, proxy_arg) = (base.to_string(), (base + 8).to_string());
+    let args = [
+        "--port-base",
+        port_arg.as_str(),
+        "--proxy-port",
+        proxy_arg.as_str(),
+        "--dcs",
+        "etcd",
+    ];
+    let mut demo = Demo::start(&dir, &args, None);
+    let config_path = demo.wait_ready();
+    let config = Config::load(&config_path).expect("config");
+    assert!(
+        config.dcs.is_some(),
+        "--dcs etcd records the store in the config"
+    );
+    let agent_pid: i32 = demo
+        .stdout
+        .iter()
+        .find_map(|l| l.strip_prefix("agent n1 running as pid "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for n1's agent:\n{}", demo.stdout.join("\n")));
+    kill(Pid::from_raw(agent_pid), Signal::SIGKILL).expect("kill n1's agent");
+    demo.wait_line("healed in");
+    let app = proxy_client(&config, base + 8).await;
+    let port: i32 = app
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("the proxy serves the new leader")
+        .get(0);
+    assert_ne!(port, i32::from(base), "n1 is gone: another node leads");
+    demo.wait_line("n1: agent started again");
+    let (code, took) = demo.terminate();
+    assert_eq!(code, 0, "{}", demo.stdout.join("\n"));
+    assert!(took < Duration::from_secs(15), "stop took {took:?}");
+    for p in base..base + 9 {
+        assert!(refused(p), "port {p} still open after SIGTERM");
+    }
 }

@@ -253,7 +253,7 @@ async fn no_member_may_take_over_and_each_says_why() {
             let n2 = ha.member(1).await?;
             let lsn: pgwarden_core::Lsn = n2.lsn?.parse().ok()?;
             let store = ha.store().await;
-            let (_, _, last) = store.last_leader().await.ok()??;
+            let last = store.last_leader().await.ok()??.lsn;
             (lsn >= target.parse().ok()? && last >= target.parse().ok()?).then_some(())
         },
     )

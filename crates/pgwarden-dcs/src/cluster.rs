@@ -7,7 +7,8 @@
 //!   epoch is never given twice even when the leader key expired in between.
 //! - `members/<node>` — each agent's published state, bound to its own lease.
 //! - `initialize` — the node that bootstrapped the cluster (the first to take it).
-//! - `last_leader` — `{"node", "epoch", "lsn"}`, the leader's last recorded WAL position, not
+//! - `last_leader` — `{"node", "epoch", "lsn", "timeline"}`, the leader's last recorded WAL
+//!   position and timeline, not
 //!   bound to a lease: it outlives the leader, so a failover can tell how far behind the
 //!   candidates are. Written only while the writer holds the leader key.
 //! - `sync` — the synchronous set: the members that may be promoted in synchronous mode.
@@ -32,12 +33,23 @@ pub struct Leader {
     pub lease: Option<LeaseId>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct LastLeaderValue {
+    node: String,
+    epoch: u64,
+    lsn: String,
+    #[serde(default)]
+    timeline: u32,
+}
+
 /// The leader's last recorded position (`last_leader`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastLeader {
-    pub node: String,
-    pub epoch: u64,
-    pub lsn: String,
+    pub node: NodeId,
+    pub epoch: Epoch,
+    pub lsn: Lsn,
+    /// 0 when a leader of an earlier version recorded it.
+    pub timeline: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -59,7 +71,7 @@ pub struct Snapshot<T> {
     pub leader: Option<Leader>,
     pub last_epoch: Option<Epoch>,
     pub initialized_by: Option<NodeId>,
-    pub last_leader: Option<(NodeId, Epoch, Lsn)>,
+    pub last_leader: Option<LastLeader>,
     pub synchronous_set: Option<Vec<NodeId>>,
     pub members: Vec<Member<T>>,
 }
@@ -67,6 +79,7 @@ pub struct Snapshot<T> {
 /// How many times a take retries when only the epoch counter moved under it.
 const TAKE_TRIES: usize = 3;
 
+#[derive(Clone)]
 pub struct ClusterStore<K> {
     kv: K,
     prefix: String,
@@ -229,29 +242,40 @@ impl<K: Kv> ClusterStore<K> {
     }
 
     /// Records the leader's position; false if `held` no longer holds the key.
-    pub async fn put_last_leader(&self, held: &Leader, lsn: Lsn) -> Result<bool, DcsError> {
-        let v = LastLeader {
+    pub async fn put_last_leader(
+        &self,
+        held: &Leader,
+        lsn: Lsn,
+        timeline: u32,
+    ) -> Result<bool, DcsError> {
+        let v = LastLeaderValue {
             node: held.node.to_string(),
             epoch: held.epoch.0,
             lsn: lsn.to_string(),
+            timeline,
         };
         self.put_as_leader(held, "last_leader", &v).await
     }
 
-    pub async fn last_leader(&self) -> Result<Option<(NodeId, Epoch, Lsn)>, DcsError> {
+    pub async fn last_leader(&self) -> Result<Option<LastLeader>, DcsError> {
         match self.kv.get(&self.key("last_leader")).await? {
             Some(e) => Self::last_leader_from(&e).map(Some),
             None => Ok(None),
         }
     }
 
-    fn last_leader_from(e: &Entry) -> Result<(NodeId, Epoch, Lsn), DcsError> {
-        let v: LastLeader = Self::parse(e)?;
+    fn last_leader_from(e: &Entry) -> Result<LastLeader, DcsError> {
+        let v: LastLeaderValue = Self::parse(e)?;
         let lsn = v.lsn.parse::<Lsn>().map_err(|_| DcsError::BadValue {
             key: e.key.clone(),
             source: serde::de::Error::custom(format!("bad lsn {}", v.lsn)),
         })?;
-        Ok((NodeId::new(&v.node), Epoch(v.epoch), lsn))
+        Ok(LastLeader {
+            node: NodeId::new(&v.node),
+            epoch: Epoch(v.epoch),
+            lsn,
+            timeline: v.timeline,
+        })
     }
 
     /// Records the synchronous set; false if `held` no longer holds the key.
@@ -588,7 +612,7 @@ mod tests {
         let l2 = s.kv().grant(Duration::from_secs(10)).await.expect("lease");
         let first = s.take_leader(&n1, l1).await.expect("take").expect("n1");
         assert_eq!(first.lease, Some(l1));
-        assert!(s.put_last_leader(&first, Lsn(42)).await.expect("put"));
+        assert!(s.put_last_leader(&first, Lsn(42), 1).await.expect("put"));
         assert!(s
             .put_synchronous_set(&first, std::slice::from_ref(&n2))
             .await
@@ -599,7 +623,7 @@ mod tests {
         let adopted = s.leader().await.expect("leader").expect("held");
         assert_eq!((adopted.epoch, adopted.lease), (Epoch(1), Some(l1b)));
         // The stale view of the key can neither write leader-only keys nor be taken over.
-        assert!(!s.put_last_leader(&first, Lsn(43)).await.expect("put"));
+        assert!(!s.put_last_leader(&first, Lsn(43), 1).await.expect("put"));
         assert_eq!(s.take_over(&first, &n2, l2).await.expect("take over"), None);
         // Taken over from the current holder: the next epoch, and the old holder is locked out.
         let second = s
@@ -612,7 +636,12 @@ mod tests {
         assert!(!s.adopt_leader(&adopted, l1b).await.expect("adopt"));
         assert_eq!(
             s.last_leader().await.expect("last"),
-            Some((n1.clone(), Epoch(1), Lsn(42)))
+            Some(LastLeader {
+                node: n1.clone(),
+                epoch: Epoch(1),
+                lsn: Lsn(42),
+                timeline: 1
+            })
         );
         assert_eq!(s.synchronous_set().await.expect("sync"), Some(vec![n2]));
         assert_eq!(s.last_epoch().await.expect("epoch"), Some(Epoch(2)));

@@ -19,6 +19,6 @@ pub mod etcd;
 pub mod kv;
 pub mod memory;
 
-pub use cluster::{ClusterStore, Leader, Member, Snapshot};
+pub use cluster::{ClusterStore, LastLeader, Leader, Member, Snapshot};
 pub use error::DcsError;
 pub use kv::{Compare, Entry, Kv, LeaseId, Op, Revision};

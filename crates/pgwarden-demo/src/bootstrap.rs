@@ -1,193 +1,299 @@
-//! Building and starting the demo's nodes.
+//! The demo's nodes: an HA agent per node, in this process on the in-process store (the
+//! default) or as `pgwarden agent` processes on a local etcd (`--dcs etcd`). The agents build
+//! the cluster (the first initialises, the others clone); the demo then creates the `app`
+//! role and database on the leader.
 
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pgwarden_config::{Config, NodeConfig, ReplicationMode};
-use pgwarden_postgres::sql::{self, ConnectSpec};
-use pgwarden_postgres::{Instance, PgEnv, Postmaster, ReplicationLogin, Settings, SyncStandbys};
+use pgwarden_config::Config;
+use pgwarden_core::NodeId;
+use pgwarden_dcs::etcd::EtcdKv;
+use pgwarden_dcs::memory::MemoryKv;
+use pgwarden_dcs::{ClusterStore, Kv};
+use pgwarden_ha::MemberState;
+use pgwarden_postgres::sql;
+use tokio::sync::watch;
 
 use crate::DemoError;
 
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-const CLONE_TIMEOUT: Duration = Duration::from_secs(600);
-const STREAMING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a first run may take to have every standby streaming.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A node the demo started.
-pub struct RunningNode {
-    pub instance: Instance,
-    pub postmaster: Postmaster,
-    pub primary: bool,
-    /// Set once its death has been reported.
-    pub reported_dead: bool,
+/// The agents, wherever they run.
+pub enum Agents {
+    InProcess {
+        stop: watch::Sender<bool>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    },
+    Processes {
+        etcd: Child,
+        agents: Vec<AgentProcess>,
+    },
 }
 
-/// The nodes started so far and what went wrong, so the caller can stop them.
-pub type BringUpError = (Vec<RunningNode>, DemoError);
-
-/// Initialises (first run) or reuses every node, starts them, and waits until every standby
-/// streams from the primary.
-pub async fn bring_up(config: &Config) -> Result<Vec<RunningNode>, BringUpError> {
-    let mut running = Vec::new();
-    match bring_up_inner(config, &mut running).await {
-        Ok(()) => Ok(running),
-        Err(e) => Err((running, e)),
-    }
+/// A `pgwarden agent` child, and how to start it again.
+pub struct AgentProcess {
+    pub node: String,
+    pub child: Option<Child>,
+    command: std::process::Command,
+    /// When it was seen to exit.
+    exited: Option<std::time::Instant>,
 }
 
-async fn bring_up_inner(config: &Config, running: &mut Vec<RunningNode>) -> Result<(), DemoError> {
-    let pg = &config.postgres;
-    let env = PgEnv::discover(pg.bin_dir.as_deref(), &pg.os_user)?;
-    let instances = instances(config, &env)?;
-    let primary_idx = find_primary(&instances)?;
-    let primary = instances[primary_idx].clone();
-    let standby_names: Vec<String> = instances
-        .iter()
-        .filter(|i| i.name != primary.name)
-        .map(|i| i.name.clone())
-        .collect();
-    let settings = settings(config, standby_names);
-    if !primary.is_initialised() {
-        tracing::info!(node = %primary.name, "initialising the primary");
-        primary
-            .initdb(&pg.superuser, pg.superuser_password.expose())
-            .await?;
-    }
-    primary.configure(&settings, &pg.replication_user)?;
-    let pm = primary.start(START_TIMEOUT).await?;
-    running.push(RunningNode {
-        instance: primary.clone(),
-        postmaster: pm,
-        primary: true,
-        reported_dead: false,
-    });
-    set_up_roles(config, &primary).await?;
+/// The store the demo (and its proxy) reads.
+pub enum Store {
+    Memory(ClusterStore<MemoryKv>),
+    Etcd(Box<ClusterStore<EtcdKv>>),
+}
 
-    let repl_password = pg
-        .replication_password
-        .as_ref()
-        .map(|s| s.expose())
-        .unwrap_or_default();
-    let upstream = primary.endpoint();
-    let primary_name = primary.name.as_str();
-    let starts = instances
-        .iter()
-        .filter(|i| i.name != primary_name)
-        .map(|inst| {
-            let (settings, upstream) = (&settings, &upstream);
-            async move {
-                let login = ReplicationLogin {
-                    user: &pg.replication_user,
-                    password: repl_password,
-                };
-                if inst.is_initialised() {
-                    inst.configure(settings, &pg.replication_user)?;
-                    inst.follow(upstream, &login, &inst.name)?;
-                } else {
-                    tracing::info!(node = %inst.name, from = %primary_name, "cloning a standby");
-                    inst.clone_from(upstream, &login, &inst.name, CLONE_TIMEOUT)
-                        .await?;
-                    inst.configure(settings, &pg.replication_user)?;
-                }
-                inst.start(START_TIMEOUT).await
+/// Starts an agent per node in this process. On a later run the store is new: the node whose
+/// data directory is a primary's is recorded as the one that initialised the cluster, so it
+/// comes back as the leader without a promotion.
+pub async fn in_process(config: &Arc<Config>) -> Result<(Agents, Store), DemoError> {
+    let kv = MemoryKv::new();
+    let store = pgwarden_ha::store::in_process(&kv, config);
+    if let Some(primary) = existing_primary(config) {
+        store.initialize(&primary).await.map_err(store_error)?;
+    }
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for (i, node) in config.nodes.iter().enumerate() {
+        let agent = pgwarden_ha::Agent::new(
+            config.clone(),
+            &node.name,
+            pgwarden_ha::store::in_process(&kv, config),
+        )
+        .await
+        .map_err(|e| DemoError::Cluster(format!("node {}: {e}", node.name)))?;
+        let rx = stopped.clone();
+        let name = node.name.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = agent.run(rx).await {
+                tracing::error!(node = %name, error = %e, "agent stopped");
             }
-        });
-    // Clones run concurrently: pg_basebackup is I/O bound and each has its own slot.
-    let results = futures::future::join_all(starts).await;
-    let mut first_err = None;
-    for (inst, r) in instances
-        .iter()
-        .filter(|i| i.name != primary.name)
-        .zip(results)
-    {
-        match r {
-            Ok(pm) => running.push(RunningNode {
-                instance: inst.clone(),
-                postmaster: pm,
-                primary: false,
-                reported_dead: false,
-            }),
-            Err(e) => {
-                first_err.get_or_insert(DemoError::Postgres(e));
-            }
+        }));
+        if i == 0 {
+            // The first node first: on a first run it initialises the cluster.
+            wait_leader(&store).await?;
         }
     }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
-    wait_streaming(config, &primary, instances.len() - 1).await
+    Ok((Agents::InProcess { stop, tasks }, Store::Memory(store)))
 }
 
-fn instances(config: &Config, env: &PgEnv) -> Result<Vec<Instance>, DemoError> {
-    config
+/// Starts etcd and a `pgwarden agent` process per node; their logs go to `DIR/log/`.
+pub async fn processes(
+    config: &Arc<Config>,
+    dir: &Path,
+    etcd_ports: (u16, u16),
+) -> Result<(Agents, Store), DemoError> {
+    let log_dir = dir.join("log");
+    std::fs::create_dir_all(&log_dir).map_err(DemoError::io("cannot create", &log_dir))?;
+    let etcd = start_etcd(dir, etcd_ports, &log_dir)?;
+    let store = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match pgwarden_ha::store::connect(config).await {
+                Ok(s) => return s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await
+    .map_err(|_| DemoError::Cluster("the local etcd did not answer within 30s".into()))?;
+    if let Some(primary) = existing_primary(config) {
+        store.initialize(&primary).await.map_err(store_error)?;
+    }
+    let exe = std::env::current_exe().map_err(DemoError::io("cannot find", "pgwarden"))?;
+    let config_path = config.source.clone().unwrap_or_default();
+    let mut agents = Vec::new();
+    for (i, node) in config.nodes.iter().enumerate() {
+        let log = log_dir.join(format!("agent-{}.log", node.name));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(DemoError::io("cannot open", &log))?;
+        let err = file
+            .try_clone()
+            .map_err(DemoError::io("cannot open", &log))?;
+        let mut command = std::process::Command::new(&exe);
+        command
+            .arg("agent")
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--node")
+            .arg(&node.name)
+            .env("PGWARDEN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err);
+        // An agent outlives no demo: it stops its node cleanly when the demo goes.
+        pgwarden_postgres::parent_death_signal(&mut command, nix::sys::signal::Signal::SIGTERM);
+        let child = command
+            .spawn()
+            .map_err(DemoError::io("cannot start", &exe))?;
+        println!(
+            "agent {} running as pid {} (log: {})",
+            node.name,
+            child.id(),
+            log.display()
+        );
+        agents.push(AgentProcess {
+            node: node.name.clone(),
+            child: Some(child),
+            command,
+            exited: None,
+        });
+        if i == 0 {
+            wait_leader(&store).await?;
+        }
+    }
+    Ok((
+        Agents::Processes { etcd, agents },
+        Store::Etcd(Box::new(store)),
+    ))
+}
+
+fn start_etcd(dir: &Path, (client, peer): (u16, u16), log_dir: &Path) -> Result<Child, DemoError> {
+    let data = dir.join("etcd");
+    let log = log_dir.join("etcd.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(DemoError::io("cannot open", &log))?;
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = std::process::Command::new("etcd");
+    pgwarden_postgres::parent_death_signal(&mut cmd, nix::sys::signal::Signal::SIGTERM);
+    let child = cmd
+        .arg("--name")
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("demo={peer_url}")])
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().map_err(DemoError::io("cannot open", &log))?)
+        .stderr(file)
+        .spawn()
+        .map_err(|e| {
+            DemoError::Cluster(format!(
+                "cannot start etcd ({e}): --dcs etcd needs the etcd-server package (apt-get install etcd-server)"
+            ))
+        })?;
+    println!(
+        "etcd running as pid {} on {client_url} (data: {})",
+        child.id(),
+        data.display()
+    );
+    Ok(child)
+}
+
+/// The one initialised node whose data directory is not a standby's, if exactly one is.
+fn existing_primary(config: &Config) -> Option<NodeId> {
+    let primaries: Vec<&str> = config
         .nodes
         .iter()
-        .filter_map(|n: &NodeConfig| n.data_dir.as_ref().map(|d| (n, d)))
-        .map(|(n, dir)| {
-            env.run_as.check_reachable(dir)?;
-            Ok(Instance::new(env.clone(), &n.name, &n.host, n.port, dir).die_with_parent())
+        .filter(|n| {
+            n.data_dir.as_ref().is_some_and(|d| {
+                d.join("PG_VERSION").is_file() && !d.join("standby.signal").exists()
+            })
         })
-        .collect()
-}
-
-/// The node that is (or, on a first run, will be) the primary: the one initialised node without
-/// `standby.signal`, else the first node when nothing is initialised yet.
-fn find_primary(instances: &[Instance]) -> Result<usize, DemoError> {
-    let primaries: Vec<usize> = instances
-        .iter()
-        .enumerate()
-        .filter(|(_, i)| i.is_initialised() && !i.is_standby())
-        .map(|(idx, _)| idx)
+        .map(|n| n.name.as_str())
         .collect();
     match primaries.as_slice() {
-        [one] => Ok(*one),
-        [] if instances.iter().all(|i| !i.is_initialised()) => Ok(0),
-        [] => Err(DemoError::Cluster(
-            "every initialised node is a standby: there is no primary to start from".into(),
-        )),
-        many => Err(DemoError::Cluster(format!(
-            "{} nodes are primaries ({}); refusing to start a split cluster",
-            many.len(),
-            many.iter()
-                .map(|&i| instances[i].name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+        [one] => Some(NodeId::new(one)),
+        _ => None,
     }
 }
 
-fn settings(config: &Config, standbys: Vec<String>) -> Settings {
-    let k = config.replication.sync_count;
-    let sync = match config.replication.mode {
-        ReplicationMode::Async => SyncStandbys::None,
-        ReplicationMode::Sync => SyncStandbys::First(k, standbys),
-        ReplicationMode::Quorum => SyncStandbys::Any(k, standbys),
-    };
-    let senders = (config.nodes.len() as u32 * 2 + 2).max(10);
-    Settings {
-        max_wal_senders: senders,
-        max_replication_slots: senders,
-        sync,
-        parameters: config.postgres.parameters.clone(),
-        ..Settings::default()
+fn store_error(e: pgwarden_dcs::DcsError) -> DemoError {
+    DemoError::Cluster(format!("the store: {e}"))
+}
+
+async fn wait_leader<K: Kv>(store: &ClusterStore<K>) -> Result<(), DemoError> {
+    tokio::time::timeout(READY_TIMEOUT, async {
+        loop {
+            if let Ok(Some(_)) = store.leader().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .map_err(|_| DemoError::Cluster("no node took the lead".into()))
+}
+
+impl Store {
+    pub async fn snapshot(
+        &self,
+    ) -> Result<pgwarden_dcs::Snapshot<MemberState>, pgwarden_dcs::DcsError> {
+        match self {
+            Store::Memory(s) => s.snapshot().await,
+            Store::Etcd(s) => s.snapshot().await,
+        }
+    }
+
+    /// The proxy's view of the cluster, from the store.
+    pub async fn view(
+        &self,
+        refresh: Duration,
+    ) -> watch::Receiver<Arc<pgwarden_cluster::view::ClusterView>> {
+        match self {
+            Store::Memory(s) => pgwarden_ha::view::spawn(Arc::new(s.clone()), refresh).await,
+            Store::Etcd(s) => pgwarden_ha::view::spawn(Arc::new((**s).clone()), refresh).await,
+        }
     }
 }
 
-/// The replication role, and the `app` role and database for every `[[proxy.users]]` entry.
-async fn set_up_roles(config: &Config, primary: &Instance) -> Result<(), DemoError> {
-    let pg = &config.postgres;
-    let spec = superuser_spec(config, primary);
+/// Waits until the leader is writable and every other node streams from it; returns the
+/// leader's name.
+pub async fn ready(store: &Store, nodes: usize) -> Result<String, DemoError> {
+    tokio::time::timeout(READY_TIMEOUT, async {
+        loop {
+            if let Ok(s) = store.snapshot().await {
+                if let Some(l) = &s.leader {
+                    let lead = s.members.iter().find(|m| {
+                        m.node == l.node && m.state.primary && m.state.epoch == Some(l.epoch.0)
+                    });
+                    let streaming = s
+                        .members
+                        .iter()
+                        .filter(|m| m.state.role == "replica" && m.state.streaming)
+                        .count();
+                    if lead.is_some() && streaming + 1 >= nodes {
+                        return l.node.to_string();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .map_err(|_| {
+        DemoError::Cluster(format!(
+            "the cluster was not ready within {}s (a leader and every standby streaming)",
+            READY_TIMEOUT.as_secs()
+        ))
+    })
+}
+
+/// The `app` role and database for every `[[proxy.users]]` entry, on the leader.
+pub async fn set_up_roles(config: &Config, leader: &str) -> Result<(), DemoError> {
+    let node = config
+        .node(leader)
+        .ok_or_else(|| DemoError::Cluster(format!("{leader} is not a node")))?;
+    let spec =
+        pgwarden_ha::agent::superuser(config, &node.host, node.port, Duration::from_secs(10));
     let client = sql::connect(&spec).await?;
     let addr = spec.addr();
-    if let Some(pw) = &pg.replication_password {
-        sql::ensure_role(
-            &client,
-            &addr,
-            &pg.replication_user,
-            pw.expose(),
-            "REPLICATION",
-        )
-        .await?;
-    }
     for user in &config.users {
         sql::ensure_role(&client, &addr, &user.name, user.password.expose(), "").await?;
         sql::ensure_database(&client, &addr, &user.name, &user.name).await?;
@@ -195,49 +301,69 @@ async fn set_up_roles(config: &Config, primary: &Instance) -> Result<(), DemoErr
     Ok(())
 }
 
-async fn wait_streaming(
-    config: &Config,
-    primary: &Instance,
-    standbys: usize,
-) -> Result<(), DemoError> {
-    if standbys == 0 {
-        return Ok(());
-    }
-    let spec = superuser_spec(config, primary);
-    let client = sql::connect(&spec).await?;
-    let deadline = tokio::time::Instant::now() + STREAMING_TIMEOUT;
-    loop {
-        let rows = client
-            .query(
-                "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
-                &[],
-            )
-            .await
-            .map_err(|e| DemoError::Cluster(format!("cannot read pg_stat_replication: {e}")))?;
-        if rows.len() >= standbys {
-            return Ok(());
+impl Agents {
+    /// Agent processes that exited are reported, and started again `after` that.
+    pub fn check(&mut self, after: Duration) -> Vec<String> {
+        let Agents::Processes { agents, .. } = self else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for a in agents.iter_mut() {
+            if let Some(c) = a.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    out.push(format!(
+                        "{}: agent exited ({status}); starting it again in {}s",
+                        a.node,
+                        after.as_secs()
+                    ));
+                    a.child = None;
+                    a.exited = Some(std::time::Instant::now());
+                }
+            } else if a.exited.is_some_and(|t| t.elapsed() >= after) {
+                a.exited = None;
+                match a.command.spawn() {
+                    Ok(c) => {
+                        out.push(format!("{}: agent started again as pid {}", a.node, c.id()));
+                        a.child = Some(c);
+                    }
+                    Err(e) => out.push(format!("{}: cannot start its agent again: {e}", a.node)),
+                }
+            }
         }
-        if tokio::time::Instant::now() >= deadline {
-            let streaming: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            return Err(DemoError::Cluster(format!(
-                "only {} of {standbys} standbys streaming after {}s ({})",
-                rows.len(),
-                STREAMING_TIMEOUT.as_secs(),
-                streaming.join(", ")
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        out
     }
-}
 
-fn superuser_spec<'a>(config: &'a Config, node: &'a Instance) -> ConnectSpec<'a> {
-    ConnectSpec {
-        host: &node.host,
-        port: node.port,
-        user: &config.postgres.superuser,
-        password: config.postgres.superuser_password.expose(),
-        dbname: "postgres",
-        application_name: "pgwarden-demo",
-        timeout: Duration::from_secs(10),
+    /// Stops every agent (each stops its PostgreSQL cleanly and gives up the lead), then etcd.
+    pub async fn stop(self) {
+        match self {
+            Agents::InProcess { stop, tasks } => {
+                let _ = stop.send(true);
+                for t in tasks {
+                    let _ = tokio::time::timeout(Duration::from_secs(12), t).await;
+                }
+            }
+            Agents::Processes { mut etcd, agents } => {
+                let agents: Vec<Child> = agents.into_iter().filter_map(|a| a.child).collect();
+                for a in &agents {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(a.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+                for mut a in agents {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+                    while a.try_wait().ok().flatten().is_none() {
+                        if tokio::time::Instant::now() >= deadline {
+                            let _ = a.kill();
+                            let _ = a.wait();
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                let _ = etcd.kill();
+                let _ = etcd.wait();
+            }
+        }
     }
 }

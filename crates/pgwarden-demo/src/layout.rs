@@ -82,12 +82,13 @@ impl Layout {
         {
             let base = opts.port_base.unwrap_or(crate::DEFAULT_PORT_BASE);
             let proxy_port = opts.proxy_port.unwrap_or(crate::DEFAULT_PROXY_PORT);
-            let last = base as usize + opts.nodes - 1;
+            // Nodes, then their agents' APIs, then etcd's client and peer ports.
+            let last = base as usize + ports_used(opts.nodes) - 1;
             if last > u16::MAX as usize {
                 return Err(DemoError::PortsOutOfRange { first: base, last });
             }
             for port in base..=last as u16 {
-                ensure_free(port, "a node's port", "--port-base")?;
+                ensure_free(port, "a node's, agent's or etcd's port", "--port-base")?;
             }
             ensure_free(proxy_port, "the proxy's port", "--proxy-port")?;
             let text = generate_config(opts, base, proxy_port);
@@ -97,12 +98,77 @@ impl Layout {
                 .map_err(DemoError::io("cannot set permissions on", &tmp))?;
             std::fs::rename(&tmp, &path).map_err(DemoError::io("cannot write", &path))?;
         }
-        Ok(Config::load(&path)?)
+        self.ensure_dcs(opts)
+    }
+
+    /// `--dcs etcd` puts a `[dcs]` section naming the demo's etcd into the config; a demo
+    /// whose config has one runs on etcd from then on.
+    fn ensure_dcs(&self, opts: &DemoOptions) -> Result<Config, DemoError> {
+        let path = self.config_path();
+        let config = Config::load(&path)?;
+        match (opts.dcs, config.dcs.is_some()) {
+            (Some(crate::Dcs::Etcd), false) => {
+                let (client, _) = etcd_ports(&config);
+                let mut text =
+                    std::fs::read_to_string(&path).map_err(DemoError::io("cannot read", &path))?;
+                text.push_str(&format!(
+                    "\n# The demo's own etcd (pgwarden demo --dcs etcd).\n[dcs]\nendpoints = [\"127.0.0.1:{client}\"]\nnamespace = \"pgwarden\"\n"
+                ));
+                self.write(&text)?;
+                Ok(Config::load(&path)?)
+            }
+            (Some(crate::Dcs::Memory), true) => Err(DemoError::Cluster(format!(
+                "this demo runs on etcd ({} has a [dcs] section); remove it to use the in-process store",
+                path.display()
+            ))),
+            _ => Ok(config),
+        }
+    }
+
+    /// A demo made before the HA agents has no agent API addresses: each node gets the port
+    /// after the nodes' (the file is rewritten, without its comments).
+    fn add_agent_apis(&self, config: &Config) -> Result<(), DemoError> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).map_err(DemoError::io("cannot read", &path))?;
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e| DemoError::Cluster(format!("{}: {e}", path.display())))?;
+        let base = config
+            .nodes
+            .first()
+            .map_or(crate::DEFAULT_PORT_BASE, |n| n.port);
+        let count = config.nodes.len();
+        if let Some(nodes) = doc.get_mut("nodes").and_then(|n| n.as_array_mut()) {
+            for (i, n) in nodes.iter_mut().enumerate() {
+                if let Some(t) = n.as_table_mut() {
+                    let port = base as usize + count + i;
+                    t.entry("api")
+                        .or_insert_with(|| toml::Value::String(format!("127.0.0.1:{port}")));
+                }
+            }
+        }
+        let text = toml::to_string(&doc)
+            .map_err(|e| DemoError::Cluster(format!("cannot write {}: {e}", path.display())))?;
+        tracing::info!("added agent API addresses to {}", path.display());
+        self.write(&text)
+    }
+
+    fn write(&self, text: &str) -> Result<(), DemoError> {
+        let path = self.config_path();
+        let tmp = self.dir.join("pgwarden.toml.tmp");
+        std::fs::write(&tmp, text).map_err(DemoError::io("cannot write", &tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(DemoError::io("cannot set permissions on", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(DemoError::io("cannot write", &path))
     }
 
     fn reuse(&self, opts: &DemoOptions) -> Result<Config, DemoError> {
         let path = self.config_path();
-        let config = Config::load(&path)?;
+        let mut config = Config::load(&path)?;
+        if config.nodes.iter().any(|n| n.api.is_none()) {
+            self.add_agent_apis(&config)?;
+            config = Config::load(&path)?;
+        }
         let first = config.nodes.first().map_or(0, |n| n.port);
         let last = config.nodes.last().map_or(0, |n| n.port);
         if let Some(asked) = opts.port_base.filter(|&b| b != first) {
@@ -115,7 +181,7 @@ impl Layout {
         }
         let current = config.proxy.listen;
         let Some(port) = opts.proxy_port.filter(|&p| p != current.port()) else {
-            return Ok(config);
+            return self.ensure_dcs(opts);
         };
         ensure_free(port, "the proxy's port", "--proxy-port")?;
         let text = std::fs::read_to_string(&path).map_err(DemoError::io("cannot read", &path))?;
@@ -128,7 +194,7 @@ impl Layout {
             .map_err(DemoError::io("cannot set permissions on", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(DemoError::io("cannot write", &path))?;
         tracing::info!(port, "the proxy's port changed (--proxy-port)");
-        Ok(Config::load(&path)?)
+        self.ensure_dcs(opts)
     }
 
     /// Stops the supervisor (which stops its nodes), then any postmaster still running from a
@@ -185,11 +251,16 @@ fn generate_config(opts: &DemoOptions, port_base: u16, proxy_port: u16) -> Strin
         q(&pw()),
         opts.replication,
     );
+    s.push_str(
+        "\n# The HA agents' rules (the defaults, spelled out).\n[agent]\nttl = \"7s\"\nloop_wait = \"1s\"\n\
+         retry_timeout = \"1s\"\nfence_margin = \"2s\"\nprimary_restart_timeout = \"5s\"\n",
+    );
     for i in 0..opts.nodes {
         s.push_str(&format!(
-            "\n[[nodes]]\nname = \"n{n}\"\nhost = \"127.0.0.1\"\nport = {port}\ndata_dir = \"n{n}\"\n",
+            "\n[[nodes]]\nname = \"n{n}\"\nhost = \"127.0.0.1\"\nport = {port}\ndata_dir = \"n{n}\"\napi = \"127.0.0.1:{api}\"\n",
             n = i + 1,
-            port = port_base as usize + i
+            port = port_base as usize + i,
+            api = port_base as usize + opts.nodes + i
         ));
     }
     s.push_str(&format!(
@@ -255,6 +326,21 @@ pub fn connection_info(config: &Config, primary: &str) -> String {
         out.push_str(&format!("Status: pgwarden status -c {}\n", src.display()));
     }
     out
+}
+
+/// How many ports from `--port-base` a demo of `nodes` nodes takes.
+fn ports_used(nodes: usize) -> usize {
+    nodes * 2 + 2
+}
+
+/// The demo etcd's client and peer ports: after the nodes' and the agents'.
+pub fn etcd_ports(config: &Config) -> (u16, u16) {
+    let base = config
+        .nodes
+        .first()
+        .map_or(crate::DEFAULT_PORT_BASE, |n| n.port);
+    let client = base + (config.nodes.len() * 2) as u16;
+    (client, client + 1)
 }
 
 fn is_empty_dir(dir: &Path) -> bool {

@@ -1,15 +1,19 @@
-//! `pgwarden demo`: a local replicated cluster for a newcomer, supervised in the foreground.
+//! `pgwarden demo`: a local HA cluster for a newcomer, supervised in the foreground.
 //!
-//! The first run builds a primary `n1` and standbys `n2`, ... streaming from it, creates the `app`
-//! database and role, and writes `DIR/pgwarden.toml` (mode 0600) with every password. Later runs
-//! reuse what is in `DIR`: they start what is stopped and never initialise again. The proxy
-//! serves clients on `--proxy-port` in transaction mode. The process stays in the foreground,
-//! reports nodes that die, and on SIGINT/SIGTERM stops the proxy, then every node.
+//! An HA agent runs per node: by default all in this process on the in-process store; with
+//! `--dcs etcd`, a local etcd and one `pgwarden agent` process per node, so a node can be killed
+//! for real. The agents build the cluster (the first initialises `n1`, the others clone from the
+//! leader); the demo creates the `app` database and role and writes `DIR/pgwarden.toml` (mode
+//! 0600) with every password. Later runs reuse what is in `DIR` and never initialise again. The
+//! proxy follows the store and serves clients on `--proxy-port` in transaction mode. The
+//! process stays in the foreground and prints what happens (a server that dies, a failover, how
+//! long the cluster took to heal); on SIGINT/SIGTERM it stops the proxy, then the agents, which
+//! stop their nodes.
 //!
 //! # Layout
 //! - [`layout`] — the demo directory, its generated config and pid file.
-//! - [`bootstrap`] — building, cloning and starting the nodes.
-//! - [`supervise`] — watching the postmasters, reaping orphans, shutting down.
+//! - [`bootstrap`] — the agents (in this process, or as processes with etcd) and the roles.
+//! - [`supervise`] — watching the store and printing what changed.
 
 pub mod bootstrap;
 pub mod layout;
@@ -34,6 +38,17 @@ pub struct DemoOptions {
     pub port_base: Option<u16>,
     pub replication: ReplicationMode,
     pub proxy_port: Option<u16>,
+    /// The agents' store: `None` keeps the demo's (in-process unless its config has `[dcs]`).
+    pub dcs: Option<Dcs>,
+}
+
+/// `--dcs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dcs {
+    /// Every agent in the demo's process, on the in-process store.
+    Memory,
+    /// A local etcd and one `pgwarden agent` process per node.
+    Etcd,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,51 +109,79 @@ impl DemoError {
 pub async fn run(opts: &DemoOptions) -> Result<(), DemoError> {
     let layout = layout::Layout::new(&opts.dir)?;
     let _pid_file = layout.claim()?;
-    let config = layout.load_or_create(opts)?;
-    supervise::enable_subreaper();
-    let nodes = bootstrap::bring_up(&config).await;
-    let mut nodes = match nodes {
-        Ok(n) => n,
-        Err((started, e)) => {
-            supervise::stop_all(started).await;
-            return Err(e);
+    let config = Arc::new(layout.load_or_create(opts)?);
+    pgwarden_postgres::become_subreaper();
+    let mut stop = supervise::stop_signal()?;
+    let start = async {
+        if config.dcs.is_some() {
+            bootstrap::processes(&config, layout.dir(), layout::etcd_ports(&config)).await
+        } else {
+            bootstrap::in_process(&config).await
         }
     };
-    let primary = nodes
-        .iter()
-        .find(|n| n.primary)
-        .map(|n| n.instance.name.clone())
-        .unwrap_or_default();
-    let config = Arc::new(config);
+    // Interrupted this early, the agents started so far go with this process (their servers
+    // and agent processes have a parent-death signal).
+    let (mut agents, store) = tokio::select! {
+        r = start => r?,
+        _ = stop.changed() => {
+            return Err(DemoError::Cluster("interrupted while the agents started".into()))
+        }
+    };
+    // A signal while the cluster comes up stops it as cleanly as one later.
+    let result = tokio::select! {
+        r = serve(&config, &layout, &store, &mut agents, stop.clone()) => r,
+        _ = stop.changed() => Ok(()),
+    };
+    agents.stop().await;
+    result
+}
+
+/// Once the cluster is ready: the roles, the proxy, and the watch until a signal.
+async fn serve(
+    config: &Arc<pgwarden_config::Config>,
+    layout: &layout::Layout,
+    store: &bootstrap::Store,
+    agents: &mut bootstrap::Agents,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DemoError> {
+    let leader = bootstrap::ready(store, config.nodes.len()).await?;
+    bootstrap::set_up_roles(config, &leader).await?;
     let listen = config.proxy.listen;
-    let view = pgwarden_cluster::monitor::spawn(config.clone()).await;
-    let proxy = match pgwarden_proxy::Proxy::bind(config.clone(), view).await {
-        Ok(p) => p,
-        Err(source) => {
-            supervise::stop_all(nodes).await;
-            return Err(DemoError::ProxyListen { listen, source });
-        }
-    };
+    let view = store.view(config.agent.loop_wait).await;
+    let proxy = pgwarden_proxy::Proxy::bind(config.clone(), view)
+        .await
+        .map_err(|source| DemoError::ProxyListen { listen, source })?;
     // SIGHUP (a closed terminal, `kill -HUP`) reloads the proxy's config, as for `pgwarden
-    // proxy`; it no longer ends the demo.
+    // proxy`; it does not end the demo.
     let reloader = tokio::spawn(pgwarden_proxy::reload_on_sighup(proxy.shared()));
     let (stop_proxy, stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy_task = tokio::spawn(proxy.serve(async move {
         let _ = stopped.await;
     }));
-    println!("{}", layout::connection_info(&config, &primary));
+    println!("{}", layout::connection_info(config, &leader));
+    println!(
+        "Try a failover: kill -9 the leader's postgres (its pid is the first line of {}/postmaster.pid){}",
+        config
+            .node(&leader)
+            .and_then(|n| n.data_dir.as_ref())
+            .map_or(String::new(), |d| d.display().to_string()),
+        if config.dcs.is_some() {
+            ", or its agent (pid above)"
+        } else {
+            ""
+        }
+    );
     println!(
         "pgwarden demo ready: config={}",
         layout.config_path().display()
     );
-    let result = supervise::supervise(&mut nodes).await;
+    let result = supervise::supervise(store, agents, &mut stop).await;
     reloader.abort();
-    // Clients first, then the nodes.
+    // Clients first, then the agents (and with them the nodes).
     let _ = stop_proxy.send(());
     if tokio::time::timeout(PROXY_STOP, proxy_task).await.is_err() {
         tracing::warn!("the proxy did not stop within {PROXY_STOP:?}");
     }
-    supervise::stop_all(nodes).await;
     result
 }
 

@@ -1,106 +1,151 @@
-//! Supervising the demo's postmasters in the foreground.
+//! Watching the cluster in the foreground: what changes is printed as it happens (a server
+//! that stops, a leader that changes), and when the cluster heals, how long it took.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
-use pgwarden_postgres::{log_tail, StopMode};
+use pgwarden_dcs::Snapshot;
+use pgwarden_ha::MemberState;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::bootstrap::RunningNode;
+use crate::bootstrap::{Agents, Store};
 use crate::DemoError;
 
-const TICK: Duration = Duration::from_millis(250);
-/// Fast shutdown gets this long before immediate shutdown; the whole stop stays within 10 s.
-const STOP_TIMEOUT: Duration = Duration::from_secs(4);
+const TICK: Duration = Duration::from_millis(100);
 
-/// Become a child subreaper: PostgreSQL backends orphaned by a killed postmaster are reparented
-/// to us (and reaped here) rather than to an init that may never reap them.
-pub fn enable_subreaper() {
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        tracing::debug!(error = %e, "cannot become a child subreaper");
-    }
-}
+/// An agent process that exited is started again after this long (its node then rejoins).
+const RESTART_AFTER: Duration = Duration::from_secs(5);
 
-/// Watches the nodes until SIGINT or SIGTERM. A node that dies is reported once; restarting it and
-/// failing over are the HA agent's job, not the demo's.
-pub async fn supervise(nodes: &mut [RunningNode]) -> Result<(), DemoError> {
+/// A receiver that turns true on the first SIGINT or SIGTERM.
+pub fn stop_signal() -> Result<tokio::sync::watch::Receiver<bool>, DemoError> {
     let mut term = signal(SignalKind::terminate()).map_err(DemoError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DemoError::Signals)?;
-    let mut tick = tokio::time::interval(TICK);
-    loop {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping the cluster"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping the cluster"); return Ok(()); }
-            _ = tick.tick() => check(nodes),
+            _ = term.recv() => tracing::info!("SIGTERM: stopping the cluster"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping the cluster"),
         }
-    }
-}
-
-fn check(nodes: &mut [RunningNode]) {
-    for n in nodes.iter_mut().filter(|n| !n.reported_dead) {
-        if let Some(status) = n.postmaster.try_wait() {
-            n.reported_dead = true;
-            let role = if n.primary { "primary" } else { "standby" };
-            tracing::error!(
-                node = %n.instance.name,
-                role,
-                %status,
-                log = %log_tail(&n.instance.data_dir, 3),
-                "node died; it is not restarted (restart and failover come with the HA agent)"
-            );
-        }
-    }
-    let ours: HashSet<i32> = nodes.iter().map(|n| n.postmaster.pid() as i32).collect();
-    reap_orphans(&ours);
-}
-
-/// Reaps exited children that are not our postmasters (those are reaped by their `Postmaster`).
-fn reap_orphans(ours: &HashSet<i32>) {
-    loop {
-        let peek = waitid(
-            Id::All,
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-        );
-        let pid = match peek {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(status) => match status.pid() {
-                Some(pid) => pid,
-                None => return,
-            },
-        };
-        if ours.contains(&pid.as_raw()) {
-            // Ours: its Postmaster reaps it on the next tick, which then lets us see the rest.
-            return;
-        }
-        let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
-    }
-}
-
-/// Stops every node in parallel: fast shutdown, immediate after a few seconds.
-pub async fn stop_all(nodes: Vec<RunningNode>) {
-    let stops = nodes.into_iter().map(|mut n| async move {
-        let status = n.postmaster.stop(StopMode::Fast, STOP_TIMEOUT).await;
-        tracing::info!(node = %n.instance.name, %status, "stopped");
+        let _ = tx.send(true);
     });
-    futures::future::join_all(stops).await;
-    reap_remaining(Duration::from_secs(2)).await;
+    Ok(rx)
 }
 
-/// After the postmasters are gone, their logger processes may still be finishing: as their
-/// subreaper we reap them, so none is left a zombie once we exit.
-async fn reap_remaining(timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
+/// Reports changes until `stop`; restarts agent processes that exit.
+pub async fn supervise(
+    store: &Store,
+    agents: &mut Agents,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), DemoError> {
+    let mut tick = tokio::time::interval(TICK);
+    let mut watcher = Watcher::default();
     loop {
-        match waitpid(Option::<nix::unistd::Pid>::None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {
-                if tokio::time::Instant::now() >= deadline {
-                    return;
+        if *stop.borrow() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = tick.tick() => {
+                if let Ok(s) = store.snapshot().await {
+                    let reachable = leader_reachable(&s).await;
+                    for line in watcher.see(s, reachable, Instant::now()) {
+                        println!("{line}");
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                for line in agents.check(RESTART_AFTER) {
+                    println!("{line}");
+                }
             }
-            Ok(_) => {}
-            Err(_) => return, // ECHILD: no children left
         }
     }
+}
+
+/// What changed between two snapshots, as lines for a person.
+#[derive(Default)]
+pub struct Watcher {
+    last: Option<Snapshot<MemberState>>,
+    /// Since when the cluster has had no writable leader, and why.
+    broken: Option<(Instant, String)>,
+}
+
+impl Watcher {
+    /// `reachable`: the leader's PostgreSQL port took a connection just now.
+    pub fn see(&mut self, s: Snapshot<MemberState>, reachable: bool, now: Instant) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(last) = &self.last {
+            for m in &s.members {
+                match last.members.iter().find(|o| o.node == m.node) {
+                    Some(o) if o.state.state != m.state.state => out.push(format!(
+                        "{}: postgres {} (was {}){}",
+                        m.node,
+                        m.state.state,
+                        o.state.state,
+                        m.state
+                            .reason
+                            .as_ref()
+                            .map_or(String::new(), |r| format!(": {r}"))
+                    )),
+                    Some(o) if o.state.role != m.state.role => out.push(format!(
+                        "{}: now {} (was {})",
+                        m.node, m.state.role, o.state.role
+                    )),
+                    Some(_) => {}
+                    None => out.push(format!("{}: agent joined ({})", m.node, m.state.role)),
+                }
+            }
+            for o in &last.members {
+                if !s.members.iter().any(|m| m.node == o.node) {
+                    out.push(format!("{}: agent gone (its member key expired)", o.node));
+                }
+            }
+            let (was, is) = (last.leader.as_ref(), s.leader.as_ref());
+            if was.map(|l| (&l.node, l.epoch)) != is.map(|l| (&l.node, l.epoch)) {
+                out.push(match is {
+                    Some(l) => format!("leader: {} (epoch {})", l.node, l.epoch),
+                    None => "leader: none (the leader key is free)".to_string(),
+                });
+            }
+        }
+        let healthy = s.leader.as_ref().filter(|_| reachable).and_then(|l| {
+            s.members
+                .iter()
+                .find(|m| m.node == l.node && m.state.primary && m.state.epoch == Some(l.epoch.0))
+                .map(|_| (l.node.clone(), l.epoch))
+        });
+        match (&self.broken, healthy) {
+            (None, None) if self.last.is_some() => {
+                self.broken = Some((now, "no writable leader".into()));
+            }
+            (Some((since, _)), Some((node, epoch))) => {
+                out.push(format!(
+                    "healed in {:.1}s: {node} takes writes (epoch {epoch})",
+                    (now - *since).as_secs_f64()
+                ));
+                self.broken = None;
+            }
+            _ => {}
+        }
+        self.last = Some(s);
+        out
+    }
+}
+
+/// Whether the leader's PostgreSQL port takes a TCP connection (a dead node's member key
+/// outlives it by up to the lease: this sees the death at once).
+async fn leader_reachable(s: &Snapshot<MemberState>) -> bool {
+    let Some(m) = s
+        .leader
+        .as_ref()
+        .and_then(|l| s.members.iter().find(|m| m.node == l.node))
+    else {
+        return false;
+    };
+    let addr = (m.state.host.as_str(), m.state.port);
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
 }

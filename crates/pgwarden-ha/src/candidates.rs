@@ -25,6 +25,8 @@ pub struct Candidate {
     pub standby_running: bool,
     /// The WAL it has received (flushed), if known.
     pub received: Option<Lsn>,
+    /// The timeline it is on, if known.
+    pub timeline: Option<u32>,
     /// Higher is preferred among equal positions.
     pub priority: u32,
     pub nofailover: bool,
@@ -39,6 +41,9 @@ pub struct Rules {
     pub maximum_lag: Option<u64>,
     /// The last position the leader published; without one, lag is not checked.
     pub leader_position: Option<Lsn>,
+    /// The timeline the leader was on: a member on an older one missed its promotion (an
+    /// old primary, or a standby that never followed it) and may not run.
+    pub leader_timeline: Option<u32>,
     /// Synchronous mode: only these may be promoted.
     pub synchronous_set: Option<Vec<NodeId>>,
 }
@@ -58,6 +63,10 @@ pub enum Excluded {
         maximum: u64,
     },
     NotSynchronous,
+    OlderTimeline {
+        theirs: u32,
+        leader: u32,
+    },
     /// Eligible, but another is ahead (position, then priority, then name).
     Behind {
         winner: NodeId,
@@ -85,6 +94,10 @@ impl fmt::Display for Excluded {
             Excluded::NotSynchronous => write!(
                 f,
                 "not in the synchronous set (it may lack acknowledged commits)"
+            ),
+            Excluded::OlderTimeline { theirs, leader } => write!(
+                f,
+                "on timeline {theirs}, older than the last leader's {leader} (it missed a promotion)"
             ),
             Excluded::Behind { winner } => write!(f, "{winner} is ahead of it"),
         }
@@ -134,6 +147,11 @@ fn exclusion(c: &Candidate, rules: &Rules) -> Option<Excluded> {
             return Some(Excluded::NotSynchronous);
         }
     }
+    if let (Some(theirs), Some(leader)) = (c.timeline, rules.leader_timeline) {
+        if theirs < leader {
+            return Some(Excluded::OlderTimeline { theirs, leader });
+        }
+    }
     if let (Some(maximum), Some(leader)) = (rules.maximum_lag, rules.leader_position) {
         let behind = leader.bytes_since(received);
         if behind > maximum {
@@ -181,6 +199,7 @@ mod tests {
             age: S,
             standby_running: true,
             received: received.map(Lsn),
+            timeline: Some(2),
             priority,
             nofailover: false,
         }
@@ -191,6 +210,7 @@ mod tests {
             fresh_within: 10 * S,
             maximum_lag: Some(1 << 20),
             leader_position: Some(Lsn(100 << 20)),
+            leader_timeline: Some(2),
             synchronous_set: None,
         }
     }
@@ -241,6 +261,9 @@ mod tests {
             ("synchronous set empty: nobody", vec![m("n2", mb(0), 1)], sync(&[]), None),
             ("synchronous member stale: nobody", vec![stale, m("n3", mb(0), 1)], sync(&["n2"]), None),
             ("nobody at all", vec![], rules(), None),
+            ("an old primary on an older timeline, though ahead", vec![Candidate { timeline: Some(1), ..m("n1", mb(0), 9) }, m("n2", mb(1), 1)], rules(), Some("n2")),
+            ("only older timelines: nobody", vec![Candidate { timeline: Some(1), ..m("n1", mb(0), 1) }], rules(), None),
+            ("a newer timeline is fine", vec![Candidate { timeline: Some(3), ..m("n1", mb(0), 1) }], rules(), Some("n1")),
         ];
         for (what, members, rules, want) in cases {
             let r = rank(&members, &rules);

@@ -125,6 +125,8 @@ pub struct Store {
     pub initialized_by: Option<NodeId>,
     /// The last position the leader recorded, and who it was.
     pub last_leader: Option<(NodeId, Lsn)>,
+    /// The timeline the last leader recorded.
+    pub last_leader_timeline: Option<u32>,
     /// The leader's timeline, from its published state.
     pub leader_timeline: Option<u32>,
     /// Synchronous mode: the members that may be promoted.
@@ -513,6 +515,7 @@ fn elect(o: &Observation, s: &Settings, store: &Store, gone: Option<NodeId>) -> 
         fresh_within: s.loop_wait * 2 + s.loop_wait / 2,
         maximum_lag: s.maximum_lag_on_failover,
         leader_position: store.last_leader.as_ref().map(|(_, lsn)| *lsn),
+        leader_timeline: store.last_leader_timeline,
         synchronous_set: match s.synchronous_mode {
             SyncMode::Off => None,
             SyncMode::On | SyncMode::Strict => {
@@ -614,6 +617,7 @@ mod tests {
             last_epoch: Some(Epoch(3)),
             initialized_by: Some(n("n1")),
             last_leader: Some((n("n1"), Lsn(100 * MB))),
+            last_leader_timeline: Some(1),
             leader_timeline: Some(1),
             synchronous_set: None,
         }
@@ -625,6 +629,7 @@ mod tests {
             last_epoch: None,
             initialized_by: None,
             last_leader: None,
+            last_leader_timeline: None,
             leader_timeline: None,
             synchronous_set: None,
         }
@@ -636,6 +641,7 @@ mod tests {
             age: Duration::ZERO,
             standby_running: true,
             received: Some(Lsn((100 - mb_behind) * MB)),
+            timeline: Some(1),
             priority: 1,
             nofailover: false,
         }
@@ -773,6 +779,7 @@ mod tests {
             ("synchronous: only the recorded set", with(&sync_set(&["n3"]), obs("n2", standby(Some("n1")), Some(store(None)))), &synchronous, vec![], Some("not in the synchronous set")),
             ("holding the key with a lease past the margin: no start", with(&renewed(5000), obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1"))))), &s, vec![], Some("not been renewed")),
             ("synchronous: the recorded one runs though behind", with(&|o: &mut Observation| { sync_set(&["n3"])(o); o.candidates = vec![cand("n2", 0), cand("n3", 1)]; }, obs("n3", standby(Some("n1")), Some(store(None)))), &synchronous, vec![TakeLeader], None),
+            ("an old primary restarted first does not win on an older timeline", with(&|o: &mut Observation| { o.store.as_mut().expect("store").last_leader_timeline = Some(2); o.candidates = vec![Candidate { timeline: Some(1), ..cand("n2", 0) }]; }, obs("n2", standby(None), Some(store(None)))), &s, vec![], Some("older than the last leader's 2")),
             ("synchronous, nothing recorded: nobody", obs("n2", standby(Some("n1")), Some(store(None))), &synchronous, vec![], Some("not in the synchronous set")),
             // Process death of the leader.
             ("the leader's processes are gone: take over", with(&gone, obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![TakeOver { from: n("n1") }], None),

@@ -459,8 +459,14 @@ pub fn log_tail(data_dir: &Path, n: usize) -> String {
     }
 }
 
-#[allow(unsafe_code)]
 fn set_parent_death_signal(cmd: &mut std::process::Command) {
+    parent_death_signal(cmd, nix::sys::signal::Signal::SIGQUIT);
+}
+
+/// `cmd`'s process gets `signal` when the thread that starts it dies (`PR_SET_PDEATHSIG`),
+/// and does not start at all if that thread is already gone.
+#[allow(unsafe_code)]
+pub fn parent_death_signal(cmd: &mut std::process::Command, signal: nix::sys::signal::Signal) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as i32;
     // SAFETY: the closure runs in the forked child before exec and only makes two syscalls
@@ -468,7 +474,7 @@ fn set_parent_death_signal(cmd: &mut std::process::Command) {
     // after the uid switch, which would otherwise clear the setting.
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)?;
+            nix::sys::prctl::set_pdeathsig(signal)?;
             // The parent may have died between fork and prctl.
             if nix::unistd::getppid().as_raw() != parent {
                 return Err(std::io::Error::other(

@@ -27,7 +27,7 @@ mod exec;
 pub use bins::PgBinaries;
 pub use conf::{Settings, SyncStandbys};
 pub use error::PgError;
-pub use instance::{log_tail, Endpoint, Instance, ReplicationLogin};
+pub use instance::{log_tail, parent_death_signal, Endpoint, Instance, ReplicationLogin};
 pub use process::{become_subreaper, reap_orphans, Postmaster, StopMode};
 pub use user::RunAs;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use pgwarden_core::NodeId;
 use pgwarden_dcs::{Kv, Leader};
-use pgwarden_postgres::sql::{self, ConnectSpec};
+use pgwarden_postgres::sql;
 use pgwarden_postgres::{Endpoint, ReplicationLogin, Settings, StopMode, SyncStandbys};
 
 use super::{Agent, AgentError};
@@ -173,16 +173,7 @@ impl<K: Kv> Agent<K> {
     }
 
     async fn checkpoint_on(&self, node: &Endpoint) -> Result<(), AgentError> {
-        let pg = &self.config.postgres;
-        let spec = ConnectSpec {
-            host: &node.host,
-            port: node.port,
-            user: &pg.superuser,
-            password: pg.superuser_password.expose(),
-            dbname: "postgres",
-            application_name: "pgwarden-agent",
-            timeout: Duration::from_secs(5),
-        };
+        let spec = super::superuser(&self.config, &node.host, node.port, Duration::from_secs(5));
         let client = sql::connect(&spec).await?;
         tokio::time::timeout(Duration::from_secs(120), client.batch_execute("CHECKPOINT"))
             .await
@@ -272,10 +263,22 @@ impl<K: Kv> Agent<K> {
             self.ensure_roles().await?;
             self.mem.roles_ready = true;
         }
-        let rows = self.query("SELECT pg_current_wal_lsn()::text", &[]).await?;
-        let lsn: Option<String> = rows.first().map(|r| r.get(0));
-        if let Some(lsn) = lsn.and_then(|s| s.parse().ok()) {
-            self.store.put_last_leader(&held, lsn).await?;
+        let rows = self
+            .query(
+                "SELECT pg_current_wal_lsn()::text, \
+                 ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+                &[],
+            )
+            .await?;
+        let position = rows
+            .first()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)));
+        if let Some((lsn, timeline)) = position {
+            if let Ok(lsn) = lsn.parse() {
+                self.store
+                    .put_last_leader(&held, lsn, timeline as u32)
+                    .await?;
+            }
         }
         if self.rules.synchronous_mode != SyncMode::Off {
             self.manage_sync(&held).await?;
@@ -283,15 +286,18 @@ impl<K: Kv> Agent<K> {
         Ok(())
     }
 
-    async fn ensure_slots(&mut self) -> Result<(), AgentError> {
-        let others: Vec<String> = self
-            .config
+    /// Every node's name but this one's.
+    fn other_nodes(&self) -> Vec<String> {
+        self.config
             .nodes
             .iter()
             .filter(|n| n.name != self.me.name)
             .map(|n| n.name.clone())
-            .collect();
-        for slot in others {
+            .collect()
+    }
+
+    async fn ensure_slots(&mut self) -> Result<(), AgentError> {
+        for slot in self.other_nodes() {
             self.query(
                 "SELECT pg_create_physical_replication_slot($1, true) \
                  WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
@@ -308,15 +314,12 @@ impl<K: Kv> Agent<K> {
             return Ok(());
         };
         let user = pg.replication_user.clone();
-        let spec = ConnectSpec {
-            host: &self.me.host,
-            port: self.me.port,
-            user: &pg.superuser,
-            password: pg.superuser_password.expose(),
-            dbname: "postgres",
-            application_name: "pgwarden-agent",
-            timeout: Duration::from_secs(5),
-        };
+        let spec = super::superuser(
+            &self.config,
+            &self.me.host,
+            self.me.port,
+            Duration::from_secs(5),
+        );
         let client = sql::connect(&spec).await?;
         sql::ensure_role(&client, &spec.addr(), &user, pw.expose(), "REPLICATION").await?;
         Ok(())
@@ -403,6 +406,17 @@ impl<K: Kv> Agent<K> {
         others.iter().map(|n| NodeId::new(&n.name)).collect()
     }
 
+    fn static_sync_standbys(&self) -> SyncStandbys {
+        let others = self.other_nodes();
+        let k = self.config.replication.sync_count;
+        match self.config.replication.mode {
+            _ if others.is_empty() => SyncStandbys::None,
+            pgwarden_config::ReplicationMode::Async => SyncStandbys::None,
+            pgwarden_config::ReplicationMode::Sync => SyncStandbys::First(k, others),
+            pgwarden_config::ReplicationMode::Quorum => SyncStandbys::Any(k, others),
+        }
+    }
+
     /// `pgwarden.conf` for this cluster, with the synchronous standbys this agent named.
     pub(super) fn pg_settings(&self) -> Settings {
         let senders = (self.config.nodes.len() as u32 * 2 + 2).max(10);
@@ -414,7 +428,10 @@ impl<K: Kv> Agent<K> {
             .collect();
         let k = self.config.replication.sync_count;
         let sync = match (self.rules.synchronous_mode, names.is_empty()) {
-            (SyncMode::Off, _) | (_, true) => SyncStandbys::None,
+            // Not managed: `replication.mode` names every other node, as a cluster without
+            // agents would (PostgreSQL waits for them; promotion is not restricted to them).
+            (SyncMode::Off, _) => self.static_sync_standbys(),
+            (_, true) => SyncStandbys::None,
             (SyncMode::Strict, false) => SyncStandbys::First(k, names),
             // FIRST k with exactly the named ones: each of them holds every acknowledged
             // commit, which is what the recorded set promises (ANY k would not).

@@ -323,6 +323,24 @@ impl<K: Kv> Drop for Agent<K> {
     }
 }
 
+/// How an agent (or the demo) connects to a node as the superuser.
+pub fn superuser<'a>(
+    config: &'a Config,
+    host: &'a str,
+    port: u16,
+    timeout: Duration,
+) -> pgwarden_postgres::sql::ConnectSpec<'a> {
+    pgwarden_postgres::sql::ConnectSpec {
+        host,
+        port,
+        user: &config.postgres.superuser,
+        password: config.postgres.superuser_password.expose(),
+        dbname: "postgres",
+        application_name: "pgwarden-agent",
+        timeout,
+    }
+}
+
 /// The decision rules from the config.
 pub fn rules(config: &Config) -> decide::Settings {
     use pgwarden_config::{OnPostgresCrash, RejoinMode, SynchronousMode};

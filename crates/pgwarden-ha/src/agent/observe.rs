@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pgwarden_config::NodeConfig;
 use pgwarden_core::{Lsn, NodeId};
 use pgwarden_dcs::Kv;
-use pgwarden_postgres::sql::{self, ConnectSpec};
+use pgwarden_postgres::sql;
 
 use super::{Agent, AgentError, PEER_TIMEOUT};
 use crate::api;
@@ -26,7 +26,9 @@ SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery()
             THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
                           (SELECT timeline_id FROM pg_control_checkpoint()),
-                          (SELECT min_recovery_end_timeline FROM pg_control_recovery()))::int8
+                          (SELECT min_recovery_end_timeline FROM pg_control_recovery()),
+                          (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int)
+                             FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{8}[.]history$'))::int8
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END,
        COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
 
@@ -51,7 +53,12 @@ impl<K: Kv> Agent<K> {
             }),
             last_epoch: s.last_epoch,
             initialized_by: s.initialized_by.clone(),
-            last_leader: s.last_leader.as_ref().map(|(n, _, lsn)| (n.clone(), *lsn)),
+            last_leader: s.last_leader.as_ref().map(|l| (l.node.clone(), l.lsn)),
+            last_leader_timeline: s
+                .last_leader
+                .as_ref()
+                .map(|l| l.timeline)
+                .filter(|t| *t > 0),
             leader_timeline: s.leader.as_ref().and_then(|l| {
                 s.members
                     .iter()
@@ -147,17 +154,8 @@ impl<K: Kv> Agent<K> {
             self.client = None;
         }
         if self.client.is_none() {
-            let pg = &self.config.postgres;
-            let c = sql::connect(&ConnectSpec {
-                host: &self.me.host,
-                port: self.me.port,
-                user: &pg.superuser,
-                password: pg.superuser_password.expose(),
-                dbname: "postgres",
-                application_name: "pgwarden-agent",
-                timeout: SQL_TIMEOUT,
-            })
-            .await?;
+            let spec = super::superuser(&self.config, &self.me.host, self.me.port, SQL_TIMEOUT);
+            let c = sql::connect(&spec).await?;
             self.client = Some(c);
         }
         Ok(self.client.as_ref().expect("just connected"))
@@ -247,6 +245,10 @@ impl<K: Kv> Agent<K> {
                 Pg::Running(r) if !r.primary => Some(r.lsn),
                 _ => None,
             },
+            timeline: match pg {
+                Pg::Running(r) => Some(r.timeline),
+                _ => None,
+            },
             priority: self.me.priority,
             nofailover: self.me.nofailover,
         }];
@@ -289,6 +291,7 @@ fn candidate(node: NodeId, s: &MemberState, age: Duration) -> Candidate {
         age,
         standby_running: s.state == "running" && !s.primary,
         received: s.lsn.as_deref().and_then(|l| l.parse().ok()),
+        timeline: s.timeline,
         priority: s.priority,
         nofailover: s.nofailover,
     }
@@ -348,8 +351,8 @@ pub(super) fn member_state(
         s.timeline = Some(r.timeline);
         s.lsn = Some(r.lsn.to_string());
         s.streaming = !r.primary && r.not_streaming_since.is_none();
-        if let Some((_, _, last)) = snap.and_then(|x| x.last_leader.as_ref()) {
-            s.lag_bytes = Some(last.bytes_since(r.lsn));
+        if let Some(last) = snap.and_then(|x| x.last_leader.as_ref()) {
+            s.lag_bytes = Some(last.lsn.bytes_since(r.lsn));
         }
     }
     if d.role == Role::Leader {
