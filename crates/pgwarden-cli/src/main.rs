@@ -232,17 +232,39 @@ async fn status(config: &Config, json: bool, watch: bool) -> ExitCode {
         Err(e) => return fail(&format!("cannot listen for Ctrl-C: {e}"), 1),
     };
     loop {
-        let status = match interrupt.as_mut() {
+        let check = async {
+            // With [dcs], what the agents publish too.
+            let ha = async {
+                match config.dcs {
+                    Some(_) => Some(pgwarden_ha::status::HaStatus::read(config).await),
+                    None => None,
+                }
+            };
+            futures::join!(pgwarden_cluster::check(config), ha)
+        };
+        let (mut status, ha) = match interrupt.as_mut() {
             Some(int) => tokio::select! {
-                s = pgwarden_cluster::check(config) => s,
+                s = check => s,
                 _ = int.recv() => return ExitCode::SUCCESS,
             },
-            None => pgwarden_cluster::check(config).await,
+            None => check.await,
         };
-        let text = if json {
-            status.to_json()
-        } else {
-            pgwarden_cluster::render::table(&status, colour)
+        if let Some(ha) = &ha {
+            status.warnings.extend(ha.warnings(config));
+        }
+        let text = match (json, &ha) {
+            (true, None) => status.to_json(),
+            (true, Some(ha)) => {
+                let mut v = serde_json::to_value(&status).expect("status serialises");
+                v["ha"] = serde_json::to_value(ha).expect("ha status serialises");
+                serde_json::to_string_pretty(&v).expect("json")
+            }
+            (false, None) => pgwarden_cluster::render::table(&status, colour),
+            (false, Some(ha)) => format!(
+                "{}\n{}",
+                pgwarden_cluster::render::table(&status, colour),
+                ha.render()
+            ),
         };
         if !watch {
             println!("{text}");

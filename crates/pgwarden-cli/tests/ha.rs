@@ -28,6 +28,10 @@ async fn wait_acks(w: &common::ha::Writer, more: usize) {
 async fn a_crashed_primary_restarts_in_place() {
     let ha = Ha::start(3, "", &|_| String::new()).await;
     let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let (code, v) = ha.status();
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["ha"]["leader"], "n1", "{v}");
+    assert_eq!(v["ha"]["epoch"], epoch, "{v}");
     let w = ha.writer(WRITE_EVERY).await;
     wait_acks(&w, 20).await;
     let pid = ha.postmaster_pid(leader).expect("postmaster");
@@ -292,6 +296,19 @@ async fn no_member_may_take_over_and_each_says_why() {
         store.leader().await.expect("leader").is_none(),
         "nobody may lead"
     );
+    // `pgwarden status` shows it from the store, with each member's reason, and exits 1.
+    let (code, v) = ha.status();
+    assert_eq!(code, 1, "{v}");
+    assert!(v["ha"]["leader"].is_null(), "{v}");
+    let reason = |name: &str| {
+        v["ha"]["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == name))
+            .and_then(|m| m["reason"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(reason("n3").contains("maximum_lag_on_failover"), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,12 +12,14 @@
 //! - [`api`] — `GET /health`, `/primary`, `/replica`.
 //! - [`store`] — the etcd store from `[dcs]`, or the in-process one.
 //! - [`view`] — the proxy's cluster view from the store.
+//! - [`status`] — the HA block of `pgwarden status`.
 
 pub mod agent;
 pub mod api;
 pub mod candidates;
 pub mod decide;
 pub mod member;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod view;

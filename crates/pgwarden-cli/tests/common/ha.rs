@@ -336,6 +336,13 @@ impl Ha {
             .collect()
     }
 
+    /// `pgwarden status --json` with the store configured: (exit code, document).
+    pub fn status(&self) -> (i32, serde_json::Value) {
+        let path = self.dir.path().join("proxy.toml");
+        let (code, v, _) = super::status_json(&path);
+        (code, v)
+    }
+
     pub fn agent_log(&self, i: usize) -> String {
         std::fs::read_to_string(self.log(&self.nodes[i].name)).unwrap_or_default()
     }

@@ -1,0 +1,166 @@
+//! What `pgwarden status` adds when agents run (`[dcs]`): the leader and its epoch from the
+//! store, and each member's role, state, lag and the reason it would not act.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use pgwarden_config::Config;
+use pgwarden_core::ByteSize;
+use pgwarden_dcs::Snapshot;
+use serde::Serialize;
+
+use crate::member::MemberState;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HaStatus {
+    /// `null` while nobody holds the leader key.
+    pub leader: Option<String>,
+    pub epoch: Option<u64>,
+    /// Synchronous mode: the members that may be promoted.
+    pub synchronous_set: Option<Vec<String>>,
+    pub members: Vec<HaMember>,
+    /// Why the store could not be read.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HaMember {
+    pub name: String,
+    pub role: String,
+    pub state: String,
+    pub timeline: Option<u32>,
+    pub lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub reason: Option<String>,
+}
+
+impl HaStatus {
+    pub fn from_snapshot(s: &Snapshot<MemberState>) -> HaStatus {
+        HaStatus {
+            leader: s.leader.as_ref().map(|l| l.node.to_string()),
+            epoch: s.leader.as_ref().map(|l| l.epoch.0),
+            synchronous_set: s
+                .synchronous_set
+                .as_ref()
+                .map(|set| set.iter().map(|n| n.to_string()).collect()),
+            members: s
+                .members
+                .iter()
+                .map(|m| HaMember {
+                    name: m.node.to_string(),
+                    role: m.state.role.clone(),
+                    state: m.state.state.clone(),
+                    timeline: m.state.timeline,
+                    lsn: m.state.lsn.clone(),
+                    lag_bytes: m.state.lag_bytes,
+                    reason: m.state.reason.clone(),
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    /// Reads the store of `config` (bounded by its timeout, plus connecting).
+    pub async fn read(config: &Config) -> HaStatus {
+        let read = async {
+            let store = crate::store::connect(config)
+                .await
+                .map_err(|e| e.to_string())?;
+            store
+                .snapshot::<MemberState>()
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let bound = config
+            .dcs
+            .as_ref()
+            .map_or(Duration::from_secs(2), |d| d.timeout * 3);
+        match tokio::time::timeout(bound, read).await {
+            Ok(Ok(s)) => HaStatus::from_snapshot(&s),
+            Ok(Err(e)) => HaStatus::unreadable(e),
+            Err(_) => HaStatus::unreadable(format!(
+                "the consensus store did not answer within {}",
+                pgwarden_core::format_duration(bound)
+            )),
+        }
+    }
+
+    fn unreadable(error: String) -> HaStatus {
+        HaStatus {
+            leader: None,
+            epoch: None,
+            synchronous_set: None,
+            members: Vec::new(),
+            error: Some(error),
+        }
+    }
+
+    /// Why the cluster is degraded as HA sees it, one line each.
+    pub fn warnings(&self, config: &Config) -> Vec<String> {
+        if let Some(e) = &self.error {
+            return vec![format!("cannot read the HA store: {e}")];
+        }
+        let mut out = Vec::new();
+        if self.leader.is_none() {
+            out.push("no node holds the leader key: writes are refused".to_string());
+        }
+        for n in &config.nodes {
+            match self.members.iter().find(|m| m.name == n.name) {
+                None => out.push(format!(
+                    "{}: no agent is publishing (down or cut off)",
+                    n.name
+                )),
+                Some(m) if m.role == "down" => out.push(format!(
+                    "{}: {}{}",
+                    m.name,
+                    m.state,
+                    m.reason
+                        .as_ref()
+                        .map_or(String::new(), |r| format!(" ({r})"))
+                )),
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
+    /// The text block under the status table.
+    pub fn render(&self) -> String {
+        let mut s = String::from("HA (from the store)\n");
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "  cannot read the store: {e}");
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "  leader: {}  epoch: {}{}",
+            self.leader.as_deref().unwrap_or("none"),
+            self.epoch.map_or("-".to_string(), |e| e.to_string()),
+            self.synchronous_set
+                .as_ref()
+                .map_or(String::new(), |set| format!(
+                    "  synchronous set: [{}]",
+                    set.join(", ")
+                ))
+        );
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10}  reason",
+            "member", "role", "state", "tl", "lsn", "lag"
+        );
+        for m in &self.members {
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10}  {}",
+                m.name,
+                m.role,
+                m.state,
+                m.timeline.map_or("-".into(), |t| t.to_string()),
+                m.lsn.as_deref().unwrap_or("-"),
+                m.lag_bytes.map_or("-".into(), |b| ByteSize(b).to_string()),
+                m.reason.as_deref().unwrap_or("")
+            );
+        }
+        s
+    }
+}
