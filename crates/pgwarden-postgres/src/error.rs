@@ -39,6 +39,12 @@ pub enum PgError {
         timeout: Duration,
         log: String,
     },
+    #[error("{} is owned by uid {owner}, not by the user PostgreSQL runs as (uid {want}); refusing to use it", path.display())]
+    WrongOwner {
+        path: PathBuf,
+        owner: u32,
+        want: u32,
+    },
     #[error("{} is already initialised", .0.display())]
     AlreadyInitialised(PathBuf),
     #[error("{} is not an initialised data directory", .0.display())]

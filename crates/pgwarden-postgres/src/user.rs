@@ -37,6 +37,27 @@ impl RunAs {
         })
     }
 
+    /// An existing data directory must belong to the user PostgreSQL runs as (it refuses to
+    /// start otherwise, and pgwarden must not take over someone else's).
+    pub fn check_owner(&self, dir: &Path) -> Result<(), PgError> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(dir) else {
+            return Ok(());
+        };
+        let want = match *self {
+            RunAs::User { uid, .. } => uid,
+            RunAs::Current => Uid::effective().as_raw(),
+        };
+        if meta.uid() == want {
+            return Ok(());
+        }
+        Err(PgError::WrongOwner {
+            path: dir.to_path_buf(),
+            owner: meta.uid(),
+            want,
+        })
+    }
+
     /// Sets uid/gid on a command that will run a PostgreSQL program.
     pub fn apply(&self, cmd: &mut tokio::process::Command) {
         if let RunAs::User { uid, gid } = *self {

@@ -21,7 +21,11 @@ fn claims_dir() -> PathBuf {
 /// Claims `port` for this process unless a live process holds it.
 fn claim(port: u16) -> bool {
     let dir = claims_dir();
-    let _ = std::fs::create_dir_all(&dir);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        // Shared by every user's tests, as /tmp is (sticky: each removes only its own).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+    }
     let path = dir.join(port.to_string());
     for _ in 0..2 {
         match std::fs::OpenOptions::new()
@@ -32,6 +36,11 @@ fn claim(port: u16) -> bool {
             Ok(mut f) => {
                 let _ = write!(f, "{}", std::process::id());
                 return true;
+            }
+            // A directory this user may not write to: no claim is possible, the bind check
+            // alone stands.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !path.exists() => {
+                return true
             }
             Err(_) => {
                 let owner = std::fs::read_to_string(&path)

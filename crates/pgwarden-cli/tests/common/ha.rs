@@ -41,9 +41,13 @@ pub struct Ha {
 #[derive(Debug, Clone)]
 pub struct Ack {
     pub id: i64,
+    /// When the insert was sent, and when its acknowledgement came.
+    pub sent: Instant,
     pub at: Instant,
     /// The PostgreSQL port of the server that took it.
     pub port: i32,
+    /// That server's `pg_postmaster_start_time()`, seconds since the epoch.
+    pub started: f64,
 }
 
 #[derive(Debug, Default)]
@@ -273,55 +277,8 @@ impl Ha {
     /// Creates the writer's table through the proxy and starts one autocommit insert every
     /// `every`, each with the next id, logging what was acknowledged by which server.
     pub async fn writer(&self, every: Duration) -> Writer {
-        let c = eventually(
-            Duration::from_secs(30),
-            "the proxy takes clients",
-            || async { self.proxied().await },
-        )
-        .await;
-        c.batch_execute("CREATE TABLE IF NOT EXISTS w (id bigint PRIMARY KEY)")
-            .await
-            .expect("create table");
-        let log = Arc::new(Mutex::new(Log::default()));
-        let l = log.clone();
         let port = self.proxy_port;
-        let task = tokio::spawn(async move {
-            let mut client = Some(c);
-            let mut id = 0i64;
-            loop {
-                tokio::time::sleep(every).await;
-                id += 1;
-                if client.as_ref().map_or(true, |c| c.is_closed()) {
-                    client = connect(port).await;
-                }
-                let Some(c) = client.as_ref() else {
-                    l.lock()
-                        .expect("log")
-                        .errors
-                        .push((Instant::now(), "cannot connect".into()));
-                    continue;
-                };
-                let r = c
-                    .query_one(
-                        "INSERT INTO w VALUES ($1) RETURNING inet_server_port()",
-                        &[&id],
-                    )
-                    .await;
-                let now = Instant::now();
-                let mut log = l.lock().expect("log");
-                match r {
-                    Ok(row) => log.acks.push(Ack {
-                        id,
-                        at: now,
-                        port: row.get(0),
-                    }),
-                    Err(e) => log
-                        .errors
-                        .push((now, pgwarden_testkit::cluster::describe(&e))),
-                }
-            }
-        });
-        Writer { log, task }
+        writer_to(move || connect(port), every).await
     }
 
     /// Every acknowledged id is on node `i`; the ids missing are returned.
@@ -422,7 +379,7 @@ impl Drop for Ha {
 }
 
 /// `root` and every process below it.
-fn descendants(root: i32) -> Vec<i32> {
+pub fn descendants(root: i32) -> Vec<i32> {
     let mut parent_of = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -449,6 +406,71 @@ fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
+/// The writer, connecting with `connect` (again after an error that ends the connection):
+/// one autocommit insert every `every`, each with the next id, every outcome logged.
+pub async fn writer_to<F, Fut>(connect: F, every: Duration) -> Writer
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<tokio_postgres::Client>> + Send,
+{
+    let c = eventually(Duration::from_secs(60), "the cluster takes clients", || {
+        connect()
+    })
+    .await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS w (id bigint PRIMARY KEY)")
+        .await
+        .expect("create table");
+    let log = Arc::new(Mutex::new(Log::default()));
+    let l = log.clone();
+    let task = tokio::spawn(async move {
+        let mut client = Some(c);
+        let mut id = 0i64;
+        loop {
+            tokio::time::sleep(every).await;
+            id += 1;
+            if client.as_ref().map_or(true, |c| c.is_closed()) {
+                client = connect().await;
+            }
+            let Some(c) = client.as_ref() else {
+                l.lock()
+                    .expect("log")
+                    .errors
+                    .push((Instant::now(), "cannot connect".into()));
+                continue;
+            };
+            let sent = Instant::now();
+            let r = c
+                .query_one(
+                    "INSERT INTO w VALUES ($1) RETURNING inet_server_port(), \
+                     extract(epoch FROM pg_postmaster_start_time())::float8",
+                    &[&id],
+                )
+                .await;
+            let now = Instant::now();
+            let mut log = l.lock().expect("log");
+            match r {
+                Ok(row) => log.acks.push(Ack {
+                    id,
+                    sent,
+                    at: now,
+                    port: row.get(0),
+                    started: row.get(1),
+                }),
+                Err(e) => {
+                    if e.as_db_error().is_some_and(|d| d.code().code() == "25006") {
+                        // Reached a read-only server (a client without a proxy): find the
+                        // primary again.
+                        client = None;
+                    }
+                    log.errors
+                        .push((now, pgwarden_testkit::cluster::describe(&e)))
+                }
+            }
+        }
+    });
+    Writer { log, task }
+}
+
 fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -469,7 +491,7 @@ fn spawn(args: &[&str], log: &std::path::Path) -> Child {
         .expect("start pgwarden")
 }
 
-async fn connect(port: u16) -> Option<tokio_postgres::Client> {
+pub async fn connect(port: u16) -> Option<tokio_postgres::Client> {
     let (c, conn) = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_postgres::connect(

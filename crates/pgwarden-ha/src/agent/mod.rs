@@ -117,6 +117,7 @@ impl<K: Kv> Agent<K> {
         let pg = &config.postgres;
         let env = PgEnv::discover(pg.bin_dir.as_deref(), &pg.os_user)?;
         env.run_as.check_reachable(&data_dir)?;
+        env.run_as.check_owner(&data_dir)?;
         let instance = Instance::new(env, &me.name, &me.host, me.port, &data_dir).die_with_parent();
         let listener = tokio::net::TcpListener::bind(api_addr)
             .await

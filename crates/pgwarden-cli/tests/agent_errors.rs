@@ -1,0 +1,97 @@
+//! `pgwarden agent` refuses what it cannot run with one line and a non-zero exit, never a hang.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::run;
+
+fn config(dir: &std::path::Path, extra: &str) -> String {
+    let data = dir.join("n1");
+    let text = format!(
+        "[postgres]\nsuperuser_password = \"x\"\n[[nodes]]\nname = \"n1\"\nport = 5432\n\
+         data_dir = \"{}\"\napi = \"127.0.0.1:1\"\n{extra}",
+        data.display()
+    );
+    let p = dir.join("pgwarden.toml");
+    std::fs::write(&p, text).expect("write config");
+    p.to_string_lossy().into_owned()
+}
+
+fn one_line(r: &common::Run) -> &str {
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    lines[0]
+}
+
+#[test]
+fn a_node_not_in_the_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config(dir.path(), "");
+    let r = run(&["agent", "-c", &path, "--node", "n9"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        one_line(&r).contains("\"n9\" is not in [[nodes]]"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn no_store_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config(dir.path(), "");
+    let r = run(&["agent", "-c", &path, "--node", "n1"]);
+    assert_eq!(r.code, 1);
+    assert!(one_line(&r).contains("no [dcs] section"), "{}", r.stderr);
+}
+
+#[test]
+fn an_unreachable_store_is_a_bounded_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = pgwarden_testkit::ports::free_ports(1)[0];
+    let path = config(
+        dir.path(),
+        &format!("[dcs]\nendpoints = [\"127.0.0.1:{port}\"]\ntimeout = \"1s\"\n"),
+    );
+    let started = Instant::now();
+    let r = run(&["agent", "-c", &path, "--node", "n1"]);
+    assert_eq!(r.code, 1);
+    assert!(one_line(&r).contains("cannot reach etcd"), "{}", r.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_data_directory_owned_by_someone_else() {
+    let etcd = pgwarden_testkit::etcd::Etcd::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let data = dir.path().join("n1");
+    std::fs::create_dir(&data).expect("mkdir");
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root can make a directory someone else's");
+        return;
+    }
+    // Owned by nobody (uid 65534), not by the PostgreSQL user.
+    nix::unistd::chown(&data, Some(nix::unistd::Uid::from_raw(65534)), None)
+        .expect("chown (the tests run as root)");
+    let path = config(
+        dir.path(),
+        &format!("[dcs]\nendpoints = [\"{}\"]\n", etcd.endpoint()),
+    );
+    let r = run(&["agent", "-c", &path, "--node", "n1"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        one_line(&r).contains("is owned by uid 65534"),
+        "{}",
+        r.stderr
+    );
+}
