@@ -579,7 +579,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(runs);
     let only = arg("--only");
-    pgwarden_postgres::become_subreaper();
+    common::ha::spawn_reaper();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

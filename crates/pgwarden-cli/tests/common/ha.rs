@@ -81,6 +81,7 @@ impl Ha {
             .expect("tempdir");
         let env = pgwarden_postgres::PgEnv::discover(None, "postgres").expect("binaries");
         env.run_as.create_dir(dir.path(), 0o755).expect("chown");
+        spawn_reaper();
         let etcd = Etcd::start().await;
         let ports = free_ports(nodes * 2 + 1);
         let proxy_port = ports[nodes * 2];
@@ -376,6 +377,19 @@ impl Drop for Ha {
             }
         }
     }
+}
+
+/// Servers of killed agents are orphaned to this process (a subreaper: this machine's init
+/// reaps late, and a zombie postmaster's PID keeps its socket lock file "in use"): reap them.
+pub fn spawn_reaper() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        pgwarden_postgres::become_subreaper();
+        std::thread::spawn(|| loop {
+            pgwarden_postgres::reap_orphans(&[]);
+            std::thread::sleep(Duration::from_millis(100));
+        });
+    });
 }
 
 /// `root` and every process below it.

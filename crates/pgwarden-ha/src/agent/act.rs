@@ -211,6 +211,7 @@ impl<K: Kv> Agent<K> {
         self.instance
             .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
         self.postmaster = Some(self.instance.spawn()?);
+        self.mem.starting = true;
         Ok(())
     }
 

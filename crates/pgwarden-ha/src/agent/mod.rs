@@ -73,6 +73,11 @@ struct Memory {
     sync_applied: Vec<NodeId>,
     /// Ask again soon (a refusal to confirm, a server starting).
     soon: bool,
+    /// The server was started and has not answered since: if it exits now, the start failed.
+    starting: bool,
+    /// Starts that failed in a row, and no new start before this.
+    failed_starts: u32,
+    start_not_before: Option<Instant>,
 }
 
 pub struct Agent<K: Kv> {
@@ -207,6 +212,22 @@ impl<K: Kv> Agent<K> {
             } else {
                 self.rules.loop_wait
             };
+            let start = d
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::StartPrimary | Action::StartStandby { .. }));
+            if start
+                && self
+                    .mem
+                    .start_not_before
+                    .is_some_and(|t| Instant::now() < t)
+            {
+                // Its last starts failed at once (a port or lock in use, a bad setting):
+                // back off rather than spin.
+                self.wait(wait, &mut children, leader_changes.as_mut(), &mut stop)
+                    .await;
+                continue;
+            }
             for a in &d.actions {
                 if a != &Action::Lead {
                     tracing::info!(node = %self.id, action = ?a, "acting");

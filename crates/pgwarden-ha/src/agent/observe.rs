@@ -110,6 +110,12 @@ impl<K: Kv> Agent<K> {
                 self.postmaster = None;
                 self.client = None;
                 self.mem.pg_down_since.get_or_insert(now);
+                if std::mem::take(&mut self.mem.starting) {
+                    self.mem.failed_starts += 1;
+                    let pause = (self.rules.loop_wait * self.mem.failed_starts.min(30))
+                        .min(Duration::from_secs(30));
+                    self.mem.start_not_before = Some(now + pause);
+                }
             }
         }
         if self.postmaster.is_none() {
@@ -124,6 +130,9 @@ impl<K: Kv> Agent<K> {
         match self.query_state().await {
             Ok((mut r, streaming)) => {
                 self.mem.pg_down_since = None;
+                self.mem.starting = false;
+                self.mem.failed_starts = 0;
+                self.mem.start_not_before = None;
                 if r.primary || streaming {
                     self.mem.not_streaming_since = None;
                 } else {
