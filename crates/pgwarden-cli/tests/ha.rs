@@ -237,14 +237,16 @@ async fn no_member_may_take_over_and_each_says_why() {
     .await;
     let (leader, _) = ha.settled(2, 1, BOOT).await;
     assert_eq!(leader, 0);
-    // n3 stops receiving; 4 MB more are written and reach n2 only.
+    // n3 stops receiving; 40 MB more are written and reach n2 only. What the kernel holds
+    // for n3 (n1's send buffer, n3's receive buffer: a few MB on loopback, delivered even
+    // after n1 dies) still leaves it far more than 1 MB behind.
     ha.signal_tree(2, Signal::SIGSTOP);
     let c = ha.direct(0).await.expect("leader");
     c.batch_execute(
-        "CREATE TABLE big AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 4000)",
+        "CREATE TABLE big AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 40000)",
     )
     .await
-    .expect("write 4 MB");
+    .expect("write 40 MB");
     let target: String = c
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await

@@ -415,6 +415,12 @@ impl Instance {
             .stdout(log)
             .stderr(log_err);
         self.env.run_as.apply_std(&mut cmd);
+        // Its own process group: a terminal's Ctrl-C reaches its owner, which stops it in
+        // order, and orphaned backends are told apart from programs run and waited for.
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         if self.die_with_parent {
             set_parent_death_signal(&mut cmd);
         }

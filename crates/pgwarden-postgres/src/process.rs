@@ -180,9 +180,10 @@ pub fn become_subreaper() {
     }
 }
 
-/// Reaps this process's exited children that are PostgreSQL processes other than `keep` (a
-/// postmaster that its [`Postmaster`] reaps itself, keeping its exit status). Other children
-/// (a `pg_basebackup` run by a tokio `Command`) are left to whoever waits for them. Another
+/// Reaps this process's exited children that are PostgreSQL servers other than `keep` (a
+/// postmaster that its [`Postmaster`] reaps itself, keeping its exit status): orphaned
+/// backends and postmasters, which run in a process group of their own. Other children (a
+/// `pg_basebackup` run by a tokio `Command`, `postgres -V`) are left to whoever waits for them. Another
 /// agent's dead postmaster in the same process may be reaped here; its `Postmaster` then
 /// reports it gone without a status.
 pub fn reap_orphans(keep: &[u32]) {
@@ -210,7 +211,11 @@ pub fn reap_orphans(keep: &[u32]) {
             fields.next(),
             fields.next().and_then(|p| p.parse::<u32>().ok()),
         );
-        if state == Some("Z") && ppid == Some(me) && comm.starts_with("postgres") {
+        let pgrp = fields.next().and_then(|p| p.parse::<i32>().ok());
+        // Servers run in their own process group: a `postgres` in ours is a program this
+        // process started and waits for itself (`postgres -V`).
+        let ours = pgrp == Some(nix::unistd::getpgrp().as_raw());
+        if state == Some("Z") && ppid == Some(me) && comm.starts_with("postgres") && !ours {
             let _ = nix::sys::wait::waitpid(
                 Pid::from_raw(pid as i32),
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
