@@ -129,6 +129,7 @@ mod tests {
                 streaming,
                 lag_bytes: None,
                 epoch: None,
+                ready: false,
                 host: "127.0.0.1".into(),
                 port: 5432,
                 api: None,

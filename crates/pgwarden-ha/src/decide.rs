@@ -129,6 +129,8 @@ pub struct Store {
     pub last_leader_timeline: Option<u32>,
     /// The leader's timeline, from its published state.
     pub leader_timeline: Option<u32>,
+    /// The leader published that its roles exist (a clone can log in).
+    pub leader_ready: bool,
     /// Synchronous mode: the members that may be promoted.
     pub synchronous_set: Option<Vec<NodeId>>,
 }
@@ -215,6 +217,10 @@ pub enum Reason {
     },
     /// No leader to clone from (or to follow) yet.
     NoLeader,
+    /// A leader that has not yet published that a clone can log in.
+    LeaderNotReady {
+        leader: NodeId,
+    },
     /// The cluster had a leader and this node has no data: it waits for one to clone from.
     NeverInitdbAgain,
     Starting,
@@ -243,6 +249,10 @@ impl fmt::Display for Reason {
                 write!(f, "waiting for {by} to initialise the cluster")
             }
             Reason::NoLeader => f.write_str("no leader to stream from"),
+            Reason::LeaderNotReady { leader } => write!(
+                f,
+                "waiting for leader {leader} to be ready (its roles set up) before cloning"
+            ),
             Reason::NeverInitdbAgain => f.write_str(
                 "no data directory, and the cluster already exists: waiting for a leader to clone from",
             ),
@@ -384,6 +394,10 @@ fn unreachable_store(o: &Observation, s: &Settings) -> Decision {
 
 fn missing(o: &Observation, store: &Store, other: Option<NodeId>) -> Decision {
     if let Some(leader) = other {
+        if !store.leader_ready {
+            // Its replication role may not exist yet: a clone now fails to log in.
+            return Decision::wait(Role::Down, Reason::LeaderNotReady { leader });
+        }
         return Decision::act(Role::Down, vec![Action::Clone { from: leader }]);
     }
     match &store.initialized_by {
@@ -619,6 +633,7 @@ mod tests {
             last_leader: Some((n("n1"), Lsn(100 * MB))),
             last_leader_timeline: Some(1),
             leader_timeline: Some(1),
+            leader_ready: true,
             synchronous_set: None,
         }
     }
@@ -631,6 +646,7 @@ mod tests {
             last_leader: None,
             last_leader_timeline: None,
             leader_timeline: None,
+            leader_ready: false,
             synchronous_set: None,
         }
     }
@@ -734,6 +750,7 @@ mod tests {
             ("after initdb the claimer takes the key", with(&initialised_by("n1"), obs("n1", Pg::Stopped { standby: false }, Some(new_cluster()))), &s, vec![TakeLeader], None),
             ("then starts as primary", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1")))), &s, vec![StartPrimary], None),
             ("a replica clones from the leader", obs("n2", Pg::Missing, Some(store(Some("n1")))), &s, vec![Clone { from: n("n1") }], None),
+            ("a leader without its roles yet: the clone waits", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_ready = false, obs("n2", Pg::Missing, Some(store(Some("n1"))))), &s, vec![], Some("waiting for leader n1 to be ready")),
             ("never initdb again once a leader existed", obs("n1", Pg::Missing, Some(store(None))), &s, vec![], Some("already exists")),
             ("no data and holding the key: release it", obs("n1", Pg::Missing, Some(store(Some("n1")))), &s, vec![ReleaseLeader], None),
             ("a cloned standby starts following the leader", obs("n2", Pg::Stopped { standby: true }, Some(store(Some("n1")))), &s, vec![StartStandby { upstream: Some(n("n1")) }], None),

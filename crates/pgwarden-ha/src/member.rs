@@ -20,6 +20,9 @@ pub struct MemberState {
     pub lag_bytes: Option<u64>,
     /// The leader's epoch, on the leader.
     pub epoch: Option<u64>,
+    /// On the leader: its roles exist, so a new member may clone from it.
+    #[serde(default)]
+    pub ready: bool,
     /// PostgreSQL's address.
     pub host: String,
     pub port: u16,

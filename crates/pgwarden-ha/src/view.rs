@@ -140,6 +140,7 @@ mod tests {
                 streaming: !primary,
                 lag_bytes: Some(0),
                 epoch,
+                ready: primary,
                 host: "127.0.0.1".into(),
                 port: 5432,
                 api: None,

@@ -263,6 +263,8 @@ impl<K: Kv> Agent<K> {
         if !self.mem.roles_ready {
             self.ensure_roles().await?;
             self.mem.roles_ready = true;
+            // Published next round, which waiting clones need: make it soon.
+            self.mem.soon = true;
         }
         let rows = self
             .query(

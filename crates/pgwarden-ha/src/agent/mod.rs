@@ -239,6 +239,9 @@ impl<K: Kv> Agent<K> {
                     break;
                 }
             }
+            if self.mem.soon {
+                wait = wait.min(Duration::from_millis(100));
+            }
             self.wait(wait, &mut children, leader_changes.as_mut(), &mut stop)
                 .await;
         }
@@ -303,7 +306,8 @@ impl<K: Kv> Agent<K> {
     }
 
     async fn publish(&mut self, o: &Observation, d: &Decision) {
-        let state = observe::member_state(&self.me, o, d, self.snapshot.as_ref());
+        let state =
+            observe::member_state(&self.me, o, d, self.snapshot.as_ref(), self.mem.roles_ready);
         let holds = self
             .snapshot
             .as_ref()

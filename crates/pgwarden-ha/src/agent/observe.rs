@@ -65,6 +65,11 @@ impl<K: Kv> Agent<K> {
                     .find(|m| m.node == l.node && m.state.primary)
                     .and_then(|m| m.state.timeline)
             }),
+            leader_ready: s.leader.as_ref().is_some_and(|l| {
+                s.members
+                    .iter()
+                    .any(|m| m.node == l.node && m.state.primary && m.state.ready)
+            }),
             synchronous_set: s.synchronous_set.clone(),
         });
         let other_leader = store
@@ -324,6 +329,7 @@ pub(super) fn blank_state(me: &NodeConfig) -> MemberState {
         streaming: false,
         lag_bytes: None,
         epoch: None,
+        ready: false,
         host: me.host.clone(),
         port: me.port,
         api: me.api.map(|a| a.to_string()),
@@ -340,6 +346,7 @@ pub(super) fn member_state(
     o: &Observation,
     d: &Decision,
     snap: Option<&pgwarden_dcs::Snapshot<MemberState>>,
+    roles_ready: bool,
 ) -> MemberState {
     let mut s = blank_state(me);
     s.role = match d.role {
@@ -369,6 +376,7 @@ pub(super) fn member_state(
             .and_then(|x| x.leader.as_ref())
             .filter(|l| l.node == o.node)
             .map(|l| l.epoch.0);
+        s.ready = roles_ready && s.primary;
     }
     s.reason = d.waiting.as_ref().map(|r| r.to_string());
     s
