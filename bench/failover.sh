@@ -11,7 +11,8 @@
 #   bench/failover.sh [--runs N] [--patroni-runs M] [--only pgwarden|patroni]
 #
 # Prints per system and fault: RTO p50 / p99 / max (fault -> first acknowledged write from a
-# server that could not have taken it before), client-visible errors, lost acknowledged writes,
+# server that could not have taken it before), failed writes (in flight at the fault; "errors":
+# sent after it, by a client between transactions), sessions reopened, lost acknowledged writes,
 # writes acknowledged by a non-leader, timeline bumps on a crash, and runs without recovery; then
 # the p50 ratios. Patroni runs with its defaults (ttl 30 / loop_wait 10 / retry_timeout 10) and
 # tuned (10 / 2 / 3). Not a test: numbers depend on the machine.

@@ -7,8 +7,10 @@
 //! multi-host connection with `target_session_attrs=read-write` and reconnects on any error.
 //!
 //! RTO = fault → the first acknowledged write sent after the fault by a server that could not
-//! have taken it before: another node, or a postmaster started after the fault. Errors are the
-//! client-visible failures; lost = acknowledged ids missing on the final leader; non-leader acks
+//! have taken it before: another node, or a postmaster started after the fault. Failed writes
+//! are split into those in flight when the fault struck and those sent after it ("errors": what
+//! a client between transactions sees); reconnects = sessions the writer had to open again;
+//! lost = acknowledged ids missing on the final leader; non-leader acks
 //! = acknowledgements from a server after another had taken over.
 //!
 //! Usage: `cargo bench -p pgwarden-cli --bench failover -- [--runs N] [--patroni-runs M]
@@ -62,7 +64,12 @@ impl Kind {
 #[derive(Default)]
 struct Row {
     rto: Vec<Duration>,
+    /// Failed writes sent before the fault (in flight when it struck) and after it (a client
+    /// between transactions).
+    in_flight: usize,
     errors: usize,
+    /// Sessions the writer had to open again.
+    reconnects: usize,
     lost: usize,
     non_leader: usize,
     timeline_bumps: usize,
@@ -457,7 +464,10 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
         // Some writes, then the fault at a random phase of the agents' loop.
         let phase = cluster.loop_wait().mul_f64(rand::random::<f64>());
         tokio::time::sleep(Duration::from_secs(2) + phase).await;
-        let errors_before = w.log.lock().expect("log").errors.len();
+        let (errors_before, reconnects_before) = {
+            let log = w.log.lock().expect("log");
+            (log.errors.len(), log.reconnects)
+        };
         let fault = Instant::now();
         let fault_wall = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -485,7 +495,14 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
                 }
             }
         }
-        row.errors += w.log.lock().expect("log").errors.len() - errors_before;
+        {
+            let log = w.log.lock().expect("log");
+            let new = &log.errors[errors_before..];
+            let in_flight = new.iter().filter(|(sent, _)| *sent < fault).count();
+            row.in_flight += in_flight;
+            row.errors += new.len() - in_flight;
+            row.reconnects += log.reconnects - reconnects_before;
+        }
         eprintln!(
             "  {} run {}/{runs}: rto {:?}",
             kind.name(),
@@ -516,14 +533,16 @@ fn secs(d: Option<Duration>) -> String {
 
 fn print_table(rows: &[(String, Kind, Row)]) {
     println!(
-        "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>7} {:>5} {:>10} {:>9} {:>7}",
+        "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10} {:>5} {:>10} {:>9} {:>7}",
         "system",
         "fault",
         "runs",
         "p50 s",
         "p99 s",
         "max s",
+        "in flight",
         "errors",
+        "reconnects",
         "lost",
         "non-leader",
         "tl bumps",
@@ -531,14 +550,16 @@ fn print_table(rows: &[(String, Kind, Row)]) {
     );
     for (system, kind, r) in rows {
         println!(
-            "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>7} {:>5} {:>10} {:>9} {:>7}",
+            "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10} {:>5} {:>10} {:>9} {:>7}",
             system,
             kind.name(),
             r.rto.len() + r.failed_runs,
             secs(pct(&r.rto, 0.5)),
             secs(pct(&r.rto, 0.99)),
             secs(r.rto.iter().max().copied()),
+            r.in_flight,
             r.errors,
+            r.reconnects,
             r.lost,
             r.non_leader,
             r.timeline_bumps,

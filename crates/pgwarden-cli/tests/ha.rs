@@ -62,6 +62,10 @@ async fn a_crashed_primary_restarts_in_place() {
         "clients between transactions saw errors: {:?}",
         log.errors
     );
+    assert_eq!(
+        log.reconnects, 0,
+        "the writer's session outlived its server"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,6 +109,10 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
         log.errors.len() <= 1,
         "clients between transactions saw errors: {:?}",
         log.errors
+    );
+    assert_eq!(
+        log.reconnects, 0,
+        "the writer's session outlived its server"
     );
 }
 

@@ -24,6 +24,10 @@ pub enum ProxyError {
     /// The server ended the session with a FATAL error, which the client has been sent.
     #[error("the server ended the session (FATAL error passed to the client)")]
     ServerFatal,
+    /// The server ended the connection with a FATAL error that the client was not shown: its
+    /// session outlives the server (see `pipeline::lost`).
+    #[error("the server ended the connection: {message}")]
+    ServerGone { message: String },
     #[error("invalid command-line argument for server process: {0}")]
     StartupOption(String),
     #[error("no PostgreSQL user name specified in startup packet")]
@@ -110,6 +114,7 @@ impl ProxyError {
             | ServerIo(_)
             | ServerClosed
             | ServerFatal
+            | ServerGone { .. }
             | Connect { .. }
             | ConnectTimeout { .. }
             | QueryTimeout(_) => SqlState::CONNECTION_FAILURE,
@@ -145,6 +150,7 @@ impl ProxyError {
             ServerIo(_) | ServerClosed | ServerFatal | ServerProtocol(_) | QueryTimeout(_) => {
                 "server connection lost".to_string()
             }
+            ServerGone { .. } => self.to_string(),
             Connect { .. } | ConnectTimeout { .. } => {
                 "could not connect to the database server".to_string()
             }

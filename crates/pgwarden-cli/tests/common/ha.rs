@@ -53,7 +53,10 @@ pub struct Ack {
 #[derive(Debug, Default)]
 pub struct Log {
     pub acks: Vec<Ack>,
+    /// Failed writes: when each was sent (or tried, without a connection), and why.
     pub errors: Vec<(Instant, String)>,
+    /// New connections after the first (the proxy ended the session, or could not be reached).
+    pub reconnects: usize,
 }
 
 pub struct Writer {
@@ -443,6 +446,7 @@ where
             tokio::time::sleep(every).await;
             id += 1;
             if client.as_ref().map_or(true, |c| c.is_closed()) {
+                l.lock().expect("log").reconnects += 1;
                 client = connect().await;
             }
             let Some(c) = client.as_ref() else {
@@ -477,7 +481,7 @@ where
                         client = None;
                     }
                     log.errors
-                        .push((now, pgwarden_testkit::cluster::describe(&e)))
+                        .push((sent, pgwarden_testkit::cluster::describe(&e)))
                 }
             }
         }

@@ -11,8 +11,11 @@
 //! Every checkout goes through the router (see `checkout`). While a server is held, the relay
 //! also watches the view: when the node it writes to no longer leads under the current epoch
 //! (a new leader, none, or a stale view), the connection is cut at once, idle or
-//! mid-transaction, in both pool modes, and the client's session ends with 57P01; nothing the
-//! old leader answers after that reaches the client.
+//! mid-transaction, in both pool modes; nothing the old leader answers after that reaches the
+//! client. A server lost that way, or closed, failed or ended with FATAL under the client's
+//! statements, ends the client's session (57P01 when fenced) only inside a transaction block,
+//! in session mode or when pinned; otherwise the statements in flight fail with 08006 and the
+//! session goes on without a server (see `pipeline::lost`).
 //!
 //! A session ends from outside through its kill signal: at shutdown a running transaction may
 //! finish first; `KILL` ends it at once. A client idle inside a transaction for longer than
@@ -68,6 +71,9 @@ struct Client {
     ready_at: Option<Instant>,
     /// Bytes of a large server message still to pass straight on (see `stream_large`).
     streaming: usize,
+    /// Its server was lost in the middle of an extended-protocol batch: the rest of the batch,
+    /// up to its Sync, is skipped (see [`Forwarder::lose_server`]).
+    skip_to_sync: bool,
 }
 
 impl Client {
@@ -135,6 +141,7 @@ impl Forwarder<'_> {
             xact_started: None,
             ready_at: None,
             streaming: 0,
+            skip_to_sync: false,
         };
         let result = self.relay(&mut lease, &mut c).await;
         if let Some(l) = lease.take() {
@@ -246,8 +253,13 @@ impl Forwarder<'_> {
             // takes everything at once.
             if !conn.framed.wbuf.is_empty() {
                 c.count_sending(checked_out);
-                if !conn.framed.flush_now()? {
-                    conn.framed.flush_rest().await?;
+                let flushed = match conn.framed.flush_now() {
+                    Ok(false) => conn.framed.flush_rest().await,
+                    other => other.map(|_| ()),
+                };
+                if let Err(e) = flushed {
+                    self.lose_server(lease, c, e).await?;
+                    continue;
                 }
             }
             if !self.client.flush_now()? {
@@ -270,16 +282,21 @@ impl Forwarder<'_> {
                 (None, None) => None,
             };
             let mut fired = None;
+            let mut server_failed = None;
             // The view watch comes last: fencing does not depend on the order (the generation
             // is checked below after every wake-up), and a wake-up for the server's answer
             // then returns before polling it.
             tokio::select! {
                 biased;
-                r = conn.framed.fill() => r?,
+                r = conn.framed.fill() => server_failed = r.err(),
                 r = self.client.fill() => r?,
                 _ = &mut admin_kill => return Err(ProxyError::Killed),
                 _ = sleep_until_or_never(timer.map(|(at, _)| at)) => fired = timer.map(|(_, t)| t),
                 g = &mut view_changed => view_changed.seen(g),
+            }
+            if let Some(e) = server_failed {
+                self.lose_server(lease, c, e).await?;
+                continue;
             }
             if fired == Some(Timer::IdleInTransaction) {
                 return Err(ProxyError::IdleInTransaction(
@@ -305,11 +322,10 @@ impl Forwarder<'_> {
             if topology.generation() != self.checkout.generation() {
                 let held = lease.as_ref().expect("a server is attached here");
                 if !self.checkout.may_serve(held) {
-                    let l = lease.take().expect("a server is attached here");
-                    let e = fenced(&l);
-                    tracing::info!(node = %l.pool.key.node, epoch = %l.conn.epoch, session = me.id, "the node no longer leads: cutting the session's server connection");
-                    self.drop_server(l, c).await;
-                    return Err(e);
+                    let e = fenced(held);
+                    tracing::info!(node = %held.pool.key.node, epoch = %held.conn.epoch, session = me.id, "the node no longer leads: cutting the session's server connection");
+                    self.lose_server(lease, c, e).await?;
+                    continue;
                 }
             }
             let conn = &mut lease.as_mut().expect("a server is attached here").conn;
@@ -357,6 +373,10 @@ impl Forwarder<'_> {
                 }
             }
             conn.framed.rbuf = rbuf;
+            if let Err(e @ ProxyError::ServerGone { .. }) = received {
+                self.lose_server(lease, c, e).await?;
+                continue;
+            }
             if let Err(e) = received {
                 // Whatever was passed on (e.g. the server's FATAL) reaches the client first.
                 let _ = self.client.flush().await;
@@ -465,6 +485,20 @@ impl Forwarder<'_> {
                 continue;
             };
             let frame = &client.rbuf[..n];
+            if c.skip_to_sync {
+                // The rest of a batch whose server was lost: skipped, as a server skips the
+                // rest of a failed batch, and its Sync answered.
+                match frame[0] {
+                    b'S' => {
+                        c.skip_to_sync = false;
+                        backend::put_ready_for_query(&mut client.wbuf, TxStatus::Idle);
+                    }
+                    b'X' => return Ok(b'X'),
+                    _ => {}
+                }
+                client.rbuf.advance(n);
+                continue;
+            }
             let local = self.mode == PoolMode::Transaction && {
                 let (pipeline, mut cx) = c.cx(&self.checkout.group.common.statements, capacity);
                 pipeline.answer_detached(frame, &mut cx, &mut client.wbuf)
@@ -474,6 +508,54 @@ impl Forwarder<'_> {
             }
             client.rbuf.advance(n);
         }
+    }
+
+    /// The held server is gone (`cause`: closed, failed, ended with FATAL, fenced out) under the
+    /// client's statements. When the session may outlive it (see `pipeline::lost`), each
+    /// unanswered batch fails with 08006 and the session goes on without a server, its next
+    /// transaction on another connection; otherwise `cause` ends the session. Either way the
+    /// server is closed and nothing more it says reaches the client.
+    async fn lose_server(
+        &mut self,
+        lease: &mut Option<Lease>,
+        c: &mut Client,
+        cause: ProxyError,
+    ) -> Result<(), ProxyError> {
+        let capacity = self.capacity();
+        let mut l = lease.take().expect("a server is attached here");
+        if !c
+            .pipeline
+            .outlives_server(l.conn.status, &c.session, capacity)
+        {
+            self.drop_server(l, c).await;
+            return Err(cause);
+        }
+        let what = match &cause {
+            ProxyError::Fenced { node, epoch } => {
+                format!("{node} no longer takes writes (epoch {epoch} ended)")
+            }
+            ProxyError::ServerGone { message } => {
+                format!("the server ended the connection ({message})")
+            }
+            _ => "the server connection was lost".to_string(),
+        };
+        let message = format!(
+            "{what}: the outcome of the statements in flight is unknown (a write may have \
+             committed); the session goes on"
+        );
+        let mut error = bytes::BytesMut::new();
+        ErrorReport::error(pgwarden_protocol::SqlState::CONNECTION_FAILURE, &message)
+            .put_error(&mut error);
+        let cache = &self.checkout.group.common.statements;
+        let (pipeline, mut cx) = c.cx(cache, capacity);
+        let unfinished = pipeline.server_lost(&error, &mut l.conn, &mut cx, &mut self.client.wbuf);
+        tracing::info!(session = self.me.id, node = %l.pool.key.node, error = %cause, "server lost under the session's statements; the session goes on");
+        self.drop_server(l, c).await;
+        self.me.set_idle();
+        c.skip_to_sync = unfinished?;
+        c.query_started = None;
+        c.xact_started = None;
+        self.client.flush().await
     }
 
     /// Closes a server in the middle of its use (fenced out, timed out): cancels stop going to

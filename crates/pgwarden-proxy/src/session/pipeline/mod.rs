@@ -14,6 +14,7 @@
 //! - `express` — a whole batch of unnamed statements that needs no entry per message.
 
 mod express;
+mod lost;
 mod stale;
 mod statements;
 
@@ -394,6 +395,18 @@ impl Pipeline {
                 client_out.extend_from_slice(frame);
             }
             b'E' => {
+                if is_fatal(body) && self.outlives_server(conn.status, cx.session, cx.capacity) {
+                    // The server is closing this connection, but the client's session goes on
+                    // (see `lost`): it is not shown the FATAL error.
+                    conn.broken = true;
+                    let e = pgwarden_protocol::error_response::ErrorFields::parse(body).ok();
+                    return Err(ProxyError::ServerGone {
+                        message: e
+                            .and_then(|e| e.message())
+                            .unwrap_or("FATAL error")
+                            .to_string(),
+                    });
+                }
                 if let Some((failed, stmt)) = self.stale_statement(body) {
                     if self.retry_stale_plan(failed, &stmt, conn, cx)? {
                         return Ok(());
