@@ -6,7 +6,7 @@
 # etcd by a fault proxy while clients still reach its PostgreSQL). Each fault lands at a random
 # phase of the agents' loop; a writer inserts one increasing id every 15 ms (pgwarden: through
 # pgwarden proxy; Patroni: a multi-host connection with target_session_attrs=read-write, which
-# reconnects on any error).
+# gives up on an insert unanswered for 1 s and reconnects on any error).
 #
 #   bench/failover.sh [--runs N] [--patroni-runs M] [--only pgwarden|patroni]
 #

@@ -4,7 +4,8 @@
 //! 3-node cluster on a real etcd takes a writer (one autocommit insert every 15 ms with an
 //! increasing id, every outcome logged) while the fault is injected into the leader at a random
 //! phase, `--runs` times. pgwarden's writer goes through `pgwarden proxy`; Patroni's uses a
-//! multi-host connection with `target_session_attrs=read-write` and reconnects on any error.
+//! multi-host connection with `target_session_attrs=read-write`, gives up on an insert
+//! unanswered for 1 s, and reconnects on any error.
 //!
 //! RTO = fault → the first acknowledged write sent after the fault by a server that could not
 //! have taken it before: another node, or a postmaster started after the fault. Failed writes
@@ -368,7 +369,15 @@ impl Cluster for Patroni {
     }
     async fn writer(&self) -> Writer {
         let ports = self.pg_ports.clone();
-        common::ha::writer_to(move || multi_host(ports.clone()), WRITE_EVERY).await
+        // Without a proxy, a frozen primary holds the connection until SIGCONT: the writer
+        // gives up on an insert after 1 s and reconnects, as HAProxy's `shutdown-sessions`
+        // or an application's timeout would.
+        common::ha::writer_to(
+            move || multi_host(ports.clone()),
+            WRITE_EVERY,
+            Some(Duration::from_secs(1)),
+        )
+        .await
     }
     fn loop_wait(&self) -> Duration {
         Duration::from_secs(self.timing.1)

@@ -282,7 +282,7 @@ impl Ha {
     /// `every`, each with the next id, logging what was acknowledged by which server.
     pub async fn writer(&self, every: Duration) -> Writer {
         let port = self.proxy_port;
-        writer_to(move || connect(port), every).await
+        writer_to(move || connect(port), every, None).await
     }
 
     /// Every acknowledged id is on node `i`; the ids missing are returned.
@@ -424,8 +424,10 @@ pub fn descendants(root: i32) -> Vec<i32> {
 }
 
 /// The writer, connecting with `connect` (again after an error that ends the connection):
-/// one autocommit insert every `every`, each with the next id, every outcome logged.
-pub async fn writer_to<F, Fut>(connect: F, every: Duration) -> Writer
+/// one autocommit insert every `every`, each with the next id, every outcome logged. With
+/// `give_up`, an insert unanswered that long fails and the connection is dropped (what an
+/// application's timeout does; a frozen server never answers).
+pub async fn writer_to<F, Fut>(connect: F, every: Duration, give_up: Option<Duration>) -> Writer
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Option<tokio_postgres::Client>> + Send,
@@ -457,15 +459,24 @@ where
                 continue;
             };
             let sent = Instant::now();
-            let r = c
-                .query_one(
-                    "INSERT INTO w VALUES ($1) RETURNING inet_server_port(), \
-                     extract(epoch FROM pg_postmaster_start_time())::float8",
-                    &[&id],
-                )
-                .await;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+            let insert = c.query_one(
+                "INSERT INTO w VALUES ($1) RETURNING inet_server_port(), \
+                 extract(epoch FROM pg_postmaster_start_time())::float8",
+                &params,
+            );
+            let r = match give_up {
+                Some(t) => tokio::time::timeout(t, insert).await,
+                None => Ok(insert.await),
+            };
             let now = Instant::now();
             let mut log = l.lock().expect("log");
+            let Ok(r) = r else {
+                client = None;
+                log.errors
+                    .push((sent, format!("no answer within {give_up:?}")));
+                continue;
+            };
             match r {
                 Ok(row) => log.acks.push(Ack {
                     id,
