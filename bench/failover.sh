@@ -8,14 +8,16 @@
 # pgwarden proxy; Patroni: a multi-host connection with target_session_attrs=read-write, which
 # gives up on an insert unanswered for 1 s and reconnects on any error).
 #
-#   bench/failover.sh [--runs N] [--patroni-runs M] [--only pgwarden|patroni]
+#   bench/failover.sh [--runs N] [--patroni-runs M] [--only pgwarden|pgwarden-sync|patroni]
 #
 # Prints per system and fault: RTO p50 / p99 / max (fault -> first acknowledged write from a
 # server that could not have taken it before), failed writes (in flight at the fault; "errors":
 # sent after it, by a client between transactions), sessions reopened, lost acknowledged writes,
 # writes acknowledged by a non-leader, timeline bumps on a crash, and runs without recovery; then
 # the p50 ratios. Patroni runs with its defaults (ttl 30 / loop_wait 10 / retry_timeout 10) and
-# tuned (10 / 2 / 3). Not a test: numbers depend on the machine.
+# tuned (10 / 2 / 3); pgwarden with its defaults (asynchronous) and with synchronous_mode = "on"
+# ("pgwarden (sync on)", where no acknowledged write may be lost). Not a test: numbers depend on
+# the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v patroni >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends patroni >/dev/null; }

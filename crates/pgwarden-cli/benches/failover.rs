@@ -15,7 +15,8 @@
 //! = acknowledgements from a server after another had taken over.
 //!
 //! Usage: `cargo bench -p pgwarden-cli --bench failover -- [--runs N] [--patroni-runs M]
-//! [--only pgwarden|patroni]`.
+//! [--only pgwarden|pgwarden-sync|patroni]`. `pgwarden (sync on)` is pgwarden with
+//! `synchronous_mode = "on"`, where no acknowledged write may be lost.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -617,18 +618,24 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let mut rows = Vec::new();
-        if only.as_deref() != Some("patroni") {
+        for (name, only_as, agent) in [
+            ("pgwarden", "pgwarden", ""),
+            (
+                "pgwarden (sync on)",
+                "pgwarden-sync",
+                "synchronous_mode = \"on\"",
+            ),
+        ] {
+            if only.as_deref().is_some_and(|o| o != only_as) {
+                continue;
+            }
             for kind in KINDS {
-                eprintln!("pgwarden, {}:", kind.name());
-                let mut c = PgwardenCluster(Ha::start(3, "", &|_| String::new()).await);
-                rows.push((
-                    "pgwarden".to_string(),
-                    kind,
-                    scenario(&mut c, kind, runs).await,
-                ));
+                eprintln!("{name}, {}:", kind.name());
+                let mut c = PgwardenCluster(Ha::start(3, agent, &|_| String::new()).await);
+                rows.push((name.to_string(), kind, scenario(&mut c, kind, runs).await));
             }
         }
-        if only.as_deref() != Some("pgwarden") {
+        if only.as_deref().map_or(true, |o| o == "patroni") {
             for (name, timing) in [
                 ("patroni (10/2/3)", (10, 2, 3)),
                 ("patroni (defaults)", (30, 10, 10)),
