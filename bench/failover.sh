@@ -5,7 +5,7 @@
 # (SIGSTOP of the same, SIGCONT after the failover) and partition (the leader's agent cut from
 # etcd by a fault proxy while clients still reach its PostgreSQL). Each fault lands at a random
 # phase of the agents' loop; a writer inserts one increasing id every 15 ms (pgwarden: through
-# pgwarden proxy; Patroni: a multi-host connection with target_session_attrs=read-write, which
+# pgwarden proxy; Patroni: each host in turn, as libpq's target_session_attrs=read-write does, which
 # gives up on an insert unanswered for 1 s and reconnects on any error).
 #
 #   bench/failover.sh [--runs N] [--patroni-runs M] [--only pgwarden|pgwarden-sync|patroni]

@@ -3,8 +3,8 @@
 //! For each fault (kill-postgres, kill-node, freeze, partition-from-etcd) and each system, a
 //! 3-node cluster on a real etcd takes a writer (one autocommit insert every 15 ms with an
 //! increasing id, every outcome logged) while the fault is injected into the leader at a random
-//! phase, `--runs` times. pgwarden's writer goes through `pgwarden proxy`; Patroni's uses a
-//! multi-host connection with `target_session_attrs=read-write`, gives up on an insert
+//! phase, `--runs` times. pgwarden's writer goes through `pgwarden proxy`; Patroni's connects
+//! as libpq's `target_session_attrs=read-write` over the three hosts would, gives up on an insert
 //! unanswered for 1 s, and reconnects on any error.
 //!
 //! RTO = fault → the first acknowledged write sent after the fault by a server that could not
@@ -410,23 +410,33 @@ async fn http_status(port: u16, path: &str) -> Option<u16> {
         .flatten()
 }
 
+/// What libpq does for `host=a,b,c target_session_attrs=read-write connect_timeout=2`: each
+/// host in turn, the whole attempt (startup and login included) bounded by 2 s, the first that
+/// is not in recovery. (tokio-postgres's `connect_timeout` bounds only the socket connect, so a
+/// frozen first host would stall its multi-host connect for good.)
 async fn multi_host(ports: Vec<u16>) -> Option<tokio_postgres::Client> {
-    let hosts = vec!["127.0.0.1"; ports.len()].join(",");
-    let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
-    let conn = format!(
-        "host={hosts} port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres \
-         target_session_attrs=read-write connect_timeout=2",
-        ports.join(",")
-    );
-    let (c, conn) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_postgres::connect(&conn, tokio_postgres::NoTls),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    tokio::spawn(conn);
-    Some(c)
+    for port in ports {
+        let conn = format!(
+            "host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} \
+             dbname=postgres"
+        );
+        let attempt = async {
+            let (c, conn) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let standby: bool = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .ok()?
+                .get(0);
+            (!standby).then_some(c)
+        };
+        if let Ok(Some(c)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            return Some(c);
+        }
+    }
+    None
 }
 
 async fn timeline(port: u16) -> Option<i64> {

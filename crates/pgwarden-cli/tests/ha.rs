@@ -116,6 +116,64 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
     );
 }
 
+/// An old primary that cannot be rewound (its WAL is gone, so pg_rewind cannot even finish its
+/// crash recovery) is cloned again from the new leader and rejoins; nobody acts by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_primary_whose_rewind_fails_is_cloned_again() {
+    let mut ha = Ha::start(3, "", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let pm = ha.postmaster_pid(leader).expect("postmaster");
+    ha.kill_agent(leader);
+    eventually(HEAL, "postgres died with its agent", || async {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pm), None)
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let (new_leader, new_epoch) = ha.settled(1, epoch + 1, HEAL).await;
+    ha.direct(new_leader)
+        .await
+        .expect("new leader")
+        .batch_execute("CREATE TABLE after_failover AS SELECT 7 AS x")
+        .await
+        .expect("a write on the new leader");
+    let wal = ha.nodes[leader].data_dir.join("pg_wal");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&wal).expect("pg_wal") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            std::fs::remove_file(&path).expect("remove a WAL segment");
+            removed += 1;
+        }
+    }
+    assert!(removed > 0, "the old primary had WAL segments");
+    ha.start_agent(leader);
+    let (l, e) = ha.settled(2, new_epoch, HEAL).await;
+    assert_eq!((l, e), (new_leader, new_epoch), "the new leader stays");
+    let x: i32 = eventually(
+        HEAL,
+        "the old primary has the new leader's data",
+        || async {
+            let c = ha.direct(leader).await?;
+            c.query_one("SELECT x FROM after_failover", &[])
+                .await
+                .ok()
+                .map(|r| r.get(0))
+        },
+    )
+    .await;
+    assert_eq!(x, 7);
+    let log = ha.agent_log(leader);
+    assert!(
+        log.contains("action=Rewind") && log.contains("action=Reclone"),
+        "a rewind was tried, then a new clone:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_primary_is_replaced_and_rejoins() {
     let ha = Ha::start(3, "", &|_| String::new()).await;
