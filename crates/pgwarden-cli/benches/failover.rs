@@ -83,7 +83,8 @@ trait Cluster {
     async fn leader(&self) -> (usize, u16);
     async fn inject(&mut self, kind: Kind, node: usize);
     async fn heal(&mut self, kind: Kind, node: usize);
-    async fn settled(&self);
+    /// Whether the cluster settled (a leader, its replicas streaming) within [`HEAL`].
+    async fn settled(&self) -> bool;
     async fn timeline(&self, node: usize) -> Option<i64>;
     async fn lost(&self, node: usize, log: &Log) -> usize;
     async fn writer(&self) -> Writer;
@@ -122,8 +123,9 @@ impl Cluster for PgwardenCluster {
             Kind::Partition => self.0.link(i, Fault::Pass),
         }
     }
-    async fn settled(&self) {
+    async fn settled(&self) -> bool {
         self.0.settled(2, 1, HEAL).await;
+        true
     }
     async fn timeline(&self, i: usize) -> Option<i64> {
         timeline(self.0.nodes[i].pg_port).await
@@ -198,7 +200,7 @@ impl Patroni {
         format!(
             "scope: bench\nname: n{n}\n\
              restapi:\n  listen: 127.0.0.1:{api}\n  connect_address: 127.0.0.1:{api}\n\
-             etcd3:\n  hosts: 127.0.0.1:{etcd}\n\
+             etcd3:\n  hosts: 127.0.0.1:{etcd}\n  use_proxies: true\n\
              bootstrap:\n  dcs:\n    ttl: {ttl}\n    loop_wait: {loop_wait}\n    retry_timeout: {retry}\n\
              \x20   maximum_lag_on_failover: 1048576\n    postgresql:\n      use_pg_rewind: true\n      use_slots: true\n\
              \x20     parameters:\n        wal_log_hints: 'on'\n        fsync: 'off'\n        shared_buffers: 16MB\n\
@@ -334,33 +336,30 @@ impl Cluster for Patroni {
             Kind::Partition => self.links[i].set(Fault::Pass),
         }
     }
-    async fn settled(&self) {
-        eventually(
-            HEAL,
-            "Patroni: a primary and two streaming replicas",
-            || async {
-                let mut primaries = 0;
-                let mut replicas = 0;
-                for i in 0..3 {
-                    pgwarden_postgres::reap_orphans(&[]);
-                    match (
-                        http_status(self.api_ports[i], "/primary").await,
-                        http_status(self.api_ports[i], "/replica").await,
-                    ) {
-                        (Some(200), _) => primaries += 1,
-                        (_, Some(200)) => {
-                            let lag = replica_streaming(self.pg_ports[i]).await;
-                            if lag {
-                                replicas += 1;
-                            }
+    async fn settled(&self) -> bool {
+        within(HEAL, || async {
+            let mut primaries = 0;
+            let mut replicas = 0;
+            for i in 0..3 {
+                pgwarden_postgres::reap_orphans(&[]);
+                match (
+                    http_status(self.api_ports[i], "/primary").await,
+                    http_status(self.api_ports[i], "/replica").await,
+                ) {
+                    (Some(200), _) => primaries += 1,
+                    (_, Some(200)) => {
+                        let lag = replica_streaming(self.pg_ports[i]).await;
+                        if lag {
+                            replicas += 1;
                         }
-                        _ => {}
                     }
+                    _ => {}
                 }
-                (primaries == 1 && replicas == 2).then_some(())
-            },
-        )
-        .await;
+            }
+            (primaries == 1 && replicas == 2).then_some(())
+        })
+        .await
+        .is_some()
     }
     async fn timeline(&self, i: usize) -> Option<i64> {
         timeline(self.pg_ports[i]).await
@@ -475,10 +474,19 @@ async fn lost_on(port: u16, log: &Log) -> usize {
 /// Runs `runs` faults of `kind` on `cluster`, one at a time, each once the cluster has settled.
 async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
     let mut row = Row::default();
-    cluster.settled().await;
+    if !cluster.settled().await {
+        eprintln!("  the cluster never settled");
+        row.failed_runs = runs;
+        return row;
+    }
     let w = cluster.writer().await;
     for run in 0..runs {
-        cluster.settled().await;
+        if !cluster.settled().await {
+            // Not healed from the last run: the rest are not run.
+            eprintln!("  not healed after run {run}; the remaining runs are skipped");
+            row.failed_runs += runs - run;
+            break;
+        }
         let (leader, port) = cluster.leader().await;
         let timeline_before = cluster.timeline(leader).await;
         // Some writes, then the fault at a random phase of the agents' loop.
@@ -506,7 +514,9 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
             Err(_) => row.failed_runs += 1,
         }
         cluster.heal(kind, leader).await;
-        cluster.settled().await;
+        if !cluster.settled().await {
+            continue;
+        }
         let (now_leader, _) = cluster.leader().await;
         if kind == Kind::KillPostgres && now_leader == leader {
             if let (Some(a), Some(b)) = (timeline_before, cluster.timeline(leader).await) {
@@ -537,6 +547,24 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
     row
 }
 
+/// `f` until it gives a value, or `None` after `limit` (a bench goes on; a test would panic).
+async fn within<F, Fut, T>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn pct(v: &[Duration], p: f64) -> Option<Duration> {
     if v.is_empty() {
         return None;
@@ -551,8 +579,8 @@ fn secs(d: Option<Duration>) -> String {
     d.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64()))
 }
 
-fn print_table(rows: &[(String, Kind, Row)]) {
-    println!(
+fn header() -> String {
+    format!(
         "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10} {:>5} {:>10} {:>9} {:>7}",
         "system",
         "fault",
@@ -567,24 +595,32 @@ fn print_table(rows: &[(String, Kind, Row)]) {
         "non-leader",
         "tl bumps",
         "no RTO"
-    );
+    )
+}
+
+fn row_line(system: &str, kind: Kind, r: &Row) -> String {
+    format!(
+        "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10} {:>5} {:>10} {:>9} {:>7}",
+        system,
+        kind.name(),
+        r.rto.len() + r.failed_runs,
+        secs(pct(&r.rto, 0.5)),
+        secs(pct(&r.rto, 0.99)),
+        secs(r.rto.iter().max().copied()),
+        r.in_flight,
+        r.errors,
+        r.reconnects,
+        r.lost,
+        r.non_leader,
+        r.timeline_bumps,
+        r.failed_runs
+    )
+}
+
+fn print_table(rows: &[(String, Kind, Row)]) {
+    println!("{}", header());
     for (system, kind, r) in rows {
-        println!(
-            "{:<22} {:<14} {:>5} {:>8} {:>8} {:>8} {:>9} {:>7} {:>10} {:>5} {:>10} {:>9} {:>7}",
-            system,
-            kind.name(),
-            r.rto.len() + r.failed_runs,
-            secs(pct(&r.rto, 0.5)),
-            secs(pct(&r.rto, 0.99)),
-            secs(r.rto.iter().max().copied()),
-            r.in_flight,
-            r.errors,
-            r.reconnects,
-            r.lost,
-            r.non_leader,
-            r.timeline_bumps,
-            r.failed_runs
-        );
+        println!("{}", row_line(system, *kind, r));
     }
     // Ratios of p50 against each Patroni configuration.
     for kind in KINDS {
@@ -642,7 +678,9 @@ fn main() {
             for kind in KINDS {
                 eprintln!("{name}, {}:", kind.name());
                 let mut c = PgwardenCluster(Ha::start(3, agent, &|_| String::new()).await);
-                rows.push((name.to_string(), kind, scenario(&mut c, kind, runs).await));
+                let row = scenario(&mut c, kind, runs).await;
+                eprintln!("{}", row_line(name, kind, &row));
+                rows.push((name.to_string(), kind, row));
             }
         }
         if only.as_deref().map_or(true, |o| o == "patroni") {
@@ -653,11 +691,9 @@ fn main() {
                 for kind in KINDS {
                     eprintln!("{name}, {}:", kind.name());
                     let mut c = Patroni::start(timing).await;
-                    rows.push((
-                        name.to_string(),
-                        kind,
-                        scenario(&mut c, kind, patroni_runs).await,
-                    ));
+                    let row = scenario(&mut c, kind, patroni_runs).await;
+                    eprintln!("{}", row_line(name, kind, &row));
+                    rows.push((name.to_string(), kind, row));
                 }
             }
         }
