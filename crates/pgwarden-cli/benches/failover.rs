@@ -12,7 +12,7 @@
 //! are split into those in flight when the fault struck and those sent after it ("errors": what
 //! a client between transactions sees); reconnects = sessions the writer had to open again;
 //! lost = acknowledged ids missing on the final leader; non-leader acks
-//! = acknowledgements from a server after another had taken over.
+//! = runs in which a server acknowledged a write after another had taken over.
 //!
 //! Usage: `cargo bench -p pgwarden-cli --bench failover -- [--runs N] [--patroni-runs M]
 //! [--only pgwarden|pgwarden-sync|patroni]`. `pgwarden (sync on)` is pgwarden with
@@ -480,6 +480,7 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
         return row;
     }
     let w = cluster.writer().await;
+    let mut faults = Vec::new();
     for run in 0..runs {
         if !cluster.settled().await {
             // Not healed from the last run: the rest are not run.
@@ -497,6 +498,7 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
             (log.errors.len(), log.reconnects)
         };
         let fault = Instant::now();
+        faults.push(fault);
         let fault_wall = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -543,8 +545,30 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
     let log = w.stop();
     let (leader, _) = cluster.leader().await;
     row.lost = cluster.lost(leader, &log).await;
-    row.non_leader = usize::from(log.writers_in_order().is_err());
+    row.non_leader = non_leader_runs(&log, &faults);
     row
+}
+
+/// Runs in which a server acknowledged a write after another had taken over: per run, the
+/// acknowledgements from just before its fault to the next fault (leadership may come back to
+/// a node in a later run, which is no second writer).
+fn non_leader_runs(log: &Log, faults: &[Instant]) -> usize {
+    let before = Duration::from_secs(1);
+    (0..faults.len())
+        .filter(|&r| {
+            let (from, to) = (faults[r], faults.get(r + 1).copied());
+            let window = Log {
+                acks: log
+                    .acks
+                    .iter()
+                    .filter(|a| a.at + before >= from && to.map_or(true, |t| a.at < t))
+                    .cloned()
+                    .collect(),
+                ..Log::default()
+            };
+            window.writers_in_order().is_err()
+        })
+        .count()
 }
 
 /// `f` until it gives a value, or `None` after `limit` (a bench goes on; a test would panic).
