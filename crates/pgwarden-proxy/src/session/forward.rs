@@ -186,10 +186,14 @@ impl Forwarder<'_> {
                     None => match self.wait_for_server(&mut shutdown).await {
                         Ok(l) => l,
                         Err(
-                            e @ (ProxyError::CancelledWaiting | ProxyError::Unavailable { .. }),
+                            e @ (ProxyError::CancelledWaiting
+                            | ProxyError::Unavailable { .. }
+                            | ProxyError::ServerIo(_)
+                            | ProxyError::ServerClosed),
                         ) => {
                             // The statement fails; the session goes on (a client can retry
-                            // once the cluster has a leader again).
+                            // once the cluster has a leader again). So it does when a new
+                            // server connection broke during its login (a node dying).
                             tracing::debug!(session = self.me.id, error = %e, "statement refused");
                             self.answer_failed(&e).await?;
                             continue;
