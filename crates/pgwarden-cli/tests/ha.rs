@@ -56,16 +56,7 @@ async fn a_crashed_primary_restarts_in_place() {
         log.longest_gap_after(fault),
         log.errors
     );
-    // At most the statement running when the server died; the next ones wait for it.
-    assert!(
-        log.errors.len() <= 1,
-        "clients between transactions saw errors: {:?}",
-        log.errors
-    );
-    assert_eq!(
-        log.reconnects, 0,
-        "the writer's session outlived its server"
-    );
+    one_error_and_the_same_session(&log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,21 +65,10 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
     let (leader, epoch) = ha.settled(2, 1, BOOT).await;
     let w = ha.writer(WRITE_EVERY).await;
     wait_acks(&w, 20).await;
-    let pm = ha.postmaster_pid(leader).expect("postmaster");
     let fault = Instant::now();
     // The agent alone is killed: its PostgreSQL dies with it (the design), so this is
     // process death of the node.
-    ha.kill_agent(leader);
-    eventually(
-        Duration::from_secs(10),
-        "postgres died with its agent",
-        || async {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pm), None)
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
+    ha.kill_agent_and_postgres(leader).await;
     let (new_leader, new_epoch) = ha.settled(1, epoch + 1, HEAL).await;
     assert_ne!(new_leader, leader);
     wait_acks(&w, 50).await;
@@ -105,15 +85,7 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
         lost.len(),
         log.errors
     );
-    assert!(
-        log.errors.len() <= 1,
-        "clients between transactions saw errors: {:?}",
-        log.errors
-    );
-    assert_eq!(
-        log.reconnects, 0,
-        "the writer's session outlived its server"
-    );
+    one_error_and_the_same_session(&log);
 }
 
 /// An old primary that cannot be rewound (its WAL is gone, so pg_rewind cannot even finish its
@@ -122,14 +94,7 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
 async fn an_old_primary_whose_rewind_fails_is_cloned_again() {
     let mut ha = Ha::start(3, "", &|_| String::new()).await;
     let (leader, epoch) = ha.settled(2, 1, BOOT).await;
-    let pm = ha.postmaster_pid(leader).expect("postmaster");
-    ha.kill_agent(leader);
-    eventually(HEAL, "postgres died with its agent", || async {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pm), None)
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    ha.kill_agent_and_postgres(leader).await;
     let (new_leader, new_epoch) = ha.settled(1, epoch + 1, HEAL).await;
     ha.direct(new_leader)
         .await
@@ -331,15 +296,8 @@ async fn no_member_may_take_over_and_each_says_why() {
     )
     .await;
     let mut ha = ha;
-    let pm = ha.postmaster_pid(0).expect("postmaster");
-    ha.kill_agent(0);
     // Wholly gone before n3 wakes, or its WAL receiver would still fetch the rest.
-    eventually(HEAL, "n1's postgres is gone", || async {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pm), None)
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    ha.kill_agent_and_postgres(0).await;
     ha.signal_tree(2, Signal::SIGCONT);
     let store = ha.store().await;
     let reasons = eventually(
@@ -428,4 +386,18 @@ async fn strict_synchronous_mode_waits_for_a_standby() {
     ha.start_agent(1);
     wait_acks(&w, 20).await;
     w.stop().writers_in_order().expect("one writer");
+}
+
+/// At most the statement running when the server died failed (the next ones waited for the
+/// cluster), and the writer's session outlived its server.
+fn one_error_and_the_same_session(log: &common::ha::Log) {
+    assert!(
+        log.errors.len() <= 1,
+        "clients between transactions saw errors: {:?}",
+        log.errors
+    );
+    assert_eq!(
+        log.reconnects, 0,
+        "the writer's session outlived its server"
+    );
 }

@@ -198,6 +198,19 @@ impl Ha {
         }
     }
 
+    /// SIGKILL of agent `i`, then until its PostgreSQL has died with it (parent-death signal)
+    /// and been reaped.
+    pub async fn kill_agent_and_postgres(&mut self, i: usize) {
+        let pm = self.postmaster_pid(i).expect("postmaster");
+        self.kill_agent(i);
+        eventually(
+            Duration::from_secs(40),
+            "postgres died with its agent",
+            || async { kill(Pid::from_raw(pm), None).is_err().then_some(()) },
+        )
+        .await;
+    }
+
     /// SIGKILL of the agent process, reaped.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {
