@@ -302,14 +302,13 @@ fn proxy(config: Option<PathBuf>) -> ExitCode {
         let listen = config.proxy.listen;
         // With [dcs] the agents decide who leads and the proxy follows the store; without it,
         // the monitor's probes of a cluster managed by something else.
+        // A proxy started before etcd answers listens at once and holds, then refuses, writes
+        // until it does.
         let view = if config.dcs.is_some() {
-            match pgwarden_ha::store::connect(&config).await {
-                Ok(store) => {
-                    pgwarden_ha::view::spawn(std::sync::Arc::new(store), config.agent.loop_wait)
-                        .await
-                }
-                Err(e) => return fail(&e.to_string(), 1),
+            if let Err(e) = pgwarden_ha::store::check(&config) {
+                return fail(&e.to_string(), 1);
             }
+            pgwarden_ha::view::spawn_etcd(config.clone())
         } else {
             pgwarden_cluster::monitor::spawn(config.clone()).await
         };
@@ -332,19 +331,21 @@ async fn agent(config: std::sync::Arc<Config>, node: &str) -> ExitCode {
         );
     }
     pgwarden_postgres::become_subreaper();
-    let store = match pgwarden_ha::store::connect(&config).await {
-        Ok(s) => s,
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    // Nothing is started before the store has been read: an agent that cannot reach it waits.
+    let store = match pgwarden_ha::store::connect_waiting(&config, &mut stopped).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(e) => return fail(&e.to_string(), 1),
     };
     let agent = match pgwarden_ha::Agent::new(config, node, store).await {
         Ok(a) => a,
         Err(e) => return fail(&e.to_string(), 1),
     };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    });
     match agent.run(stopped).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string(), 1),

@@ -46,23 +46,52 @@ fn no_store_configured() {
     assert!(one_line(&r).contains("no [dcs] section"), "{}", r.stderr);
 }
 
+/// A store that does not answer is waited for (a daemon may start before its etcd), with its
+/// address and cause in the log, and SIGTERM ends the wait cleanly. Nothing is started meanwhile.
 #[test]
-fn an_unreachable_store_is_a_bounded_error() {
+fn an_unreachable_store_is_waited_for_until_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = pgwarden_testkit::ports::free_ports(1)[0];
     let path = config(
         dir.path(),
         &format!("[dcs]\nendpoints = [\"127.0.0.1:{port}\"]\ntimeout = \"1s\"\n"),
     );
+    let log = dir.path().join("agent.log");
+    let mut agent = common::pgwarden()
+        .args(["agent", "-c", &path, "--node", "n1"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start the agent");
     let started = Instant::now();
-    let r = run(&["agent", "-c", &path, "--node", "n1"]);
-    assert_eq!(r.code, 1);
-    assert!(one_line(&r).contains("cannot reach etcd"), "{}", r.stderr);
+    let said = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("waiting for the store") || started.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        assert!(agent.try_wait().expect("wait").is_none(), "exited:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(said.contains("waiting for the store"), "{said}");
+    assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
     assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        started.elapsed()
+        !dir.path().join("n1").exists(),
+        "nothing is started: {said}"
     );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let asked = Instant::now();
+    let status = loop {
+        if let Some(s) = agent.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(10), "SIGTERM ignored");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test]

@@ -72,8 +72,28 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
     let (new_leader, new_epoch) = ha.settled(1, epoch + 1, HEAL).await;
     assert_ne!(new_leader, leader);
     wait_acks(&w, 50).await;
-    // The old node comes back: it rejoins as a replica of the new leader, on its timeline.
+    // The old node comes back while it cannot reach etcd: it waits for the store, saying so,
+    // and starts no PostgreSQL (it would otherwise come up as the primary it was).
+    let waits = |ha: &Ha| {
+        ha.agent_log(leader)
+            .matches("waiting for the store")
+            .count()
+    };
+    let before = waits(&ha);
+    ha.link(leader, Fault::Cut);
     ha.start_agent(leader);
+    eventually(HEAL, "the restarted agent waits for the store", || async {
+        (waits(&ha) > before).then_some(())
+    })
+    .await;
+    assert!(
+        common::ha::connect(ha.nodes[leader].pg_port)
+            .await
+            .is_none(),
+        "no PostgreSQL before the store is read"
+    );
+    // Once the store answers, it rejoins as a replica of the new leader, on its timeline.
+    ha.link(leader, Fault::Pass);
     let (l, e) = ha.settled(2, new_epoch, HEAL).await;
     assert_eq!((l, e), (new_leader, new_epoch));
     let log = w.stop();

@@ -221,3 +221,53 @@ async fn large_results_are_streamed_and_their_buffers_given_back() {
         c.batch_execute("SELECT 1").await.expect("still serving");
     }
 }
+
+/// A proxy started before its etcd answers listens at once, says it waits for the store, and
+/// refuses a client with 57P03 and the reason within a bound rather than hanging or exiting.
+#[tokio::test]
+async fn a_proxy_whose_store_does_not_answer_listens_and_refuses_with_a_reason() {
+    let cluster = Cluster::builder().build().await;
+    let ports = free_ports(2);
+    let path = cluster.dir().join("proxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &cluster,
+            ports[0],
+            &format!(
+                "query_wait_timeout = \"1s\"\n[dcs]\nendpoints = [\"127.0.0.1:{}\"]\ntimeout = \"1s\"\n",
+                ports[1]
+            ),
+        ),
+    )
+    .expect("write");
+    let mut proxy = start(&path);
+    proxy.wait_log("proxy listening");
+    assert!(proxy
+        .wait_log("waiting for the store")
+        .contains(&ports[1].to_string()));
+    // The login already needs a primary (its parameters are the server's).
+    let asked = Instant::now();
+    let e = connect(ports[0], "app").await.expect_err("no primary");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{e}"
+    );
+    let message = e.as_db_error().map(|d| d.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("no primary is available")),
+        "{e:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        proxy.child.try_wait().expect("wait").is_none(),
+        "the proxy goes on"
+    );
+}

@@ -27,9 +27,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     humantime::parse_duration(t).map_err(|e| err(&e.to_string()))
 }
 
-/// Formats a duration compactly for messages (`500ms`, `3s`, `1m 30s`).
+/// Formats a duration compactly for messages (`500ms`, `3s`, `1m 30s`, `3s 2ms`): a measured
+/// one is cut to milliseconds (to microseconds below one), never down to nanoseconds.
 pub fn format_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    let cut = if d >= Duration::from_millis(1) {
+        Duration::from_millis(d.as_millis() as u64)
+    } else {
+        Duration::from_micros(d.as_micros() as u64)
+    };
+    humantime::format_duration(cut).to_string()
 }
 
 #[cfg(test)]
@@ -57,5 +63,7 @@ mod tests {
     fn formats_compactly() {
         assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
         assert_eq!(format_duration(Duration::from_secs(90)), "1m 30s");
+        assert_eq!(format_duration(Duration::new(3, 1_510_979)), "3s 1ms");
+        assert_eq!(format_duration(Duration::from_nanos(2_500)), "2us");
     }
 }

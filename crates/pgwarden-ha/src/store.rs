@@ -1,8 +1,11 @@
 //! The cluster's store from `[dcs]`.
 
+use std::time::{Duration, Instant};
+
 use pgwarden_config::{Config, DcsConfig};
 use pgwarden_dcs::etcd::{EtcdKv, EtcdOptions};
 use pgwarden_dcs::{ClusterStore, DcsError, Kv};
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +38,55 @@ pub async fn connect(config: &Config) -> Result<ClusterStore<EtcdKv>, StoreError
     // A lazy connection says nothing: one read proves the store answers.
     kv.get("/").await.map_err(unreachable)?;
     Ok(ClusterStore::new(kv, &dcs.namespace, &config.cluster))
+}
+
+/// What [`connect`] would refuse before it tries the network: no `[dcs]`, or a certificate
+/// or key that cannot be read.
+pub fn check(config: &Config) -> Result<(), StoreError> {
+    options(config.dcs.as_ref().ok_or(StoreError::NotConfigured)?).map(|_| ())
+}
+
+/// How often a store that stays unreachable is named again in the log.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(15);
+
+/// [`connect`], waiting for as long as the store is unreachable: a daemon started with etcd
+/// (a machine booting, an etcd member restarting, a host too busy to answer within the
+/// bound) waits for it, saying so, instead of exiting. Nothing runs meanwhile: the agent
+/// starts no PostgreSQL before it has read the store. Mistakes that waiting cannot mend (no
+/// `[dcs]`, an unreadable certificate) are returned at once; `None` when `stop` turns true
+/// first.
+pub async fn connect_waiting(
+    config: &Config,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<ClusterStore<EtcdKv>>, StoreError> {
+    let pause = config.agent.loop_wait.min(Duration::from_secs(1));
+    let mut named: Option<Instant> = None;
+    loop {
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        let e = tokio::select! {
+            r = connect(config) => match r {
+                Ok(store) => {
+                    if named.is_some() {
+                        tracing::info!("the store answers");
+                    }
+                    return Ok(Some(store));
+                }
+                Err(e @ StoreError::Unreachable { .. }) => e,
+                Err(e) => return Err(e),
+            },
+            _ = stop.wait_for(|s| *s) => return Ok(None),
+        };
+        if named.map_or(true, |at| at.elapsed() >= WAITING_LOG_EVERY) {
+            tracing::warn!(error = %e, "waiting for the store");
+            named = Some(Instant::now());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(None),
+        }
+    }
 }
 
 fn options(dcs: &DcsConfig) -> Result<EtcdOptions, StoreError> {

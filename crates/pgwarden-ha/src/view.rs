@@ -79,7 +79,41 @@ pub async fn spawn<K: Kv>(
         }
     };
     let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(follow(store, refresh, tx));
+    rx
+}
+
+/// The view of the etcd store of `[dcs]`, for a proxy that may start before etcd answers:
+/// empty (no leader: writes are held, then refused) until the store first answers, then
+/// followed as [`spawn`] does.
+pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<ClusterView>> {
+    let (tx, rx) = watch::channel(Arc::new(ClusterView::empty()));
     tokio::spawn(async move {
+        let (_never, mut stop) = watch::channel(false);
+        let store = tokio::select! {
+            r = crate::store::connect_waiting(&config, &mut stop) => r,
+            _ = tx.closed() => return,
+        };
+        match store {
+            Ok(Some(store)) => {
+                if let Ok(s) = store.snapshot::<MemberState>().await {
+                    tx.send_replace(Arc::new(view_of(&s, Instant::now())));
+                }
+                follow(Arc::new(store), config.agent.loop_wait, tx).await
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "no cluster view: writes are refused"),
+        }
+    });
+    rx
+}
+
+async fn follow<K: Kv>(
+    store: Arc<ClusterStore<K>>,
+    refresh: Duration,
+    tx: watch::Sender<Arc<ClusterView>>,
+) {
+    {
         let mut changes = store.watch().await.ok();
         loop {
             let changed = async {
@@ -118,8 +152,7 @@ pub async fn spawn<K: Kv>(
                 Err(e) => tracing::warn!(error = %e, "cannot read the store; the view ages"),
             }
         }
-    });
-    rx
+    }
 }
 
 #[cfg(test)]
