@@ -15,7 +15,7 @@
 //! = runs in which a server acknowledged a write after another had taken over.
 //!
 //! Usage: `cargo bench -p pgwarden-cli --bench failover -- [--runs N] [--patroni-runs M]
-//! [--only pgwarden|pgwarden-sync|patroni]`. `pgwarden (sync on)` is pgwarden with
+//! [--only pgwarden|pgwarden-sync|patroni] [--fault kill-postgres|kill-node|freeze|partition]`. `pgwarden (sync on)` is pgwarden with
 //! `synchronous_mode = "on"`, where no acknowledged write may be lost.
 
 #[path = "../tests/common/mod.rs"]
@@ -680,6 +680,18 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(runs);
     let only = arg("--only");
+    let fault = arg("--fault");
+    let kinds: Vec<Kind> = KINDS
+        .into_iter()
+        .filter(|k| fault.as_deref().map_or(true, |f| f == k.name()))
+        .collect();
+    if kinds.is_empty() {
+        eprintln!(
+            "--fault must be one of: {}",
+            KINDS.map(|k| k.name()).join(", ")
+        );
+        std::process::exit(2);
+    }
     common::ha::spawn_reaper();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -699,7 +711,7 @@ fn main() {
             if only.as_deref().is_some_and(|o| o != only_as) {
                 continue;
             }
-            for kind in KINDS {
+            for &kind in &kinds {
                 eprintln!("{name}, {}:", kind.name());
                 let mut c = PgwardenCluster(Ha::start(3, agent, &|_| String::new()).await);
                 let row = scenario(&mut c, kind, runs).await;
@@ -712,7 +724,7 @@ fn main() {
                 ("patroni (10/2/3)", (10, 2, 3)),
                 ("patroni (defaults)", (30, 10, 10)),
             ] {
-                for kind in KINDS {
+                for &kind in &kinds {
                     eprintln!("{name}, {}:", kind.name());
                     let mut c = Patroni::start(timing).await;
                     let row = scenario(&mut c, kind, patroni_runs).await;

@@ -381,6 +381,71 @@ async fn synchronous_mode_loses_no_acknowledged_commit() {
     );
 }
 
+/// In synchronous mode the synchronous standby is promoted even when the asynchronous one
+/// received more (WAL of commits not yet acknowledged). The asynchronous one's WAL then goes past
+/// the new timeline's fork: it cannot follow, although it has fetched the new timeline's history,
+/// and it rewinds and streams (found by the bench: such a standby had waited, silent, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_standby_ahead_of_the_promoted_one_rewinds_and_follows() {
+    let mut ha = Ha::start(3, "synchronous_mode = \"on\"", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let store = ha.store().await;
+    let sync = eventually(HEAL, "a synchronous standby is recorded", || async {
+        let set = store.synchronous_set().await.ok()??;
+        set.first().map(|n| ha.index(n.as_str()))
+    })
+    .await;
+    let ahead = (0..3)
+        .find(|&i| i != leader && i != sync)
+        .expect("the other");
+    let c = ha.direct(leader).await.expect("leader");
+    let start: pgwarden_core::Lsn = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get::<_, String>(0)
+        .parse()
+        .expect("lsn");
+    // The synchronous standby stops receiving; 40 MB are written, reach the asynchronous one,
+    // and are never acknowledged (the commit waits for the stopped one). What the kernel
+    // buffers for the stopped one is a few MB.
+    ha.signal_tree(sync, Signal::SIGSTOP);
+    let write = tokio::spawn(async move {
+        c.batch_execute(
+            "CREATE TABLE big AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 40000)",
+        )
+        .await
+    });
+    eventually(HEAL, "the asynchronous standby received 30 MB", || async {
+        let lsn: pgwarden_core::Lsn = ha.member(ahead).await?.lsn?.parse().ok()?;
+        (lsn.0 >= start.0 + (30 << 20)).then_some(())
+    })
+    .await;
+    ha.kill_agent_and_postgres(leader).await;
+    ha.signal_tree(sync, Signal::SIGCONT);
+    assert!(
+        write.await.expect("join").is_err(),
+        "the commit was not acknowledged"
+    );
+    let (new_leader, _) = ha.settled(1, epoch + 1, HEAL).await;
+    assert_eq!(
+        new_leader, sync,
+        "only the synchronous standby may be promoted"
+    );
+    assert!(
+        ha.agent_log(ahead).contains("action=Rewind"),
+        "{}",
+        ha.agent_log(ahead)
+    );
+    // The table was never committed: the rewound standby follows the leader's history.
+    let on_ahead = ha.direct(ahead).await.expect("the rewound standby");
+    let found = on_ahead
+        .query_one("SELECT to_regclass('big') IS NOT NULL", &[])
+        .await
+        .expect("query");
+    assert!(!found.get::<_, bool>(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_synchronous_mode_waits_for_a_standby() {
     let mut ha = Ha::start(2, "synchronous_mode = \"strict\"", &|_| String::new()).await;

@@ -1,11 +1,14 @@
 //! Who may take the leader lease when nobody holds it.
 //!
 //! Only fresh, running standbys that may fail over are candidates: never a `nofailover`
-//! member, never one whose last report is older than the bound, never one further behind the
-//! last known leader position than `maximum_lag_on_failover`, and in synchronous mode only a
-//! member of the recorded synchronous set (so no acknowledged commit is lost). Among the
-//! candidates the highest received WAL position wins, then the highest priority, then the
-//! name. Every member that is not the winner gets its reason, so a blocked failover says why.
+//! member, never one whose last report is older than the bound. In asynchronous mode never one
+//! further behind the last known leader position than `maximum_lag_on_failover` (the limit
+//! bounds the acknowledged commits a failover loses). In synchronous mode only a member of the
+//! recorded synchronous set, however far behind: it holds every acknowledged commit, so what it
+//! lacks was never acknowledged, and refusing it would leave the cluster without a writer until
+//! a person acts. Among the candidates the highest received WAL position wins, then the highest
+//! priority, then the name. Every member that is not the winner gets its reason, so a blocked
+//! failover says why.
 //!
 //! Positions are what the caller observed: the agent asks the other members directly before it
 //! runs, so a stale published position cannot win.
@@ -152,7 +155,11 @@ fn exclusion(c: &Candidate, rules: &Rules) -> Option<Excluded> {
             return Some(Excluded::OlderTimeline { theirs, leader });
         }
     }
-    if let (Some(maximum), Some(leader)) = (rules.maximum_lag, rules.leader_position) {
+    // A member of the synchronous set lacks no acknowledged commit, whatever its lag.
+    let synchronous = rules.synchronous_set.is_some();
+    if let (false, Some(maximum), Some(leader)) =
+        (synchronous, rules.maximum_lag, rules.leader_position)
+    {
         let behind = leader.bytes_since(received);
         if behind > maximum {
             return Some(Excluded::Lagging { behind, maximum });
@@ -258,6 +265,7 @@ mod tests {
             ("no leader position known: lag not checked", vec![m("n2", mb(50), 1)], no_leader_position, Some("n2")),
             ("no maximum: lag not checked", vec![m("n2", mb(50), 1)], no_limit, Some("n2")),
             ("synchronous: only the set, even if behind", vec![m("n2", mb(0), 1), m("n3", mb(1), 1)], sync(&["n3"]), Some("n3")),
+            ("synchronous: a member of the set beyond maximum_lag_on_failover still runs (its lag was never acknowledged)", vec![m("n2", mb(50), 1), m("n3", mb(0), 1)], sync(&["n2"]), Some("n2")),
             ("synchronous set empty: nobody", vec![m("n2", mb(0), 1)], sync(&[]), None),
             ("synchronous member stale: nobody", vec![stale, m("n3", mb(0), 1)], sync(&["n2"]), None),
             ("nobody at all", vec![], rules(), None),

@@ -98,7 +98,13 @@ pub enum Pg {
 pub struct Running {
     /// `pg_is_in_recovery()` is false.
     pub primary: bool,
+    /// The timeline it is on. A standby also counts the newest history file in its `pg_wal`
+    /// (a standby that has begun to follow a new leader is on the new timeline for the election).
     pub timeline: u32,
+    /// The timeline of the WAL it holds, not counting history files: a standby whose WAL
+    /// receiver fetched a new leader's history but cannot follow it (its WAL goes past the fork)
+    /// is still on the old one here.
+    pub data_timeline: u32,
     /// Primary: its current WAL position. Standby: the WAL it received (flushed).
     pub lsn: Lsn,
     /// Standby: the node its `primary_conninfo` names, if one of the members.
@@ -231,6 +237,11 @@ pub enum Reason {
     RejoinIsManual {
         leader: NodeId,
     },
+    /// A standby whose WAL receiver has not streamed from the leader for this long.
+    NotStreaming {
+        leader: NodeId,
+        since: Duration,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -271,6 +282,11 @@ impl fmt::Display for Reason {
             Reason::RejoinIsManual { leader } => write!(
                 f,
                 "{leader} leads and rejoin = \"manual\": this old primary waits for an operator"
+            ),
+            Reason::NotStreaming { leader, since } => write!(
+                f,
+                "not streaming from {leader} for {}",
+                format_duration(crate::candidates::tenths(*since))
             ),
         }
     }
@@ -510,15 +526,25 @@ fn running_standby(
         if r.upstream.as_ref() != Some(&leader) {
             return Decision::act(Role::Replica, vec![Action::Follow { upstream: leader }]);
         }
-        let diverged = r
-            .not_streaming_since
-            .is_some_and(|t| o.now - t >= s.diverged_after)
-            && store.leader_timeline.is_some_and(|tl| tl > r.timeline);
-        if diverged {
+        let Some(since) = r.not_streaming_since else {
+            return Decision::act(Role::Replica, Vec::new());
+        };
+        let waited = o.now.saturating_sub(since);
+        // By the WAL it holds: a history file fetched from the leader does not make it able
+        // to follow (its WAL may go past the fork, as an asynchronous standby's may when a
+        // synchronous one behind it is promoted).
+        let older = store.leader_timeline.is_some_and(|tl| tl > r.data_timeline);
+        if older && waited >= s.diverged_after {
             // It cannot follow the new timeline: rewind (or clone) as an old primary would.
             return rejoin(o, s, leader);
         }
-        return Decision::act(Role::Replica, Vec::new());
+        return Decision::wait(
+            Role::Replica,
+            Reason::NotStreaming {
+                leader,
+                since: waited,
+            },
+        );
     }
     elect(o, s, store, None)
 }
@@ -594,6 +620,7 @@ mod tests {
         Pg::Running(Running {
             primary: true,
             timeline: 1,
+            data_timeline: 1,
             lsn: Lsn(100 * MB),
             upstream: None,
             not_streaming_since: None,
@@ -604,6 +631,7 @@ mod tests {
         Pg::Running(Running {
             primary: false,
             timeline: 1,
+            data_timeline: 1,
             lsn: Lsn(100 * MB),
             upstream: upstream.map(n),
             not_streaming_since: None,
@@ -614,10 +642,20 @@ mod tests {
         Pg::Running(Running {
             primary: false,
             timeline,
+            data_timeline: timeline,
             lsn: Lsn(100 * MB),
             upstream: Some(n("n1")),
             not_streaming_since: Some(since),
         })
+    }
+
+    /// A standby of n1 on timeline 1 whose receiver fetched timeline 2's history file, and
+    /// has not streamed since `since`.
+    fn fetched_history(since: Tick) -> Pg {
+        match not_streaming(since, 1) {
+            Pg::Running(r) => Pg::Running(Running { timeline: 2, ..r }),
+            other => other,
+        }
     }
 
     /// A store where `leader` leads (its key bound to its agent's current lease).
@@ -808,8 +846,9 @@ mod tests {
             ("rejoin = clone", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2")))), &clone, vec![Reclone { from: n("n2") }], None),
             ("rejoin = manual: wait and say so", obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2")))), &manual, vec![], Some("manual")),
             ("a standby that cannot follow the new timeline rewinds", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", not_streaming(NOW - 10 * S, 1), Some(store(Some("n1"))))), &s, vec![Rewind { from: n("n1") }], None),
-            ("not streaming briefly: wait", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", not_streaming(NOW - 2 * S, 1), Some(store(Some("n1"))))), &s, vec![], None),
-            ("not streaming on the leader's timeline: not diverged", obs("n3", not_streaming(NOW - 30 * S, 1), Some(store(Some("n1")))), &s, vec![], None),
+            ("not streaming briefly: wait", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", not_streaming(NOW - 2 * S, 1), Some(store(Some("n1"))))), &s, vec![], Some("not streaming from n1 for 2s")),
+            ("not streaming on the leader's timeline: not diverged, and says so", obs("n3", not_streaming(NOW - 30 * S, 1), Some(store(Some("n1")))), &s, vec![], Some("not streaming from n1 for 30s")),
+            ("the leader's history fetched, the WAL still on the old timeline: it rewinds", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", fetched_history(NOW - 10 * S), Some(store(Some("n1"))))), &s, vec![Rewind { from: n("n1") }], None),
         ];
         assert!(cases.len() >= 40, "{} cases", cases.len());
         for (what, o, s, actions, reason) in cases {

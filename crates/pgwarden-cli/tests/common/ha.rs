@@ -367,6 +367,12 @@ impl Drop for Ha {
                 for l in tail.iter().rev() {
                     eprintln!("{l}");
                 }
+                let server = server_log(&n.data_dir);
+                let tail: Vec<&str> = server.lines().rev().take(30).collect();
+                eprintln!("--- {} postgres (last lines) ---", n.name);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
             }
             let proxy = std::fs::read_to_string(self.log("proxy")).unwrap_or_default();
             eprintln!("--- proxy ---\n{proxy}");
@@ -393,6 +399,18 @@ impl Drop for Ha {
             }
         }
     }
+}
+
+/// The newest file of a data directory's `log/` (its server's log), or nothing.
+fn server_log(data_dir: &std::path::Path) -> String {
+    let newest = std::fs::read_dir(data_dir.join("log"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    newest
+        .and_then(|e| std::fs::read_to_string(e.path()).ok())
+        .unwrap_or_default()
 }
 
 /// Servers of killed agents are orphaned to this process (a subreaper: this machine's init

@@ -30,7 +30,12 @@ SELECT pg_is_in_recovery(),
                           (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int)
                              FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{8}[.]history$'))::int8
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END,
-       COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
+       COALESCE((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false),
+       CASE WHEN pg_is_in_recovery()
+            THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
+                          (SELECT timeline_id FROM pg_control_checkpoint()),
+                          (SELECT min_recovery_end_timeline FROM pg_control_recovery()))::int8
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END";
 
 impl<K: Kv> Agent<K> {
     pub(super) async fn observe(&mut self) -> Observation {
@@ -206,10 +211,12 @@ impl<K: Kv> Agent<K> {
         let lsn: Option<String> = row.get(1);
         let timeline: Option<i64> = row.get(2);
         let streaming: bool = row.get(3);
+        let data_timeline: Option<i64> = row.get(4);
         Ok((
             Running {
                 primary: !in_recovery,
                 timeline: timeline.unwrap_or(0) as u32,
+                data_timeline: data_timeline.unwrap_or(0) as u32,
                 lsn: lsn.and_then(|s| s.parse().ok()).unwrap_or(Lsn(0)),
                 upstream: None,
                 not_streaming_since: None,
