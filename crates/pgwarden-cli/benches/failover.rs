@@ -9,14 +9,16 @@
 //!
 //! RTO = fault → the first acknowledged write sent after the fault by a server that could not
 //! have taken it before: another node, or a postmaster started after the fault. Failed writes
-//! are split into those in flight when the fault struck and those sent after it ("errors": what
-//! a client between transactions sees); reconnects = sessions the writer had to open again;
+//! are split into those in flight when the fault struck (sent before its injection finished:
+//! signalling a process tree takes a few ms) and those sent after it ("errors": what a client
+//! between transactions sees; each run prints them with their cause); reconnects = sessions the writer had to open again;
 //! lost = acknowledged ids missing on the final leader; non-leader acks
 //! = runs in which a server acknowledged a write after another had taken over.
 //!
 //! Usage: `cargo bench -p pgwarden-cli --bench failover -- [--runs N] [--patroni-runs M]
-//! [--only pgwarden|pgwarden-sync|patroni] [--fault kill-postgres|kill-node|freeze|partition]`. `pgwarden (sync on)` is pgwarden with
-//! `synchronous_mode = "on"`, where no acknowledged write may be lost.
+//! [--only pgwarden|pgwarden-sync|patroni] [--fault kill-postgres|kill-node|freeze|partition]`.
+//! `pgwarden (sync on)` is pgwarden with `synchronous_mode = "on"`, where no acknowledged write
+//! may be lost.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -503,6 +505,9 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         cluster.inject(kind, leader).await;
+        // Signalling a process tree takes a few ms: a write sent before the last signal was on
+        // its way to a server that was then stopped or killed, i.e. in flight at the fault.
+        let struck = Instant::now();
         let recovered = eventually(HEAL, "a write acknowledged after the fault", || async {
             let log = w.log.lock().expect("log");
             log.acks
@@ -530,16 +535,35 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
         {
             let log = w.log.lock().expect("log");
             let new = &log.errors[errors_before..];
-            let in_flight = new.iter().filter(|(sent, _)| *sent < fault).count();
+            let in_flight = new.iter().filter(|(sent, _)| *sent < struck).count();
             row.in_flight += in_flight;
             row.errors += new.len() - in_flight;
             row.reconnects += log.reconnects - reconnects_before;
         }
+        let errors: Vec<String> = {
+            let log = w.log.lock().expect("log");
+            log.errors[errors_before..]
+                .iter()
+                .map(|(sent, why)| {
+                    let at = if *sent >= struck {
+                        format!("+{:.3}s", (*sent - struck).as_secs_f64())
+                    } else {
+                        format!("-{:.3}s", (struck - *sent).as_secs_f64())
+                    };
+                    format!("{at} {why}")
+                })
+                .collect()
+        };
         eprintln!(
-            "  {} run {}/{runs}: rto {:?}",
+            "  {} run {}/{runs}: rto {:?}{}",
             kind.name(),
             run + 1,
-            row.rto.last()
+            row.rto.last(),
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; failed writes (sent relative to the fault): {}", errors.join(" | "))
+            }
         );
     }
     let log = w.stop();
