@@ -562,7 +562,10 @@ async fn scenario<C: Cluster>(cluster: &mut C, kind: Kind, runs: usize) -> Row {
             if errors.is_empty() {
                 String::new()
             } else {
-                format!("; failed writes (sent relative to the fault): {}", errors.join(" | "))
+                format!(
+                    "; failed writes (sent relative to the fault): {}",
+                    errors.join(" | ")
+                )
             }
         );
     }

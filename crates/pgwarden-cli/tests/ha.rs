@@ -216,7 +216,16 @@ async fn a_leader_cut_from_etcd_fences_itself_before_anyone_is_promoted() {
     let (l, _) = ha.settled(2, new_epoch, HEAL).await;
     assert_eq!(l, new_leader, "healed: the old leader rejoined");
     wait_acks(&w, 20).await;
-    w.stop().writers_in_order().expect("one writer at a time");
+    let log = w.stop();
+    log.writers_in_order().expect("one writer at a time");
+    // The proxy saw the lease run out unrenewed and held new transactions before the fence
+    // stopped the server: the writer, between transactions, saw no error at all.
+    assert!(
+        log.errors.is_empty(),
+        "clients between transactions saw errors: {:?}",
+        log.errors
+    );
+    assert_eq!(log.reconnects, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

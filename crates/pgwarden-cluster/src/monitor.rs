@@ -125,6 +125,7 @@ pub fn view_of(
         checked_at: Instant::now(),
         refused: decision.refused,
         status: Some(Arc::new(status)),
+        writes_hold_from: None,
     }
 }
 

@@ -40,6 +40,10 @@ pub struct ClusterView {
     pub refused: Vec<String>,
     /// The full status behind this view, when the source is the monitor.
     pub status: Option<Arc<ClusterStatus>>,
+    /// From this instant the leader may be about to fence itself (its lease is running out
+    /// unrenewed): new transactions wait for a renewal or the next leader instead of starting
+    /// on a server that may be stopped under them. Only the store, which knows the lease, sets it.
+    pub writes_hold_from: Option<Instant>,
 }
 
 impl ClusterView {
@@ -52,6 +56,7 @@ impl ClusterView {
             checked_at: Instant::now(),
             refused: Vec::new(),
             status: None,
+            writes_hold_from: None,
         }
     }
 

@@ -166,6 +166,14 @@ impl<K: Kv> ClusterStore<K> {
         Ok(snap)
     }
 
+    /// How long `lease` has left unless renewed (`None`: gone), as [`Kv::time_to_live`].
+    pub async fn lease_left(
+        &self,
+        lease: LeaseId,
+    ) -> Result<Option<std::time::Duration>, DcsError> {
+        self.kv.time_to_live(lease).await
+    }
+
     /// Changes to the leader key (taken, released, expired).
     pub async fn watch_leader(&self) -> Result<watch::Receiver<Revision>, DcsError> {
         self.kv.watch(&self.key("leader")).await
@@ -531,6 +539,9 @@ mod tests {
         }
         async fn keep_alive(&self, lease: LeaseId) -> Result<(), DcsError> {
             self.0.keep_alive(lease).await
+        }
+        async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, DcsError> {
+            self.0.time_to_live(lease).await
         }
         async fn revoke(&self, lease: LeaseId) -> Result<(), DcsError> {
             self.0.revoke(lease).await

@@ -167,6 +167,16 @@ impl Kv for EtcdKv {
         }
     }
 
+    async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, DcsError> {
+        let mut c = self.client.clone();
+        match bounded(self.timeout, c.lease_time_to_live(lease.0, None)).await {
+            // -1 for a lease that expired or never was.
+            Ok(r) => Ok(u64::try_from(r.ttl()).ok().map(Duration::from_secs)),
+            Err(DcsError::Unavailable(e)) if e.contains("lease not found") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn revoke(&self, lease: LeaseId) -> Result<(), DcsError> {
         let mut c = self.client.clone();
         match bounded(self.timeout, c.lease_revoke(lease.0)).await {

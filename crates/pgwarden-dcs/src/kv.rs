@@ -65,6 +65,13 @@ pub trait Kv: Send + Sync + 'static {
     /// Renews a lease for its whole TTL; [`DcsError::LeaseGone`] once it has expired.
     fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<(), DcsError>> + Send;
 
+    /// How long the lease has left unless renewed (`None`: gone). etcd answers in whole
+    /// seconds, rounded down: the lease lives at least this long, and less than a second more.
+    fn time_to_live(
+        &self,
+        lease: LeaseId,
+    ) -> impl Future<Output = Result<Option<Duration>, DcsError>> + Send;
+
     /// Ends a lease now, deleting its keys.
     fn revoke(&self, lease: LeaseId) -> impl Future<Output = Result<(), DcsError>> + Send;
 

@@ -219,6 +219,19 @@ impl Kv for MemoryKv {
         })
     }
 
+    async fn time_to_live(&self, lease: LeaseId) -> Result<Option<Duration>, DcsError> {
+        // Whole seconds, rounded down, as etcd answers.
+        Ok(self.with(|s| {
+            s.leases.get(&lease).map(|l| {
+                Duration::from_secs(
+                    l.deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_secs(),
+                )
+            })
+        }))
+    }
+
     async fn revoke(&self, lease: LeaseId) -> Result<(), DcsError> {
         self.with(|s| s.end_leases(&[lease]));
         self.deadlines.notify_one();

@@ -65,6 +65,15 @@ async fn scenarios<K: Kv>(store: ClusterStore<K>) {
         store.kv().keep_alive(l1).await.is_err(),
         "the lease is gone"
     );
+    assert_eq!(store.lease_left(l1).await.expect("ttl"), None);
+    // A live lease has at most its TTL left, in whole seconds, and all of it after a renewal.
+    store.kv().keep_alive(l2).await.expect("n2 renews");
+    let left = store.lease_left(l2).await.expect("ttl").expect("alive");
+    assert!(
+        left <= Duration::from_secs(30) && left >= Duration::from_secs(28),
+        "{left:?}"
+    );
+    assert_eq!(left.subsec_nanos(), 0);
 
     // The next leader gets the next epoch; a release by a stale holder does nothing.
     let second = store.take_leader(&n2, l2).await.expect("take").expect("n2");

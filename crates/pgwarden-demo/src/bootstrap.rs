@@ -241,14 +241,19 @@ impl Store {
         }
     }
 
-    /// The proxy's view of the cluster, from the store.
+    /// The proxy's view of the cluster, from the store (see [`pgwarden_ha::view::spawn`]).
     pub async fn view(
         &self,
         refresh: Duration,
+        margin: Duration,
     ) -> watch::Receiver<Arc<pgwarden_cluster::view::ClusterView>> {
         match self {
-            Store::Memory(s) => pgwarden_ha::view::spawn(Arc::new(s.clone()), refresh).await,
-            Store::Etcd(s) => pgwarden_ha::view::spawn(Arc::new((**s).clone()), refresh).await,
+            Store::Memory(s) => {
+                pgwarden_ha::view::spawn(Arc::new(s.clone()), refresh, margin).await
+            }
+            Store::Etcd(s) => {
+                pgwarden_ha::view::spawn(Arc::new((**s).clone()), refresh, margin).await
+            }
         }
     }
 }

@@ -147,7 +147,9 @@ async fn serve(
     let leader = bootstrap::ready(store, config.nodes.len()).await?;
     bootstrap::set_up_roles(config, &leader).await?;
     let listen = config.proxy.listen;
-    let view = store.view(config.agent.loop_wait).await;
+    let view = store
+        .view(config.agent.loop_wait, config.agent.fence_margin)
+        .await;
     let proxy = pgwarden_proxy::Proxy::bind(config.clone(), view)
         .await
         .map_err(|source| DemoError::ProxyListen { listen, source })?;

@@ -62,24 +62,56 @@ pub fn view_of(snap: &Snapshot<MemberState>, checked_at: Instant) -> ClusterView
         checked_at,
         refused,
         status: None,
+        writes_hold_from: None,
     }
 }
 
+/// How long before the leader could fence itself new transactions are held: room for the
+/// short ones started just before to finish.
+pub const HOLD_AHEAD: Duration = Duration::from_millis(500);
+
+/// When new transactions should wait, given that the leader's lease had `left` at `now`: from
+/// `HOLD_AHEAD` before its agent may fence (`fence_margin` before the lease runs out). The
+/// agent fences at its own last renewal + `ttl - fence_margin`, never before etcd's deadline
+/// minus `fence_margin`, and etcd's `left` is rounded down, so this is early, never late.
+pub fn hold_from(now: Instant, left: Duration, fence_margin: Duration) -> Instant {
+    now + left.saturating_sub(fence_margin + HOLD_AHEAD)
+}
+
+/// A view from the store now: its snapshot, and the leader lease's time left.
+async fn read<K: Kv>(
+    store: &ClusterStore<K>,
+    fence_margin: Duration,
+) -> Result<ClusterView, pgwarden_dcs::DcsError> {
+    let snap = store.snapshot::<MemberState>().await?;
+    let now = Instant::now();
+    let mut view = view_of(&snap, now);
+    if let (Some(_), Some(lease)) = (&view.leader, snap.leader.as_ref().and_then(|l| l.lease)) {
+        // Unknown (the call failed) holds nothing: a silent store makes the view stale instead.
+        if let Ok(left) = store.lease_left(lease).await {
+            view.writes_hold_from = Some(hold_from(now, left.unwrap_or_default(), fence_margin));
+        }
+    }
+    Ok(view)
+}
+
 /// Follows the store: a new view on every change of the cluster's keys and at least every
-/// `refresh`.
+/// `refresh`; writes are held from shortly before a leader whose lease runs out unrenewed
+/// could fence itself (`fence_margin` before the lease's end).
 pub async fn spawn<K: Kv>(
     store: Arc<ClusterStore<K>>,
     refresh: Duration,
+    fence_margin: Duration,
 ) -> watch::Receiver<Arc<ClusterView>> {
-    let first = match store.snapshot::<MemberState>().await {
-        Ok(s) => view_of(&s, Instant::now()),
+    let first = match read(&store, fence_margin).await {
+        Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the store: no leader until it answers");
             ClusterView::empty()
         }
     };
     let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(follow(store, refresh, tx));
+    tokio::spawn(follow(store, refresh, fence_margin, tx));
     rx
 }
 
@@ -94,12 +126,13 @@ pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<C
             r = crate::store::connect_waiting(&config, &mut stop) => r,
             _ = tx.closed() => return,
         };
+        let margin = config.agent.fence_margin;
         match store {
             Ok(Some(store)) => {
-                if let Ok(s) = store.snapshot::<MemberState>().await {
-                    tx.send_replace(Arc::new(view_of(&s, Instant::now())));
+                if let Ok(v) = read(&store, margin).await {
+                    tx.send_replace(Arc::new(v));
                 }
-                follow(Arc::new(store), config.agent.loop_wait, tx).await
+                follow(Arc::new(store), config.agent.loop_wait, margin, tx).await
             }
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "no cluster view: writes are refused"),
@@ -111,46 +144,44 @@ pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<C
 async fn follow<K: Kv>(
     store: Arc<ClusterStore<K>>,
     refresh: Duration,
+    fence_margin: Duration,
     tx: watch::Sender<Arc<ClusterView>>,
 ) {
-    {
-        let mut changes = store.watch().await.ok();
-        loop {
-            let changed = async {
-                let alive = match changes.as_mut() {
-                    Some(w) => w.changed().await.is_ok(),
-                    None => false,
-                };
-                if !alive {
-                    std::future::pending::<()>().await;
-                }
+    let mut changes = store.watch().await.ok();
+    loop {
+        let changed = async {
+            let alive = match changes.as_mut() {
+                Some(w) => w.changed().await.is_ok(),
+                None => false,
             };
-            tokio::select! {
-                _ = tx.closed() => return,
-                _ = changed => {}
-                _ = tokio::time::sleep(refresh) => {}
+            if !alive {
+                std::future::pending::<()>().await;
             }
-            if changes.as_ref().map_or(true, |w| w.has_changed().is_err()) {
-                // Never made, or ended (the store restarted): watch again.
-                changes = store.watch().await.ok();
-            }
-            match store.snapshot::<MemberState>().await {
-                Ok(s) => {
-                    let view = view_of(&s, Instant::now());
-                    let previous = tx.borrow().clone();
-                    if previous.leader != view.leader || previous.epoch != view.epoch {
-                        tracing::info!(
-                            epoch = %view.epoch,
-                            leader = view.leader.as_ref().map_or("none", |l| l.as_str()),
-                            "leader changed"
-                        );
-                    }
-                    if tx.send(Arc::new(view)).is_err() {
-                        return;
-                    }
+        };
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = changed => {}
+            _ = tokio::time::sleep(refresh) => {}
+        }
+        if changes.as_ref().map_or(true, |w| w.has_changed().is_err()) {
+            // Never made, or ended (the store restarted): watch again.
+            changes = store.watch().await.ok();
+        }
+        match read(&store, fence_margin).await {
+            Ok(view) => {
+                let previous = tx.borrow().clone();
+                if previous.leader != view.leader || previous.epoch != view.epoch {
+                    tracing::info!(
+                        epoch = %view.epoch,
+                        leader = view.leader.as_ref().map_or("none", |l| l.as_str()),
+                        "leader changed"
+                    );
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the store; the view ages"),
+                if tx.send(Arc::new(view)).is_err() {
+                    return;
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "cannot read the store; the view ages"),
         }
     }
 }
@@ -160,6 +191,22 @@ mod tests {
     use super::*;
     use pgwarden_core::NodeId;
     use pgwarden_dcs::{Leader, Member};
+
+    #[test]
+    fn writes_are_held_shortly_before_the_leader_may_fence() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        #[rustfmt::skip]
+        let cases = [
+            ("just renewed (ttl 7 s, margin 2 s)", ms(7000), ms(2000), ms(4500)),
+            ("left rounded down to 5 s", ms(5000), ms(2000), ms(2500)),
+            ("within the margin: now", ms(2000), ms(2000), ms(0)),
+            ("gone: now", ms(0), ms(2000), ms(0)),
+        ];
+        for (what, left, margin, after) in cases {
+            assert_eq!(hold_from(now, left, margin), now + after, "{what}");
+        }
+    }
 
     fn member(name: &str, primary: bool, epoch: Option<u64>) -> Member<MemberState> {
         Member {

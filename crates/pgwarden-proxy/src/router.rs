@@ -44,6 +44,9 @@ pub enum Unavailable {
     Stale(Duration),
     /// The view names a leader that it also reports down.
     LeaderDown(NodeId),
+    /// The leader's lease is running out unrenewed: it may fence itself any moment, so a new
+    /// transaction waits for a renewal or the next leader rather than start there.
+    LeaseEnding(NodeId),
 }
 
 impl std::fmt::Display for Unavailable {
@@ -57,6 +60,10 @@ impl std::fmt::Display for Unavailable {
                 pgwarden_core::format_duration(*age)
             ),
             Unavailable::LeaderDown(n) => write!(f, "the primary {n} is down"),
+            Unavailable::LeaseEnding(n) => write!(
+                f,
+                "the primary {n} has not renewed its leader lease and may be fencing itself"
+            ),
         }
     }
 }
@@ -76,6 +83,9 @@ pub fn route(r: &Routing, req: Request) -> Route {
         });
     };
     match view.node(leader) {
+        Some(n) if n.role != Role::Down && r.lease_ending => {
+            Route::Unavailable(Unavailable::LeaseEnding(n.id.clone()))
+        }
         Some(n) if n.role != Role::Down => Route::Node(leader.clone(), view.epoch),
         Some(_) => Route::Unavailable(Unavailable::LeaderDown(leader.clone())),
         None => Route::Unavailable(Unavailable::NoLeader),
@@ -122,6 +132,14 @@ mod tests {
                 ..ClusterView::empty()
             }),
             stale: stale.map(Duration::from_secs),
+            lease_ending: false,
+        }
+    }
+
+    fn ending(r: Routing) -> Routing {
+        Routing {
+            lease_ending: true,
+            ..r
         }
     }
 
@@ -140,6 +158,9 @@ mod tests {
             ("a stale view refuses writes", routing(Some("n1"), 3, up(), &[], Some(7)), no(Unavailable::Stale(Duration::from_secs(7)))),
             ("a leader reported down", routing(Some("n1"), 3, vec![node("n1", Down)], &[], None), no(Unavailable::LeaderDown(NodeId::new("n1")))),
             ("a leader not among the nodes", routing(Some("n9"), 3, up(), &[], None), no(Unavailable::NoLeader)),
+            ("a leader whose lease runs out: wait", ending(routing(Some("n1"), 3, up(), &[], None)), no(Unavailable::LeaseEnding(NodeId::new("n1")))),
+            ("a stale view before an ending lease", ending(routing(Some("n1"), 3, up(), &[], Some(7))), no(Unavailable::Stale(Duration::from_secs(7)))),
+            ("no leader before an ending lease", ending(routing(None, 3, up(), &[], None)), no(Unavailable::NoLeader)),
         ];
         for (what, r, want) in cases {
             assert_eq!(route(&r, Request::WRITE), want, "{what}");
@@ -157,6 +178,7 @@ mod tests {
             ("another leader", routing(Some("n2"), 3, up(), &[], None), Epoch(3), false),
             ("no leader", routing(None, 3, up(), &[], None), Epoch(3), false),
             ("a stale view", routing(Some("n1"), 3, up(), &[], Some(9)), Epoch(3), false),
+            ("an ending lease: running transactions go on", ending(routing(Some("n1"), 3, up(), &[], None)), Epoch(3), true),
         ];
         for (what, r, epoch, want) in cases {
             assert_eq!(still_leads(&r, &n1, epoch), want, "{what}");

@@ -22,6 +22,9 @@ pub struct Routing {
     pub view: Arc<ClusterView>,
     /// The source has been silent for longer than `proxy.max_view_age`: writes are refused.
     pub stale: Option<Duration>,
+    /// The view's `writes_hold_from` has passed: the leader's lease is running out unrenewed
+    /// and it may fence itself any moment. New transactions wait (running ones go on).
+    pub lease_ending: bool,
 }
 
 struct Inner {
@@ -43,9 +46,11 @@ impl Topology {
     /// A view counts as stale once no new one has come for `max_age`.
     pub fn new(mut rx: watch::Receiver<Arc<ClusterView>>, max_age: Duration) -> Self {
         let first = rx.borrow_and_update().clone();
+        let first_hold = first.writes_hold_from;
         let inner = Arc::new(Inner {
             current: RwLock::new(Arc::new(Routing {
                 generation: 1,
+                lease_ending: lease_ending(&first),
                 view: first.clone(),
                 stale: None,
             })),
@@ -57,6 +62,7 @@ impl Topology {
         tokio::spawn(async move {
             let mut heard = Instant::now();
             let mut stale = false;
+            let mut hold_from = first_hold;
             loop {
                 let silence = async {
                     if stale {
@@ -64,22 +70,38 @@ impl Topology {
                     }
                     tokio::time::sleep_until(heard + max_age).await;
                 };
-                let fresh = tokio::select! {
-                    r = rx.changed() => r.is_ok().then(|| rx.borrow_and_update().clone()),
-                    _ = silence => None,
+                // The moment the current view's leader may start fencing itself, if still ahead.
+                let hold = async {
+                    match hold_from {
+                        Some(t) if Instant::from_std(t) > Instant::now() => {
+                            tokio::time::sleep_until(Instant::from_std(t)).await
+                        }
+                        _ => std::future::pending::<()>().await,
+                    }
+                };
+                let event = tokio::select! {
+                    r = rx.changed() => Event::View(r.is_ok().then(|| rx.borrow_and_update().clone())),
+                    _ = silence => Event::Silence,
+                    _ = hold => Event::Hold,
                 };
                 let Some(inner) = weak.upgrade() else { return };
-                match fresh {
-                    Some(view) => {
+                match event {
+                    Event::View(Some(view)) => {
                         (heard, stale) = (Instant::now(), false);
+                        hold_from = view.writes_hold_from;
                         inner.publish(view, None);
                     }
-                    None if !stale && heard.elapsed() >= max_age => {
+                    Event::Hold => {
+                        let view = inner.latest.read().expect("view lock").clone();
+                        inner.publish(view, stale.then(|| heard.elapsed()));
+                    }
+                    Event::Silence if !stale && heard.elapsed() >= max_age => {
                         stale = true;
                         let view = inner.latest.read().expect("view lock").clone();
                         inner.publish(view, Some(heard.elapsed()));
                     }
-                    None => {
+                    Event::Silence => {}
+                    Event::View(None) => {
                         // The source is gone: the view goes stale at its bound, then stays so.
                         drop(inner);
                         if !stale {
@@ -135,13 +157,39 @@ fn routes_alike(a: &ClusterView, b: &ClusterView) -> bool {
             .all(|(x, y)| x.id == y.id && x.host == y.host && x.port == y.port && x.role == y.role)
 }
 
+/// What woke the follower.
+enum Event {
+    /// A new view, or `None`: the source is gone.
+    View(Option<Arc<ClusterView>>),
+    /// Nothing heard for the bound.
+    Silence,
+    /// The view's `writes_hold_from` came.
+    Hold,
+}
+
+/// Whether `view`'s leader may be fencing itself now (by the runtime's clock, as the timer).
+fn lease_ending(view: &ClusterView) -> bool {
+    view.writes_hold_from
+        .is_some_and(|t| Instant::now() >= Instant::from_std(t))
+}
+
 impl Inner {
     fn publish(&self, view: Arc<ClusterView>, stale: Option<Duration>) {
         *self.latest.write().expect("view lock") = view.clone();
+        let ending = lease_ending(&view);
         let mut current = self.current.write().expect("routing lock");
-        let same = routes_alike(&current.view, &view) && current.stale.is_some() == stale.is_some();
+        let same = routes_alike(&current.view, &view)
+            && current.stale.is_some() == stale.is_some()
+            && current.lease_ending == ending;
         if same {
             return;
+        }
+        if ending && !current.lease_ending {
+            tracing::warn!(
+                epoch = %view.epoch,
+                leader = view.leader.as_ref().map_or("none", |l| l.as_str()),
+                "the leader's lease is running out unrenewed: new transactions wait for a renewal or the next leader"
+            );
         }
         let generation = current.generation + 1;
         if let Some(age) = stale {
@@ -155,6 +203,7 @@ impl Inner {
             generation,
             view,
             stale,
+            lease_ending: ending,
         });
         self.generation.store(generation, Ordering::Release);
         drop(current);
@@ -229,6 +278,31 @@ mod tests {
             }],
             ..ClusterView::empty()
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_transactions_are_held_while_the_leader_lease_runs_out() {
+        let holding = |after: Duration| {
+            let mut v = (*view(Some("n1"), 1)).clone();
+            v.writes_hold_from = Some(Instant::now().into_std() + after);
+            Arc::new(v)
+        };
+        let (tx, rx) = watch::channel(holding(Duration::from_secs(2)));
+        let t = Topology::new(rx, Duration::from_secs(60));
+        assert!(!t.routing().lease_ending);
+        let g1 = t.generation();
+        // Nothing renews it: at its instant, a new generation that holds new transactions.
+        let g2 = tokio::time::timeout(Duration::from_secs(3), t.watch(g1))
+            .await
+            .expect("woken at the hold");
+        assert!(t.routing().lease_ending);
+        // A renewal moves the instant ahead: released at once.
+        tx.send(holding(Duration::from_secs(4))).expect("send");
+        tokio::time::timeout(Duration::from_secs(1), t.watch(g2))
+            .await
+            .expect("woken by the renewal");
+        assert!(!t.routing().lease_ending);
+        assert_eq!(t.routing().view.epoch, Epoch(1));
     }
 
     #[tokio::test(start_paused = true)]
