@@ -336,8 +336,10 @@ async fn agent(config: std::sync::Arc<Config>, node: &str) -> ExitCode {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
-    // Nothing is started before the store has been read: an agent that cannot reach it waits.
-    let store = match pgwarden_ha::store::connect_waiting(&config, &mut stopped).await {
+    // Nothing is started before the store has been read: an agent that cannot reach it waits,
+    // up to dcs.start_wait, then exits with the cause.
+    let bound = config.dcs.as_ref().map(|d| d.start_wait);
+    let store = match pgwarden_ha::store::connect_waiting(&config, bound, &mut stopped).await {
         Ok(Some(s)) => s,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => return fail(&e.to_string(), 1),

@@ -94,6 +94,32 @@ fn an_unreachable_store_is_waited_for_until_sigterm() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Past `dcs.start_wait` the agent gives up: exit 1, the cause on its last line, with how long
+/// it waited.
+#[test]
+fn an_unreachable_store_past_start_wait_is_a_one_line_exit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = pgwarden_testkit::ports::free_ports(1)[0];
+    let path = config(
+        dir.path(),
+        &format!(
+            "[dcs]\nendpoints = [\"127.0.0.1:{port}\"]\ntimeout = \"1s\"\nstart_wait = \"2s\"\n"
+        ),
+    );
+    let started = Instant::now();
+    let r = run(&["agent", "-c", &path, "--node", "n1"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("cannot reach etcd"), "{}", r.stderr);
+    assert!(last.contains("dcs.start_wait"), "{}", r.stderr);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2) && started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!dir.path().join("n1").exists(), "nothing was started");
+}
+
 #[tokio::test]
 async fn a_data_directory_owned_by_someone_else() {
     let etcd = pgwarden_testkit::etcd::Etcd::start().await;

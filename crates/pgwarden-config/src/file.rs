@@ -63,6 +63,7 @@ pub struct FileDcs {
     pub endpoints: Option<Field<Vec<String>>>,
     pub namespace: Option<Field<String>>,
     pub timeout: Option<Field<String>>,
+    pub start_wait: Option<Field<String>>,
     pub username: Option<Field<String>>,
     pub password: Option<Field<String>>,
     pub password_file: Option<Field<String>>,

@@ -411,6 +411,10 @@ pub struct DcsConfig {
     pub namespace: String,
     /// The bound on one store call (`agent.retry_timeout` unless given).
     pub timeout: Duration,
+    /// How long an agent waits at start for the store to answer before it exits with the cause
+    /// (a machine booting with its etcd, an etcd member restarting). The proxy waits as long as
+    /// it takes, listening and refusing clients with the reason.
+    pub start_wait: Duration,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub ca_file: Option<PathBuf>,

@@ -149,6 +149,7 @@ pub(crate) fn dcs(e: &mut Errors, f: FileDcs, base: &Path, agent: &AgentConfig) 
     if timeout.is_zero() {
         e.push("dcs.timeout", "must be greater than 0");
     }
+    let start_wait = e.duration("dcs.start_wait", f.start_wait, Duration::from_secs(60));
     let username = e.get("dcs.username", f.username);
     let password = password(e, "dcs.password", f.password, f.password_file, base);
     if username.is_some() != password.is_some()
@@ -182,6 +183,7 @@ pub(crate) fn dcs(e: &mut Errors, f: FileDcs, base: &Path, agent: &AgentConfig) 
         endpoints,
         namespace,
         timeout,
+        start_wait,
         username,
         password,
         ca_file,

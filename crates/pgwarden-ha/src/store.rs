@@ -23,6 +23,13 @@ pub enum StoreError {
         #[source]
         source: DcsError,
     },
+    #[error("cannot reach etcd at {endpoints} (waited {}, dcs.start_wait): {source}", pgwarden_core::format_duration(*.waited))]
+    StillUnreachable {
+        endpoints: String,
+        waited: Duration,
+        #[source]
+        source: DcsError,
+    },
 }
 
 /// Connects to the etcd of `[dcs]` and checks that it answers.
@@ -49,17 +56,19 @@ pub fn check(config: &Config) -> Result<(), StoreError> {
 /// How often a store that stays unreachable is named again in the log.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(15);
 
-/// [`connect`], waiting for as long as the store is unreachable: a daemon started with etcd
-/// (a machine booting, an etcd member restarting, a host too busy to answer within the
-/// bound) waits for it, saying so, instead of exiting. Nothing runs meanwhile: the agent
-/// starts no PostgreSQL before it has read the store. Mistakes that waiting cannot mend (no
-/// `[dcs]`, an unreadable certificate) are returned at once; `None` when `stop` turns true
-/// first.
+/// [`connect`], waiting while the store is unreachable, up to `bound` (`None`: for as long as
+/// it takes): a daemon started with etcd (a machine booting, an etcd member restarting, a host
+/// too busy to answer within one call's timeout) waits for it, saying so, instead of exiting.
+/// Nothing runs meanwhile: the agent starts no PostgreSQL before it has read the store.
+/// Mistakes that waiting cannot mend (no `[dcs]`, an unreadable certificate) are returned at
+/// once, and so is the last cause once `bound` has passed; `None` when `stop` turns true first.
 pub async fn connect_waiting(
     config: &Config,
+    bound: Option<Duration>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Option<ClusterStore<EtcdKv>>, StoreError> {
     let pause = config.agent.loop_wait.min(Duration::from_secs(1));
+    let started = Instant::now();
     let mut named: Option<Instant> = None;
     loop {
         if *stop.borrow() {
@@ -78,6 +87,16 @@ pub async fn connect_waiting(
             },
             _ = stop.wait_for(|s| *s) => return Ok(None),
         };
+        if bound.is_some_and(|b| started.elapsed() >= b) {
+            let StoreError::Unreachable { endpoints, source } = e else {
+                return Err(e);
+            };
+            return Err(StoreError::StillUnreachable {
+                endpoints,
+                waited: started.elapsed(),
+                source,
+            });
+        }
         if named.map_or(true, |at| at.elapsed() >= WAITING_LOG_EVERY) {
             tracing::warn!(error = %e, "waiting for the store");
             named = Some(Instant::now());

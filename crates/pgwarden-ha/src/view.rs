@@ -123,7 +123,7 @@ pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<C
     tokio::spawn(async move {
         let (_never, mut stop) = watch::channel(false);
         let store = tokio::select! {
-            r = crate::store::connect_waiting(&config, &mut stop) => r,
+            r = crate::store::connect_waiting(&config, None, &mut stop) => r,
             _ = tx.closed() => return,
         };
         let margin = config.agent.fence_margin;
