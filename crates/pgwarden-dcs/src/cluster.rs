@@ -166,14 +166,6 @@ impl<K: Kv> ClusterStore<K> {
         Ok(snap)
     }
 
-    /// How long `lease` has left unless renewed (`None`: gone), as [`Kv::time_to_live`].
-    pub async fn lease_left(
-        &self,
-        lease: LeaseId,
-    ) -> Result<Option<std::time::Duration>, DcsError> {
-        self.kv.time_to_live(lease).await
-    }
-
     /// Changes to the leader key (taken, released, expired).
     pub async fn watch_leader(&self) -> Result<watch::Receiver<Revision>, DcsError> {
         self.kv.watch(&self.key("leader")).await

@@ -65,10 +65,15 @@ async fn scenarios<K: Kv>(store: ClusterStore<K>) {
         store.kv().keep_alive(l1).await.is_err(),
         "the lease is gone"
     );
-    assert_eq!(store.lease_left(l1).await.expect("ttl"), None);
+    assert_eq!(store.kv().time_to_live(l1).await.expect("ttl"), None);
     // A live lease has at most its TTL left, in whole seconds, and all of it after a renewal.
     store.kv().keep_alive(l2).await.expect("n2 renews");
-    let left = store.lease_left(l2).await.expect("ttl").expect("alive");
+    let left = store
+        .kv()
+        .time_to_live(l2)
+        .await
+        .expect("ttl")
+        .expect("alive");
     assert!(
         left <= Duration::from_secs(30) && left >= Duration::from_secs(28),
         "{left:?}"

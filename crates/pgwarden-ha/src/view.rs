@@ -88,7 +88,7 @@ async fn read<K: Kv>(
     let mut view = view_of(&snap, now);
     if let (Some(_), Some(lease)) = (&view.leader, snap.leader.as_ref().and_then(|l| l.lease)) {
         // Unknown (the call failed) holds nothing: a silent store makes the view stale instead.
-        if let Ok(left) = store.lease_left(lease).await {
+        if let Ok(left) = store.kv().time_to_live(lease).await {
             view.writes_hold_from = Some(hold_from(now, left.unwrap_or_default(), fence_margin));
         }
     }
@@ -117,7 +117,7 @@ pub async fn spawn<K: Kv>(
 
 /// The view of the etcd store of `[dcs]`, for a proxy that may start before etcd answers:
 /// empty (no leader: writes are held, then refused) until the store first answers, then
-/// followed as [`spawn`] does.
+/// followed as [`spawn`] does. [`follow`] reads once before it first waits.
 pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<ClusterView>> {
     let (tx, rx) = watch::channel(Arc::new(ClusterView::empty()));
     tokio::spawn(async move {
@@ -128,12 +128,7 @@ pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<C
         };
         let margin = config.agent.fence_margin;
         match store {
-            Ok(Some(store)) => {
-                if let Ok(v) = read(&store, margin).await {
-                    tx.send_replace(Arc::new(v));
-                }
-                follow(Arc::new(store), config.agent.loop_wait, margin, tx).await
-            }
+            Ok(Some(store)) => follow(Arc::new(store), config.agent.loop_wait, margin, tx).await,
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "no cluster view: writes are refused"),
         }
@@ -149,6 +144,22 @@ async fn follow<K: Kv>(
 ) {
     let mut changes = store.watch().await.ok();
     loop {
+        match read(&store, fence_margin).await {
+            Ok(view) => {
+                let previous = tx.borrow().clone();
+                if previous.leader != view.leader || previous.epoch != view.epoch {
+                    tracing::info!(
+                        epoch = %view.epoch,
+                        leader = view.leader.as_ref().map_or("none", |l| l.as_str()),
+                        "leader changed"
+                    );
+                }
+                if tx.send(Arc::new(view)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the store; the view ages"),
+        }
         let changed = async {
             let alive = match changes.as_mut() {
                 Some(w) => w.changed().await.is_ok(),
@@ -166,22 +177,6 @@ async fn follow<K: Kv>(
         if changes.as_ref().map_or(true, |w| w.has_changed().is_err()) {
             // Never made, or ended (the store restarted): watch again.
             changes = store.watch().await.ok();
-        }
-        match read(&store, fence_margin).await {
-            Ok(view) => {
-                let previous = tx.borrow().clone();
-                if previous.leader != view.leader || previous.epoch != view.epoch {
-                    tracing::info!(
-                        epoch = %view.epoch,
-                        leader = view.leader.as_ref().map_or("none", |l| l.as_str()),
-                        "leader changed"
-                    );
-                }
-                if tx.send(Arc::new(view)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read the store; the view ages"),
         }
     }
 }
