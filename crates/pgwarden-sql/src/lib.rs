@@ -8,9 +8,11 @@
 //!
 //! # Layout
 //! - [`lex`] — tokens, and [`split`]: a multi-statement query string into its statements.
+//! - [`route`] — [`route::classify`]: whether a statement may run on a hot standby.
 //! - [`session`] — [`session::classify`]: a statement's [`Effect`] on session state.
 
 pub mod lex;
+pub mod route;
 pub mod session;
 
 pub use lex::split;
