@@ -97,6 +97,24 @@ pub struct FileProxy {
     pub client_tls: FileClientTls,
     pub auth: FileAuth,
     pub users: Vec<FileProxyUser>,
+    pub routing: FileRouting,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileRouting {
+    pub read_write_split: Option<Field<bool>>,
+    pub consistency: Option<Field<String>>,
+    pub balance: Option<Field<String>>,
+    pub primary_reads: Option<Field<String>>,
+    pub max_replica_lag: Option<Field<String>>,
+    pub lag_hysteresis: Option<Field<f64>>,
+    pub transaction_routing: Option<Field<String>>,
+    pub read_only_functions: Option<Field<Vec<String>>>,
+    pub read_your_writes_wait: Option<Field<String>>,
+    pub ban_after: Option<Field<i64>>,
+    pub ban_time: Option<Field<String>>,
+    pub max_ban_time: Option<Field<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +195,7 @@ pub struct FileNode {
     pub priority: Option<Field<i64>>,
     pub nofailover: Option<Field<bool>>,
     pub nosync: Option<Field<bool>>,
+    pub weight: Option<Field<i64>>,
 }
 
 /// Parses TOML text into the file layer plus the paths of every unknown key.

@@ -23,10 +23,10 @@ mod validate_proxy;
 
 pub use error::{ConfigError, FieldError};
 pub use model::{
-    AgentConfig, AuthConfig, AuthMethod, AuthRule, Cidr, ClientTlsConfig, Config, DcsConfig,
-    FollowPromotions, MonitorConfig, NodeConfig, OnPostgresCrash, PoolMode, PostgresConfig,
-    ProxyConfig, RejoinMode, ReplicationConfig, ReplicationMode, Secret, SynchronousMode, TlsMode,
-    UserConfig,
+    AgentConfig, AuthConfig, AuthMethod, AuthRule, Balance, Cidr, ClientTlsConfig, Config,
+    Consistency, DcsConfig, FollowPromotions, MonitorConfig, NodeConfig, OnPostgresCrash, PoolMode,
+    PostgresConfig, PrimaryReads, ProxyConfig, RejoinMode, ReplicationConfig, ReplicationMode,
+    RoutingConfig, Secret, SynchronousMode, TlsMode, UserConfig,
 };
 
 use std::path::{Path, PathBuf};

@@ -160,6 +160,8 @@ pub struct NodeConfig {
     pub nofailover: bool,
     /// Never a synchronous standby.
     pub nosync: bool,
+    /// Its share of reads under `balance = "weighted"`.
+    pub weight: u32,
 }
 
 impl NodeConfig {
@@ -336,6 +338,103 @@ pub struct ProxyConfig {
     pub admin_users: Vec<String>,
     pub client_tls: ClientTlsConfig,
     pub auth: AuthConfig,
+    pub routing: RoutingConfig,
+}
+
+/// `[proxy.routing]`: read/write splitting, balancing, replica health and consistency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// Reads may go to replicas (when the cluster has any).
+    pub read_write_split: bool,
+    pub consistency: Consistency,
+    pub balance: Balance,
+    pub primary_reads: PrimaryReads,
+    /// A replica further behind than this (replay lag in bytes) leaves rotation...
+    pub max_replica_lag: ByteSize,
+    /// ...and comes back once below this percentage of it (`lag_hysteresis` in the file, a
+    /// fraction).
+    pub lag_return_percent: u32,
+    /// Volatile functions a standby runs anyway (lower case, unqualified).
+    pub read_only_functions: Vec<String>,
+    /// How long a `session` read waits for a replica to replay the client's last write before it
+    /// goes to the primary.
+    pub read_your_writes_wait: Duration,
+    /// Failures in a row (connects, probes) that take a replica out of rotation...
+    pub ban_after: u32,
+    /// ...for this long at first, doubling on each ban that follows, up to `max_ban_time`.
+    pub ban_time: Duration,
+    pub max_ban_time: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            read_write_split: true,
+            consistency: Consistency::Session,
+            balance: Balance::Latency,
+            primary_reads: PrimaryReads::Fallback,
+            max_replica_lag: ByteSize(16 * 1024 * 1024),
+            lag_return_percent: 50,
+            read_only_functions: Vec::new(),
+            read_your_writes_wait: Duration::from_millis(20),
+            ban_after: 3,
+            ban_time: Duration::from_secs(2),
+            max_ban_time: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a client's reads are guaranteed to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Any replica in rotation.
+    Eventual,
+    /// Read-your-writes and monotonic reads, by WAL position.
+    Session,
+    /// The primary.
+    Strong,
+}
+
+impl Consistency {
+    pub fn parse(s: &str) -> Option<Consistency> {
+        match s.to_ascii_lowercase().as_str() {
+            "eventual" => Some(Consistency::Eventual),
+            "session" => Some(Consistency::Session),
+            "strong" => Some(Consistency::Strong),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Eventual => "eventual",
+            Consistency::Session => "session",
+            Consistency::Strong => "strong",
+        }
+    }
+}
+
+/// How a read picks among eligible replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Random,
+    /// Random, in proportion to `[[nodes]] weight`.
+    Weighted,
+    LeastConnections,
+    /// Power of two choices on latency (EWMA) times connections in flight.
+    Latency,
+}
+
+/// Whether reads may go to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryReads {
+    /// Never: a read no replica can take fails.
+    Never,
+    /// When no replica can take it.
+    Fallback,
+    /// The primary is one more candidate for every read.
+    Always,
 }
 
 /// The default `auth_query`, as PgBouncer's.

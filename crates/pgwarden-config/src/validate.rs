@@ -438,6 +438,14 @@ fn nodes(e: &mut Errors, list: Vec<FileNode>, base: &Path) -> Vec<NodeConfig> {
                 1
             }
         };
+        let weight = match e.get(&p("weight"), n.weight) {
+            None => 100,
+            Some(v) if (0..=10_000).contains(&v) => v as u32,
+            Some(v) => {
+                e.push(p("weight"), format!("{v} must be between 0 and 10000"));
+                100
+            }
+        };
         out.push(NodeConfig {
             name,
             host,
@@ -447,6 +455,7 @@ fn nodes(e: &mut Errors, list: Vec<FileNode>, base: &Path) -> Vec<NodeConfig> {
             priority,
             nofailover: e.get(&p("nofailover"), n.nofailover).unwrap_or(false),
             nosync: e.get(&p("nosync"), n.nosync).unwrap_or(false),
+            weight,
         });
     }
     out

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::file::{FileAuth, FileClientTls, FileProxy};
+use crate::file::{FileAuth, FileClientTls, FileProxy, FileRouting};
 use crate::model::*;
 use crate::validate::{resolve, Errors};
 
@@ -156,6 +156,143 @@ pub(crate) fn proxy(
         admin_users,
         client_tls: client_tls(e, f.client_tls, base),
         auth: auth(e, f.auth, users),
+        routing: routing(e, f.routing),
+    }
+}
+
+/// One of `choices` (lower case), or the default with an error naming them.
+fn choice<T: Copy>(
+    e: &mut Errors,
+    path: &str,
+    field: Option<crate::file::Field<String>>,
+    default: T,
+    choices: &[(&str, T)],
+) -> T {
+    let Some(s) = e.get(path, field) else {
+        return default;
+    };
+    match choices.iter().find(|(n, _)| n.eq_ignore_ascii_case(&s)) {
+        Some((_, v)) => *v,
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            e.push(
+                path,
+                format!(
+                    "unknown value \"{s}\": expected one of {}",
+                    names.join(", ")
+                ),
+            );
+            default
+        }
+    }
+}
+
+fn routing(e: &mut Errors, f: FileRouting) -> RoutingConfig {
+    let d = RoutingConfig::default();
+    let consistency = choice(
+        e,
+        "proxy.routing.consistency",
+        f.consistency,
+        d.consistency,
+        &[
+            ("eventual", Consistency::Eventual),
+            ("session", Consistency::Session),
+            ("strong", Consistency::Strong),
+        ],
+    );
+    let balance = choice(
+        e,
+        "proxy.routing.balance",
+        f.balance,
+        d.balance,
+        &[
+            ("round_robin", Balance::RoundRobin),
+            ("random", Balance::Random),
+            ("weighted", Balance::Weighted),
+            ("least_connections", Balance::LeastConnections),
+            ("latency", Balance::Latency),
+        ],
+    );
+    let primary_reads = choice(
+        e,
+        "proxy.routing.primary_reads",
+        f.primary_reads,
+        d.primary_reads,
+        &[
+            ("never", PrimaryReads::Never),
+            ("fallback", PrimaryReads::Fallback),
+            ("always", PrimaryReads::Always),
+        ],
+    );
+    match e.get("proxy.routing.transaction_routing", f.transaction_routing).as_deref() {
+        None | Some("primary") => {}
+        Some("first_statement") => e.push(
+            "proxy.routing.transaction_routing",
+            "\"first_statement\" is not offered: moving a transaction to the primary at its first write would drop the locks and snapshot its reads took on the replica; declare read-only transactions (BEGIN READ ONLY, default_transaction_read_only) and they go to replicas",
+        ),
+        Some(other) => e.push(
+            "proxy.routing.transaction_routing",
+            format!("unknown value \"{other}\": expected primary"),
+        ),
+    }
+    let lag_return_percent = match e.get("proxy.routing.lag_hysteresis", f.lag_hysteresis) {
+        None => d.lag_return_percent,
+        Some(v) if (0.01..=1.0).contains(&v) => (v * 100.0).round() as u32,
+        Some(v) => {
+            e.push(
+                "proxy.routing.lag_hysteresis",
+                format!("{v} must be between 0.01 and 1 (a replica returns below that fraction of max_replica_lag)"),
+            );
+            d.lag_return_percent
+        }
+    };
+    let read_only_functions: Vec<String> = e
+        .get("proxy.routing.read_only_functions", f.read_only_functions)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    for (i, name) in read_only_functions.iter().enumerate() {
+        if name.is_empty() || name.contains('.') {
+            e.push(
+                format!("proxy.routing.read_only_functions[{i}]"),
+                "must be a function name without a schema",
+            );
+        }
+    }
+    let ban_time = e.duration("proxy.routing.ban_time", f.ban_time, d.ban_time);
+    let max_ban_time = e.duration("proxy.routing.max_ban_time", f.max_ban_time, d.max_ban_time);
+    if ban_time.is_zero() {
+        e.push("proxy.routing.ban_time", "must be greater than 0");
+    }
+    if max_ban_time < ban_time {
+        e.push(
+            "proxy.routing.max_ban_time",
+            "must not be shorter than proxy.routing.ban_time",
+        );
+    }
+    RoutingConfig {
+        read_write_split: e
+            .get("proxy.routing.read_write_split", f.read_write_split)
+            .unwrap_or(d.read_write_split),
+        consistency,
+        balance,
+        primary_reads,
+        max_replica_lag: e.size(
+            "proxy.routing.max_replica_lag",
+            f.max_replica_lag,
+            d.max_replica_lag,
+        ),
+        lag_return_percent,
+        read_only_functions,
+        read_your_writes_wait: e.duration(
+            "proxy.routing.read_your_writes_wait",
+            f.read_your_writes_wait,
+            d.read_your_writes_wait,
+        ),
+        ban_after: int(e, "proxy.routing.ban_after", f.ban_after, 3, 1, 1000) as u32,
+        ban_time,
+        max_ban_time,
     }
 }
 
