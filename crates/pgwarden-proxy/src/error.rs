@@ -30,6 +30,12 @@ pub enum ProxyError {
     ServerGone { message: String },
     #[error("invalid command-line argument for server process: {0}")]
     StartupOption(String),
+    #[error("invalid value for parameter \"{name}\": \"{value}\" (expected {expected})")]
+    BadSetting {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
     /// A startup packet with a request code not allowed now (a repeated SSLRequest).
@@ -122,6 +128,7 @@ impl ProxyError {
             NoUser => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
             UnsupportedFrontendProtocol(_) => SqlState::FEATURE_NOT_SUPPORTED,
             StartupOption(_) => SqlState::SYNTAX_ERROR,
+            BadSetting { .. } => SqlState::INVALID_PARAMETER_VALUE,
             AuthFailed(_) => SqlState::INVALID_PASSWORD,
             AuthTimeout => SqlState::PROTOCOL_VIOLATION,
             AuthQuery(_) => SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -162,6 +169,7 @@ impl ProxyError {
             | ClientIo(_)
             | ClientClosed
             | StartupOption(_)
+            | BadSetting { .. }
             | NoUser
             | UnsupportedFrontendProtocol(_)
             | NotAdmin(_)

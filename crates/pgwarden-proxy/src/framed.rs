@@ -38,8 +38,34 @@ pub fn each_message_after(
     bad_length: fn(ProtocolError) -> ProxyError,
     mut each: impl FnMut(&[u8]) -> Result<bool, ProxyError>,
 ) -> Result<bool, ProxyError> {
+    each_message_from(buf, done, bad_length, |frame, _| {
+        Ok(if each(frame)? { Flow::Stop } else { Flow::Next })
+    })
+    .map(|flow| flow == Flow::Stop)
+}
+
+/// What [`each_message_from`]'s handler wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// This message is dealt with; on to the next.
+    Next,
+    /// This message is dealt with; stop.
+    Stop,
+    /// Stop before this message: it stays in the buffer, with what follows.
+    Hold,
+}
+
+/// [`each_message_after`] whose handler also sees the rest of the buffer from the message on
+/// (`(message, rest)`), and may stop before a message ([`Flow::Hold`]). Returns the flow that
+/// ended the loop (`Next` when the messages ran out).
+pub fn each_message_from(
+    buf: &mut BytesMut,
+    done: usize,
+    bad_length: fn(ProtocolError) -> ProxyError,
+    mut each: impl FnMut(&[u8], &[u8]) -> Result<Flow, ProxyError>,
+) -> Result<Flow, ProxyError> {
     let mut at = done;
-    let mut outcome = Ok(false);
+    let mut outcome = Ok(Flow::Next);
     loop {
         let n = match frame::message_len(&buf[at..], frame::MAX_MESSAGE) {
             Ok(Some(n)) => n,
@@ -50,10 +76,14 @@ pub fn each_message_after(
             }
         };
         let message = &buf[at..at + n];
-        at += n;
-        match each(message) {
-            Ok(false) => {}
+        match each(message, &buf[at..]) {
+            Ok(Flow::Next) => at += n,
+            Ok(Flow::Hold) => {
+                outcome = Ok(Flow::Hold);
+                break;
+            }
             stop => {
+                at += n;
                 outcome = stop;
                 break;
             }

@@ -25,6 +25,8 @@
 //! - [`registry`] — connected clients and server connections, and the signals that end sessions.
 //! - [`tls`] — TLS for clients (rustls), and the client stream that is plain or encrypted.
 //! - [`cancel`] — the cancel map.
+//! - [`nodes`] — what the proxy knows of each node beyond the view: bans, read rotation by lag,
+//!   replayed positions, counters.
 //! - [`topology`] — the proxy's reading of the view source: routing snapshot, freshness, the
 //!   generation sessions watch.
 //! - [`error`] — [`ProxyError`] and what clients are told.
@@ -33,6 +35,8 @@ pub mod admin;
 pub mod cancel;
 pub mod error;
 pub mod framed;
+pub mod functions;
+pub mod nodes;
 pub mod pool;
 pub mod pools;
 pub mod prepared;
@@ -71,6 +75,8 @@ pub struct Shared {
     config: RwLock<Arc<Config>>,
     pub topology: Topology,
     pub pools: Pools,
+    /// Health, read rotation and replay positions per node.
+    pub nodes: nodes::Nodes,
     pub cancels: cancel::CancelMap,
     /// Logged-in clients (`max_client_conn`).
     client_slots: Arc<Semaphore>,
@@ -271,6 +277,7 @@ impl Proxy {
             topology: Topology::new(view, config.proxy.max_view_age),
             config: RwLock::new(config),
             pools: Pools::default(),
+            nodes: nodes::Nodes::default(),
             cancels: cancel::CancelMap::default(),
             verifiers: Default::default(),
             auth_cache: Default::default(),
@@ -402,7 +409,8 @@ async fn maintain(shared: Arc<Shared>) {
         let routing = shared.topology.routing();
         for pool in shared.pools() {
             let leads = router::still_leads(&routing, &pool.key.node, routing.view.epoch);
-            pool.maintain(leads.then_some(routing.view.epoch));
+            let serves = leads || router::serves_reads(&routing, &pool.key.node);
+            pool.maintain(serves.then_some(routing.view.epoch), leads);
             if ticked && n % admin::STATS_PERIOD_SECS == 0 {
                 pool.sample_stats();
             }

@@ -178,6 +178,9 @@ pub struct Pool {
     warming: AtomicU32,
     /// The last two stats samples (previous, latest).
     samples: Mutex<(StatsSample, StatsSample)>,
+    /// Moving average of query latency in microseconds (1/8 weight per checkout), for the
+    /// `latency` balancing; 0 until measured.
+    latency_us: AtomicU64,
 }
 
 /// A server connection checked out of a pool, with its permit.
@@ -238,6 +241,7 @@ impl Pool {
             paused: watch::Sender::new(paused),
             warming: AtomicU32::new(0),
             samples: Mutex::new((PoolStats::default().sample(), PoolStats::default().sample())),
+            latency_us: AtomicU64::new(0),
         })
     }
 
@@ -509,7 +513,22 @@ impl Pool {
         }
     }
 
+    /// Moving average of its queries' latency, in microseconds (0: none measured).
+    pub fn latency_us(&self) -> u64 {
+        self.latency_us.load(Ordering::Relaxed)
+    }
+
     fn record(&self, u: &Usage) {
+        if let Some(sample) = u.query_micros.checked_div(u.queries) {
+            let sample = sample.max(1);
+            let old = self.latency_us.load(Ordering::Relaxed);
+            let new = if old == 0 {
+                sample
+            } else {
+                (old * 7 + sample) / 8
+            };
+            self.latency_us.store(new, Ordering::Relaxed);
+        }
         let s = &self.stats;
         s.transactions.fetch_add(u.transactions, Ordering::Relaxed);
         s.queries.fetch_add(u.queries, Ordering::Relaxed);
@@ -529,9 +548,9 @@ impl Pool {
     }
 
     /// Closes idle connections past `server_idle_timeout` or their lifetime or not of `epoch`
-    /// (`None`: this node does not lead), and, for the leader, opens connections up to
-    /// `min_pool_size`.
-    pub fn maintain(self: &Arc<Self>, epoch: Option<Epoch>) {
+    /// (`None`: this node serves nothing now), and, with `warm` (the leader), opens connections
+    /// up to `min_pool_size`.
+    pub fn maintain(self: &Arc<Self>, epoch: Option<Epoch>, warm: bool) {
         let settings = self.settings();
         let mut idle = self.idle.lock().expect("pool lock");
         let (keep, old): (Vec<_>, Vec<_>) = idle.drain(..).partition(|c| {
@@ -546,7 +565,9 @@ impl Pool {
             tokio::spawn(server::close(c));
         }
         let want = (settings.min_size.min(settings.size) as usize).saturating_sub(have);
-        let Some(epoch) = epoch else { return };
+        let Some(epoch) = epoch.filter(|_| warm) else {
+            return;
+        };
         if want == 0 || self.common.params().is_none() || self.is_paused() {
             // Warm connections only for a pool that has logged in once (its credential works).
             return;

@@ -74,6 +74,8 @@ pub struct Common {
     /// Named statements by text, shared by every server connection of every node.
     pub statements: StatementCache,
     pub startup_checks: StartupChecks,
+    /// What the catalog said of function names (routing).
+    pub functions: crate::functions::Functions,
     /// ParameterStatus values of the first server connection, shown to clients at login.
     params: Mutex<Option<BTreeMap<String, String>>>,
 }
@@ -222,6 +224,7 @@ impl Pools {
                 key: key.clone(),
                 statements: Default::default(),
                 startup_checks: Default::default(),
+                functions: Default::default(),
                 params: Mutex::new(None),
             }),
             settings: Mutex::new(settings),

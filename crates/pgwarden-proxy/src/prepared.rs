@@ -29,9 +29,17 @@ pub struct Statement {
     /// Set once a server has answered our Parse of it with ParseComplete: from then on a
     /// client's Parse of the same text can be answered without a server.
     validated: AtomicBool,
+    /// Its routing class, classified once.
+    route: std::sync::OnceLock<pgwarden_sql::route::Route>,
 }
 
 impl Statement {
+    /// Its routing class (classified on first use).
+    pub fn route(&self) -> &pgwarden_sql::route::Route {
+        self.route
+            .get_or_init(|| pgwarden_sql::route::classify_bytes(&self.query))
+    }
+
     pub fn is_validated(&self) -> bool {
         self.validated.load(Ordering::Relaxed)
     }
@@ -63,6 +71,7 @@ impl StatementCache {
                     query: query.clone(),
                     param_types: types.clone(),
                     validated: AtomicBool::new(false),
+                    route: std::sync::OnceLock::new(),
                 })
             })
             .clone()

@@ -50,6 +50,8 @@ pub enum Unavailable {
     /// The leader's lease is running out unrenewed: it may fence itself any moment, so a new
     /// transaction waits for a renewal or the next leader rather than start there.
     LeaseEnding(NodeId),
+    /// A read no replica can take, and `primary_reads = "never"`.
+    NoReplica,
 }
 
 impl std::fmt::Display for Unavailable {
@@ -63,6 +65,10 @@ impl std::fmt::Display for Unavailable {
                 pgwarden_core::format_duration(*age)
             ),
             Unavailable::LeaderDown(n) => write!(f, "the primary {n} is down"),
+            Unavailable::NoReplica => write!(
+                f,
+                "no replica can take this read and primary_reads is \"never\""
+            ),
             Unavailable::LeaseEnding(n) => write!(
                 f,
                 "the primary {n} has not renewed its leader lease and may be fencing itself"
@@ -92,6 +98,14 @@ pub fn route(r: &Routing, req: Request) -> Route {
         Some(_) => Route::Unavailable(Unavailable::LeaderDown(leader.clone())),
         None => Route::Unavailable(Unavailable::NoLeader),
     }
+}
+
+/// Whether `node` may serve reads under `r`: a replica of the view (a connection to it serves
+/// reads while it is one; promoted, it serves them on as the primary).
+pub fn serves_reads(r: &Routing, node: &NodeId) -> bool {
+    r.view.node(node).is_some_and(|n| {
+        n.role == Role::Replica || (n.role == Role::Primary && r.view.leader.as_ref() == Some(node))
+    })
 }
 
 /// Whether a connection opened to `node` under `epoch` for writes may go on serving.

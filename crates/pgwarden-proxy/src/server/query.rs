@@ -94,17 +94,34 @@ pub async fn query_with_param(
     param: &str,
     timeout: Duration,
 ) -> Result<Rows, ProxyError> {
-    let r = tokio::time::timeout(timeout, run_with_param(conn, sql, param)).await;
+    query_rows(conn, sql, &[param], timeout).await
+}
+
+/// Runs `sql` with text parameters through the extended protocol and returns its rows (text
+/// values) or the server's error, within `timeout`.
+pub async fn query_rows(
+    conn: &mut ServerConn,
+    sql: &str,
+    params: &[&str],
+    timeout: Duration,
+) -> Result<Rows, ProxyError> {
+    let r = tokio::time::timeout(timeout, run_with_params(conn, sql, params)).await;
     settle(conn, r, timeout)
 }
 
-async fn run_with_param(conn: &mut ServerConn, sql: &str, param: &str) -> Result<Rows, ProxyError> {
+async fn run_with_params(
+    conn: &mut ServerConn,
+    sql: &str,
+    params: &[&str],
+) -> Result<Rows, ProxyError> {
     use bytes::BufMut;
     let mut bind = bytes::BytesMut::new();
     bind.put_i16(0); // parameters in text
-    bind.put_i16(1);
-    bind.put_i32(param.len() as i32);
-    bind.put_slice(param.as_bytes());
+    bind.put_i16(params.len() as i16);
+    for param in params {
+        bind.put_i32(param.len() as i32);
+        bind.put_slice(param.as_bytes());
+    }
     bind.put_i16(0); // results in text
     let w = &mut conn.framed.wbuf;
     frontend::put_parse(w, "", sql.as_bytes(), &[0, 0]);

@@ -5,18 +5,51 @@
 //!
 //! A connection opened while the view changed is checked again once it is logged in, and one
 //! whose server says it is a standby (`in_hot_standby`, reported at login) never serves writes.
+//!
+//! A read ([`Want::Read`]) goes where [`router::choose_read`] says. A replica that must first
+//! prove it has replayed the session's floor is asked (`pg_last_wal_replay_lsn()`) on the
+//! connection checked out, again every millisecond up to `read_your_writes_wait`; one that fails
+//! a checkout or a probe counts a failure (bans follow, see `nodes`) and the read is routed again
+//! without it, so a dead replica costs a read no error.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwarden_core::Epoch;
+use pgwarden_cluster::status::Role;
+use pgwarden_config::Config;
+use pgwarden_core::{Epoch, Lsn, NodeId};
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
+use crate::nodes::Nodes;
 use crate::pool::{Lease, Pool, Usage};
 use crate::pools::Group;
-use crate::router::{self, Request, Route, Unavailable};
+use crate::router::{self, Dice, Read, ReadRoute, Replica, Request, Route, Unavailable};
 use crate::topology::{Routing, Topology};
+
+/// What the next transaction needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// The leader.
+    Write,
+    /// A node that can serve this read.
+    Read(Read),
+}
+
+/// The server held now, as routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub node: NodeId,
+    /// Routed as a read to a replica: it serves reads only, and is not fenced by the leader.
+    pub replica: bool,
+}
+
+/// The read side of routing: node states and the settings (read afresh for each read, so a
+/// reload applies to running sessions).
+pub struct Reads<'a> {
+    pub nodes: &'a Nodes,
+    pub shared: &'a crate::Shared,
+}
 
 pub struct Checkout<'a> {
     pub group: &'a Group,
@@ -26,6 +59,12 @@ pub struct Checkout<'a> {
     routing: Arc<Routing>,
     /// The routed pool and epoch, for `routing`.
     routed: Option<(Arc<Pool>, Epoch)>,
+    /// What the next checkout is for (a write unless the session says otherwise).
+    pub want: Want,
+    /// The server held, once checked out.
+    pub held: Option<Held>,
+    reads: Option<Reads<'a>>,
+    turn: u64,
 }
 
 impl<'a> Checkout<'a> {
@@ -36,7 +75,33 @@ impl<'a> Checkout<'a> {
             wait,
             routing: topology.routing(),
             routed: None,
+            want: Want::Write,
+            held: None,
+            reads: None,
+            turn: rand::random(),
         }
+    }
+
+    /// Reads may be routed to replicas.
+    pub fn with_reads(mut self, reads: Reads<'a>) -> Self {
+        self.reads = Some(reads);
+        self
+    }
+
+    /// The shared state, when reads are routed.
+    pub fn shared(&self) -> Option<&'a crate::Shared> {
+        self.reads.as_ref().map(|r| r.shared)
+    }
+
+    /// The node states, when reads are routed.
+    pub fn nodes(&self) -> Option<&'a Nodes> {
+        self.reads.as_ref().map(|r| r.nodes)
+    }
+
+    /// The current leader, as routed.
+    pub fn leader(&mut self) -> Option<NodeId> {
+        self.refresh();
+        self.routing.view.leader.clone()
     }
 
     /// Takes the current routing if it changed (one atomic load when it did not).
@@ -79,12 +144,68 @@ impl<'a> Checkout<'a> {
     /// A server at once, if the routed node's pool has one free and good (no future).
     #[inline]
     pub fn now(&mut self) -> Option<Lease> {
+        if let Want::Read(read) = &self.want {
+            let read = read.clone();
+            return match self.read_target(&read, &[]) {
+                Ok(ReadTarget::Replica {
+                    pool,
+                    proven: true,
+                    node,
+                }) => {
+                    let lease = pool.checkout_now(self.routing.view.epoch)?;
+                    self.hold(&node, true);
+                    Some(lease)
+                }
+                Ok(ReadTarget::Primary) => self.now_write(),
+                _ => None,
+            };
+        }
+        self.now_write()
+    }
+
+    #[inline]
+    fn now_write(&mut self) -> Option<Lease> {
         let (pool, epoch) = self.target().ok()?;
-        pool.checkout_now(epoch)
+        let lease = pool.checkout_now(epoch)?;
+        let node = lease.pool.key.node.clone();
+        self.hold(&node, false);
+        Some(lease)
+    }
+
+    fn hold(&mut self, node: &NodeId, replica: bool) {
+        match &mut self.held {
+            Some(h) if h.node == *node && h.replica == replica => {}
+            _ => {
+                self.held = Some(Held {
+                    node: node.clone(),
+                    replica,
+                })
+            }
+        }
+        if let Some(r) = &self.reads {
+            let state = r.nodes.get(node);
+            let counter = if replica || matches!(self.want, Want::Read(_)) {
+                &state.reads
+            } else {
+                &state.writes
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// A server, waiting (bounded) for a node to route to and for a free connection.
     pub async fn acquire(&mut self) -> Result<Lease, ProxyError> {
+        if let Want::Read(read) = &self.want {
+            let read = read.clone();
+            return self.acquire_read(&read).await;
+        }
+        let lease = self.acquire_write().await?;
+        let node = lease.pool.key.node.clone();
+        self.hold(&node, false);
+        Ok(lease)
+    }
+
+    async fn acquire_write(&mut self) -> Result<Lease, ProxyError> {
         let started = Instant::now();
         loop {
             match self.target() {
@@ -119,10 +240,15 @@ impl<'a> Checkout<'a> {
             return Ok(None);
         };
         let pool = pool.clone();
-        Ok(pool
+        let lease = pool
             .try_acquire(epoch)
             .await?
-            .and_then(|l| self.verified(l)))
+            .and_then(|l| self.verified(l));
+        if let Some(l) = &lease {
+            let node = l.pool.key.node.clone();
+            self.hold(&node, false);
+        }
+        Ok(lease)
     }
 
     /// The lease if it may serve writes now: the view did not move away from its node while it
@@ -180,6 +306,13 @@ impl<'a> Checkout<'a> {
     #[inline]
     pub fn may_serve(&mut self, lease: &Lease) -> bool {
         self.refresh();
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.replica && h.node == lease.pool.key.node)
+        {
+            return router::serves_reads(&self.routing, &lease.pool.key.node);
+        }
         if let Some((pool, epoch)) = &self.routed {
             if Arc::ptr_eq(pool, &lease.pool) && *epoch == lease.conn.epoch {
                 return true;
@@ -193,6 +326,179 @@ impl<'a> Checkout<'a> {
         let fenced_out = !self.may_serve(&lease);
         lease.release_at(fenced_out, usage, now);
     }
+}
+
+/// Where a read goes now.
+enum ReadTarget {
+    Replica {
+        pool: Arc<Pool>,
+        node: NodeId,
+        proven: bool,
+    },
+    Primary,
+}
+
+/// How long a position probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between probes of a replica that has not yet replayed a session's floor.
+const PROBE_PAUSE: Duration = Duration::from_millis(1);
+
+impl Checkout<'_> {
+    /// The target of `read`, leaving out `skip` (replicas that just failed it).
+    fn read_target(&mut self, read: &Read, skip: &[NodeId]) -> Result<ReadTarget, Unavailable> {
+        self.refresh();
+        let Some(reads) = &self.reads else {
+            return Ok(ReadTarget::Primary);
+        };
+        let view = self.topology.view();
+        let config: Arc<Config> = reads.shared.config();
+        reads.nodes.observe(&view, &config.proxy.routing);
+        let now = std::time::Instant::now();
+        let mut pools = Vec::new();
+        let mut replicas = Vec::new();
+        for n in &self.routing.view.nodes {
+            if n.role != Role::Replica || skip.contains(&n.id) {
+                continue;
+            }
+            let state = reads.nodes.get(&n.id);
+            let pool = self.group.pool(n);
+            replicas.push(Replica {
+                id: n.id.clone(),
+                weight: config
+                    .nodes
+                    .iter()
+                    .find(|c| c.name == n.id.as_str())
+                    .map_or(100, |c| c.weight),
+                in_flight: pool.active_count() as u32,
+                latency_us: pool.latency_us(),
+                replayed: state.replayed(),
+                out: state.out(now),
+            });
+            pools.push(pool);
+        }
+        self.turn = self.turn.wrapping_add(1);
+        let dice = Dice {
+            turn: self.turn,
+            a: rand::random(),
+            b: rand::random(),
+        };
+        match router::choose_read(&replicas, read, dice) {
+            ReadRoute::Replica { index, proven } => Ok(ReadTarget::Replica {
+                pool: pools.swap_remove(index),
+                node: replicas.swap_remove(index).id,
+                proven,
+            }),
+            ReadRoute::Primary(why) => {
+                reads.nodes.count_primary_read(why);
+                Ok(ReadTarget::Primary)
+            }
+            ReadRoute::NoReplica => Err(Unavailable::NoReplica),
+        }
+    }
+
+    /// A server for a read: a replica as routed (proving it has replayed the floor when it
+    /// must), else the primary; a replica that fails is left out and the read routed again.
+    async fn acquire_read(&mut self, read: &Read) -> Result<Lease, ProxyError> {
+        let started = Instant::now();
+        let mut skip: Vec<NodeId> = Vec::new();
+        loop {
+            let target = match self.read_target(read, &skip) {
+                Ok(t) => t,
+                Err(why) => {
+                    self.wait_for_change(why, started).await?;
+                    continue;
+                }
+            };
+            let (pool, node, proven) = match target {
+                ReadTarget::Primary => {
+                    let lease = self.acquire_write().await?;
+                    let node = lease.pool.key.node.clone();
+                    self.hold(&node, false);
+                    return Ok(lease);
+                }
+                ReadTarget::Replica { pool, node, proven } => (pool, node, proven),
+            };
+            let reads = self
+                .reads
+                .as_ref()
+                .expect("replicas are routed only with reads");
+            let state = reads.nodes.get(&node);
+            let routing_config = reads.shared.config().proxy.routing.clone();
+            let mut lease = match pool.acquire(self.routing.view.epoch).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(node = %node, error = %e, "replica checkout failed; routing the read again");
+                    state.failed(&routing_config);
+                    skip.push(node);
+                    continue;
+                }
+            };
+            if proven {
+                state.succeeded();
+                self.hold(&node, true);
+                return Ok(lease);
+            }
+            // Not known to have replayed the floor: asked, until it has or the wait is over.
+            let deadline = Instant::now() + routing_config.read_your_writes_wait;
+            let reached = loop {
+                match probe_replay(&mut lease, &state).await {
+                    Ok(Some(lsn)) => {
+                        state.succeeded();
+                        if lsn >= read.floor {
+                            break true;
+                        }
+                    }
+                    Ok(None) => break false,
+                    Err(e) => {
+                        tracing::debug!(node = %node, error = %e, "replay position probe failed");
+                        state.failed(&routing_config);
+                        break false;
+                    }
+                }
+                if Instant::now() + PROBE_PAUSE > deadline {
+                    break false;
+                }
+                tokio::time::sleep(PROBE_PAUSE).await;
+            };
+            if reached {
+                self.hold(&node, true);
+                return Ok(lease);
+            }
+            if lease.conn.broken {
+                lease.discard(&Usage::default());
+            } else {
+                lease.release(false, &Usage::default());
+            }
+            skip.push(node);
+        }
+    }
+}
+
+/// Asks a replica's server where its replay is (recording it); `None` when it is not a standby.
+async fn probe_replay(
+    lease: &mut Lease,
+    state: &crate::nodes::NodeState,
+) -> Result<Option<Lsn>, ProxyError> {
+    let at = std::time::Instant::now();
+    let rows = crate::server::query_rows(
+        &mut lease.conn,
+        "SELECT pg_last_wal_replay_lsn()::text",
+        &[],
+        PROBE_TIMEOUT,
+    )
+    .await?;
+    let lsn = match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten())
+            .and_then(|s| s.parse::<Lsn>().ok()),
+        Err(_) => None,
+    };
+    if let Some(l) = lsn {
+        state.probed(l, at, true);
+    }
+    Ok(lsn)
 }
 
 /// How long a checkout pauses between attempts to reach a leader that refuses connections.

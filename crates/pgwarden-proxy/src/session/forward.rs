@@ -31,12 +31,13 @@ use pgwarden_protocol::backend::{self, TxStatus};
 use pgwarden_protocol::error_response::ErrorReport;
 use pgwarden_protocol::frame::{self, message_len, MAX_MESSAGE};
 
-use super::checkout::{fenced, Checkout};
+use super::checkout::{fenced, Checkout, Want};
 use super::pipeline::{ClientStatements, Context, Pipeline};
+use super::route::{self as session_route, Class, Override, ProxySetting, SessionRoute};
 use super::state::SessionState;
 use crate::cancel::CancelSlot;
 use crate::error::ProxyError;
-use crate::framed::{each_message_after, Framed};
+use crate::framed::{each_message_after, each_message_from, Flow, Framed};
 use crate::pool::{Lease, Usage};
 use crate::prepared::StatementCache;
 use crate::registry::{ClientInfo, KillReason, KillWatch};
@@ -55,6 +56,8 @@ pub struct Forwarder<'a> {
     pub me: &'a ClientInfo,
     pub idle_transaction_timeout: Option<Duration>,
     pub query_timeout: Option<Duration>,
+    /// Where reads go and what they must see, for this session.
+    pub route: SessionRoute,
 }
 
 /// The client's state that outlives any one server connection.
@@ -143,7 +146,11 @@ impl Forwarder<'_> {
             streaming: 0,
             skip_to_sync: false,
         };
-        let result = self.relay(&mut lease, &mut c).await;
+        let mut route = std::mem::replace(
+            &mut self.route,
+            SessionRoute::new(&pgwarden_config::RoutingConfig::default()),
+        );
+        let result = self.relay(&mut lease, &mut c, &mut route).await;
         if let Some(l) = lease.take() {
             self.give_back(l, &mut c).await;
         }
@@ -158,7 +165,12 @@ impl Forwarder<'_> {
         }
     }
 
-    async fn relay(&mut self, lease: &mut Option<Lease>, c: &mut Client) -> Result<(), ProxyError> {
+    async fn relay(
+        &mut self,
+        lease: &mut Option<Lease>,
+        c: &mut Client,
+        route: &mut SessionRoute,
+    ) -> Result<(), ProxyError> {
         let capacity = self.capacity();
         let group = self.checkout.group;
         let cache: &StatementCache = &group.common.statements;
@@ -173,10 +185,11 @@ impl Forwarder<'_> {
             let mut checked_out = None;
             if lease.is_none() {
                 // Idle: wait for the client to need a server (its message stays buffered).
-                let tag = self.next_needing_server(c, &mut shutdown).await?;
+                let tag = self.next_needing_server(c, route, &mut shutdown).await?;
                 if tag == b'X' {
                     return Ok(());
                 }
+                let lookup = self.prepare_route(c, route);
                 let now = self.checkout.now();
                 let l = match now {
                     Some(l) => {
@@ -211,6 +224,8 @@ impl Forwarder<'_> {
                 self.me.set_active(l.conn.info.id);
                 checked_out = Some(l.at);
                 view_changed.seen(self.checkout.generation());
+                let mut l = l;
+                self.routed(route, &mut l, &lookup).await;
                 let conn = &mut lease.insert(l).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
@@ -222,7 +237,13 @@ impl Forwarder<'_> {
             let mut rbuf = std::mem::take(&mut self.client.rbuf);
             // Express batches first (see `pipeline::express`): whole, in one copy.
             let mut express = 0;
+            let watch_batches = self.watches_batches(route, c);
             while !c.session.is_dirty() {
+                if watch_batches
+                    && self.holds(c, route, &rbuf[express..], conn.status) == Flow::Hold
+                {
+                    break;
+                }
                 let (pipeline, cx) = c.cx(cache, capacity);
                 let n = pipeline.send_express(&rbuf[express..], conn, &cx);
                 if n == 0 {
@@ -231,10 +252,22 @@ impl Forwarder<'_> {
                 express += n;
             }
             c.usage.bytes_received += express as u64;
-            let sent =
-                each_message_after(&mut rbuf, express, ProxyError::ClientProtocol, |frame| {
+            let held = self.checkout.held.clone();
+            let nodes = self.checkout.nodes();
+            let sent = each_message_from(
+                &mut rbuf,
+                express,
+                ProxyError::ClientProtocol,
+                |frame, rest| {
                     if frame[0] == b'X' {
-                        return Ok(true);
+                        return Ok(Flow::Stop);
+                    }
+                    if watch_batches && !c.pipeline.in_batch() {
+                        let flow =
+                            batch_flow(held.as_ref(), c, route, rest, conn.status, cache, nodes);
+                        if flow == Flow::Hold {
+                            return Ok(Flow::Hold);
+                        }
                     }
                     if c.session.is_dirty() && c.pipeline.settled() && conn.status == TxStatus::Idle
                     {
@@ -244,10 +277,11 @@ impl Forwarder<'_> {
                     }
                     c.usage.bytes_received += frame.len() as u64;
                     let (pipeline, mut cx) = c.cx(cache, capacity);
-                    pipeline.send(frame, conn, &mut cx).map(|()| false)
-                });
+                    pipeline.send(frame, conn, &mut cx).map(|()| Flow::Next)
+                },
+            );
             self.client.rbuf = rbuf;
-            if sent? {
+            if sent? == Flow::Stop {
                 // Terminate: what was sent before it still goes.
                 conn.framed.flush().await?;
                 return Ok(());
@@ -393,9 +427,12 @@ impl Forwarder<'_> {
                 && conn.status == TxStatus::Idle
                 && c.session.pinned().is_none()
             {
-                let l = lease.take().expect("a server is attached here");
+                let mut l = lease.take().expect("a server is attached here");
                 if let Err(unset) = self.slot.try_set_server(None) {
                     self.slot.set_server(unset).await;
+                }
+                if route.wrote {
+                    self.commit_position(route, &mut l).await?;
                 }
                 self.back_to_pool(l, c);
             }
@@ -463,6 +500,7 @@ impl Forwarder<'_> {
     async fn next_needing_server(
         &mut self,
         c: &mut Client,
+        route: &mut SessionRoute,
         shutdown: &mut KillWatch<'_>,
     ) -> Result<u8, ProxyError> {
         let capacity = self.capacity();
@@ -502,6 +540,13 @@ impl Forwarder<'_> {
                 }
                 client.rbuf.advance(n);
                 continue;
+            }
+            if frame[0] == b'Q' {
+                if let Some(setting) = session_route::proxy_setting(&frame[5..n - 1]) {
+                    answer_proxy_setting(setting, route, &self.checkout, &mut client.wbuf);
+                    client.rbuf.advance(n);
+                    continue;
+                }
             }
             let local = self.mode == PoolMode::Transaction && {
                 let (pipeline, mut cx) = c.cx(&self.checkout.group.common.statements, capacity);
@@ -605,6 +650,262 @@ impl Forwarder<'_> {
         }
         self.checkout.release(lease, &usage, Instant::now());
     }
+}
+
+impl Forwarder<'_> {
+    /// Whether batches sent on the held server are classified on the way: on a replica (a
+    /// write must wait for another server), and on the primary while nothing has written yet
+    /// in `session` consistency (a write there sets the commit position to learn).
+    fn watches_batches(&self, route: &SessionRoute, c: &Client) -> bool {
+        match &self.checkout.held {
+            Some(h) if h.replica => c.session.pinned().is_none(),
+            Some(_) => {
+                !route.wrote
+                    && route.consistency == pgwarden_config::Consistency::Session
+                    && self.mode == PoolMode::Transaction
+            }
+            None => false,
+        }
+    }
+
+    fn holds(
+        &self,
+        c: &mut Client,
+        route: &mut SessionRoute,
+        rest: &[u8],
+        status: TxStatus,
+    ) -> Flow {
+        let held = self.checkout.held.clone();
+        let cache = &self.checkout.group.common.statements;
+        batch_flow(
+            held.as_ref(),
+            c,
+            route,
+            rest,
+            status,
+            cache,
+            self.checkout.nodes(),
+        )
+    }
+
+    /// Decides what the next checkout is for, from the batch at the front of the client's
+    /// buffer; returns function names whose volatility the primary should be asked about.
+    fn prepare_route(&mut self, c: &Client, route: &mut SessionRoute) -> Vec<String> {
+        self.checkout.want = Want::Write;
+        route.wrote = true;
+        let Some(nodes) = self.checkout.nodes() else {
+            return Vec::new();
+        };
+        let config = self.me_config();
+        let routing = &config.proxy.routing;
+        if self.mode == PoolMode::Session
+            || !routing.read_write_split
+            || route.over == Override::Primary
+        {
+            return Vec::new();
+        }
+        let common = &self.checkout.group.common;
+        let (class, hint) = session_route::front_batch(
+            &self.client.rbuf,
+            &c.statements,
+            &c.session,
+            &common.functions,
+            &routing.read_only_functions,
+            route.over,
+        );
+        if hint == Some(pgwarden_sql::route::Hint::Primary) {
+            return Vec::new();
+        }
+        match class {
+            Class::Read | Class::ReadOnlyTransaction => {
+                let leader = self.checkout.leader();
+                let read = route.read(
+                    routing,
+                    nodes,
+                    leader.as_ref(),
+                    hint == Some(pgwarden_sql::route::Hint::Replica),
+                );
+                self.checkout.want = Want::Read(read);
+                route.wrote = false;
+                Vec::new()
+            }
+            Class::Write { lookup, .. } => lookup,
+        }
+    }
+
+    fn me_config(&self) -> std::sync::Arc<pgwarden_config::Config> {
+        self.checkout
+            .shared()
+            .map(|s| s.config())
+            .expect("routing runs with the shared state")
+    }
+
+    /// A server was checked out as routed: the catalog is asked about new function names (on
+    /// the primary), and a read's node is remembered for monotonic reads.
+    async fn routed(&mut self, route: &mut SessionRoute, l: &mut Lease, lookup: &[String]) {
+        let replica = self.checkout.held.as_ref().is_some_and(|h| h.replica);
+        if !lookup.is_empty() && !replica {
+            let functions = &self.checkout.group.common.functions;
+            if let Err(e) = functions.look_up(&mut l.conn, lookup).await {
+                tracing::debug!(error = %e, "function lookup failed");
+            }
+        }
+        if matches!(self.checkout.want, Want::Read(_))
+            && route.consistency == pgwarden_config::Consistency::Session
+        {
+            route.last_read = Some((l.pool.key.node.clone(), std::time::Instant::now()));
+        }
+    }
+
+    /// After a transaction that may have written, in `session` consistency: its commit position
+    /// (at or past it) becomes the session's floor, read on its own server before it goes back.
+    async fn commit_position(
+        &mut self,
+        route: &mut SessionRoute,
+        l: &mut Lease,
+    ) -> Result<(), ProxyError> {
+        route.wrote = false;
+        if route.consistency != pgwarden_config::Consistency::Session
+            || self.checkout.held.as_ref().is_some_and(|h| h.replica)
+            || self.checkout.nodes().is_none()
+        {
+            return Ok(());
+        }
+        // Before the client has its answer: its next read must not be routed before the
+        // floor is known, and the server is not given back before the client is answered (a
+        // client waiting on the pool must not overtake it).
+        let at = std::time::Instant::now();
+        let rows = crate::server::query_rows(
+            &mut l.conn,
+            "SELECT pg_current_wal_insert_lsn()::text",
+            &[],
+            POSITION_TIMEOUT,
+        )
+        .await;
+        let lsn = match rows {
+            Ok(Ok(rows)) => rows
+                .into_iter()
+                .next()
+                .and_then(|r| r.into_iter().next().flatten())
+                .and_then(|s| s.parse::<pgwarden_core::Lsn>().ok()),
+            _ => None,
+        };
+        match lsn {
+            Some(lsn) => {
+                route.floor = route.floor.max(lsn);
+                route.floor_unknown = false;
+                route.last_read = None;
+                if let Some(nodes) = self.checkout.nodes() {
+                    nodes.get(&l.pool.key.node).probed(lsn, at, false);
+                }
+            }
+            None => {
+                tracing::debug!(
+                    session = self.me.id,
+                    "commit position unknown: reads go to the primary until the next commit"
+                );
+                route.floor_unknown = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long reading a commit position may take.
+const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the batch at the front of `rest` may go to the held server: on a replica, a batch
+/// that is not a read waits (the server goes back once settled, and the batch is routed anew);
+/// inside a transaction everything goes where the transaction is. On the primary, a write is
+/// noted (its commit position is to be read).
+fn batch_flow(
+    held: Option<&super::checkout::Held>,
+    c: &mut Client,
+    route: &mut SessionRoute,
+    rest: &[u8],
+    status: TxStatus,
+    _cache: &StatementCache,
+    nodes: Option<&crate::nodes::Nodes>,
+) -> Flow {
+    let (Some(held), Some(_)) = (held, nodes) else {
+        return Flow::Next;
+    };
+    if status != TxStatus::Idle && held.replica {
+        return Flow::Next;
+    }
+    let functions_empty = crate::functions::Functions::default();
+    let (class, _) = session_route::front_batch(
+        rest,
+        &c.statements,
+        &c.session,
+        &functions_empty,
+        &[],
+        route.over,
+    );
+    match class {
+        Class::Read | Class::ReadOnlyTransaction => Flow::Next,
+        Class::Write { .. } if held.replica => Flow::Hold,
+        Class::Write { .. } => {
+            route.wrote = true;
+            Flow::Next
+        }
+    }
+}
+
+/// Answers `SET`, `RESET` or `SHOW` of `pgwarden.route` / `pgwarden.consistency`.
+fn answer_proxy_setting(
+    setting: ProxySetting,
+    route: &mut SessionRoute,
+    checkout: &Checkout<'_>,
+    out: &mut bytes::BytesMut,
+) {
+    let default_consistency = checkout
+        .shared()
+        .map(|s| s.config().proxy.routing.consistency)
+        .unwrap_or(pgwarden_config::Consistency::Session);
+    let invalid = |out: &mut bytes::BytesMut, name: &str, value: &str, expected: &str| {
+        ErrorReport::error(
+            pgwarden_protocol::SqlState::INVALID_PARAMETER_VALUE,
+            &format!("invalid value for parameter \"pgwarden.{name}\": \"{value}\" (expected {expected})"),
+        )
+        .put_error(out);
+    };
+    match setting {
+        ProxySetting::Set("route", v) => match Override::parse(&v) {
+            Some(o) => {
+                route.over = o;
+                backend::put_command_complete(out, "SET");
+            }
+            None => invalid(out, "route", &v, "auto, primary or replica"),
+        },
+        ProxySetting::Set(_, v) => match pgwarden_config::Consistency::parse(&v) {
+            Some(k) => {
+                route.consistency = k;
+                backend::put_command_complete(out, "SET");
+            }
+            None => invalid(out, "consistency", &v, "eventual, session or strong"),
+        },
+        ProxySetting::Reset(name) => {
+            if name == "route" {
+                route.over = Override::Auto;
+            } else {
+                route.consistency = default_consistency;
+            }
+            backend::put_command_complete(out, "RESET");
+        }
+        ProxySetting::Show(name) => {
+            let full = format!("pgwarden.{name}");
+            let value = if name == "route" {
+                route.over.as_str()
+            } else {
+                route.consistency.as_str()
+            };
+            backend::put_row_description(out, &[(&full, 25)]);
+            backend::put_data_row(out, &[Some(value)]);
+            backend::put_command_complete(out, "SHOW");
+        }
+    }
+    backend::put_ready_for_query(out, TxStatus::Idle);
 }
 
 /// Messages larger than this that are still arriving are streamed (see [`stream_large`]).

@@ -7,6 +7,7 @@ mod forward;
 mod params;
 mod pipeline;
 mod retry;
+mod route;
 mod startup;
 mod state;
 
@@ -83,7 +84,8 @@ async fn session(
         }
         startup::Start::Session(s) => s,
     };
-    let requested = params::requested(&start)?;
+    let mut requested = params::requested(&start)?;
+    let session_route = route::from_startup(&mut requested, &shared.config().proxy.routing)?;
     if config.proxy.client_tls.mode == TlsMode::Require && !client.io.is_tls() {
         return Err(ProxyError::TlsRequired);
     }
@@ -172,7 +174,11 @@ async fn session(
         &group,
         &shared.topology,
         config.proxy.server_connect_timeout,
-    );
+    )
+    .with_reads(checkout::Reads {
+        nodes: &shared.nodes,
+        shared,
+    });
     let logged_in = params::login(&mut checkout, &requested).await?;
     let registration = shared.cancels.register();
     put_login_ok(
@@ -192,6 +198,7 @@ async fn session(
         me: &entry.info,
         idle_transaction_timeout: config.proxy.idle_transaction_timeout,
         query_timeout: config.proxy.query_timeout,
+        route: session_route,
     }
     .run(state::SessionState::new(logged_in.settings))
     .await

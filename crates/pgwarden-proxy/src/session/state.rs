@@ -51,6 +51,11 @@ impl SessionState {
         }
     }
 
+    /// The SQL that makes the client's setting `name` (lower case), if it has one of its own.
+    pub fn setting(&self, name: &str) -> Option<&str> {
+        self.want.get(name).map(String::as_str)
+    }
+
     pub fn pinned(&self) -> Option<Pin> {
         self.pinned
     }

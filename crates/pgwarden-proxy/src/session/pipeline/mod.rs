@@ -156,6 +156,12 @@ impl Pipeline {
         matches!(self.queue.front(), Some(Pending::Forward { .. }))
     }
 
+    /// Extended-protocol messages have been sent since the last Sync (or a COPY is under way):
+    /// the next message is not the start of a batch.
+    pub fn in_batch(&self) -> bool {
+        self.in_batch || self.copy_in
+    }
+
     /// Nothing in flight and no half-sent batch: the server can be given back.
     pub fn settled(&self) -> bool {
         self.queue.is_empty() && !self.in_batch
