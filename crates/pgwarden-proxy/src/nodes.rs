@@ -68,6 +68,9 @@ pub struct NodeState {
     lag: AtomicU64,
     /// The WAL position it has surely replayed.
     replayed: AtomicU64,
+    /// Its timeline as last reported (`u64::MAX`: unknown): a new one (a rewind, a re-clone)
+    /// makes what it had replayed before no longer a bound.
+    timeline: AtomicU64,
     /// The last position a probe of ours read on it, and when: an upper bound of what any read
     /// there saw before that instant.
     probed: Mutex<Option<(Lsn, Instant)>>,
@@ -85,6 +88,7 @@ impl NodeState {
             rotation: Mutex::new(None),
             lag: AtomicU64::new(u64::MAX),
             replayed: AtomicU64::new(0),
+            timeline: AtomicU64::new(u64::MAX),
             probed: Mutex::new(None),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -222,6 +226,15 @@ impl Nodes {
                 continue;
             }
             let state = self.get(&n.id);
+            let timeline = n.timeline.map_or(u64::MAX, u64::from);
+            let before = state.timeline.swap(timeline, Ordering::AcqRel);
+            if before != timeline && before != u64::MAX {
+                // Rewound or re-cloned: only what the view says now holds.
+                state
+                    .replayed
+                    .store(n.lsn.map_or(0, |l| l.0), Ordering::Release);
+                *state.probed.lock().expect("probe lock") = None;
+            }
             if let Some(lsn) = n.lsn {
                 state.replayed.fetch_max(lsn.0, Ordering::AcqRel);
             }

@@ -133,8 +133,9 @@ async fn cancel_reaches_the_running_query_only() {
 #[tokio::test]
 async fn writes_follow_a_promotion() {
     let mut s = setup(1, "server_connect_timeout = \"5s\"").await;
+    // Where writes go: a read would be served by the replica.
     let port = |c: tokio_postgres::Client| async move {
-        c.query_one("SELECT inet_server_port()", &[])
+        c.query_one("/* pgwarden:primary */ SELECT inet_server_port()", &[])
             .await
             .ok()
             .map(|r| r.get::<_, i32>(0))

@@ -65,6 +65,9 @@ pub struct Checkout<'a> {
     pub held: Option<Held>,
     reads: Option<Reads<'a>>,
     turn: u64,
+    /// The read target `now` chose but found no free connection on: `acquire` waits there
+    /// rather than choosing again (which would skew every strategy toward warm pools).
+    chosen: Option<ReadTarget>,
 }
 
 impl<'a> Checkout<'a> {
@@ -79,6 +82,7 @@ impl<'a> Checkout<'a> {
             held: None,
             reads: None,
             turn: rand::random(),
+            chosen: None,
         }
     }
 
@@ -146,18 +150,38 @@ impl<'a> Checkout<'a> {
     pub fn now(&mut self) -> Option<Lease> {
         if let Want::Read(read) = &self.want {
             let read = read.clone();
+            self.chosen = None;
             return match self.read_target(&read, &[]) {
                 Ok(ReadTarget::Replica {
                     pool,
                     proven: true,
                     node,
-                }) => {
-                    let lease = pool.checkout_now(self.routing.view.epoch)?;
-                    self.hold(&node, true);
-                    Some(lease)
+                }) => match pool.checkout_now(self.routing.view.epoch) {
+                    Some(lease) => {
+                        self.hold(&node, true);
+                        Some(lease)
+                    }
+                    None => {
+                        self.chosen = Some(ReadTarget::Replica {
+                            pool,
+                            node,
+                            proven: true,
+                        });
+                        None
+                    }
+                },
+                Ok(ReadTarget::Primary) => {
+                    let lease = self.now_write();
+                    if lease.is_none() {
+                        self.chosen = Some(ReadTarget::Primary);
+                    }
+                    lease
                 }
-                Ok(ReadTarget::Primary) => self.now_write(),
-                _ => None,
+                Ok(other) => {
+                    self.chosen = Some(other);
+                    None
+                }
+                Err(_) => None,
             };
         }
         self.now_write()
@@ -402,7 +426,8 @@ impl Checkout<'_> {
         let started = Instant::now();
         let mut skip: Vec<NodeId> = Vec::new();
         loop {
-            let target = match self.read_target(read, &skip) {
+            let chosen = self.chosen.take().filter(|_| skip.is_empty());
+            let target = match chosen.map_or_else(|| self.read_target(read, &skip), Ok) {
                 Ok(t) => t,
                 Err(why) => {
                     self.wait_for_change(why, started).await?;

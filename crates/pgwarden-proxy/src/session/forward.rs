@@ -77,6 +77,11 @@ struct Client {
     /// Its server was lost in the middle of an extended-protocol batch: the rest of the batch,
     /// up to its Sync, is skipped (see [`Forwarder::lose_server`]).
     skip_to_sync: bool,
+    /// On a replica, outside a transaction: a copy of the reads sent since the checkout, sent
+    /// again elsewhere if the replica is lost before it answers anything.
+    replay: Option<Vec<u8>>,
+    /// Reads sent again for the batch now in flight.
+    replays: u8,
 }
 
 impl Client {
@@ -145,6 +150,8 @@ impl Forwarder<'_> {
             ready_at: None,
             streaming: 0,
             skip_to_sync: false,
+            replay: None,
+            replays: 0,
         };
         let mut route = std::mem::replace(
             &mut self.route,
@@ -226,6 +233,12 @@ impl Forwarder<'_> {
                 view_changed.seen(self.checkout.generation());
                 let mut l = l;
                 self.routed(route, &mut l, &lookup).await;
+                c.replay = self
+                    .checkout
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| h.replica)
+                    .then(Vec::new);
                 let conn = &mut lease.insert(l).conn;
                 if let Some(sql) = c.session.sync(&mut conn.applied) {
                     c.pipeline.send_internal(&sql, conn);
@@ -238,9 +251,23 @@ impl Forwarder<'_> {
             // Express batches first (see `pipeline::express`): whole, in one copy.
             let mut express = 0;
             let watch_batches = self.watches_batches(route, c);
+            let judge = watch_batches.then(|| self.me_config());
+            let functions = &group.common.functions;
+            let allowed: &[String] = judge
+                .as_ref()
+                .map_or(&[], |j| &j.proxy.routing.read_only_functions);
+            let held = self.checkout.held.clone();
             while !c.session.is_dirty() {
                 if watch_batches
-                    && self.holds(c, route, &rbuf[express..], conn.status) == Flow::Hold
+                    && batch_flow(
+                        held.as_ref(),
+                        c,
+                        route,
+                        &rbuf[express..],
+                        conn.status,
+                        functions,
+                        allowed,
+                    ) == Flow::Hold
                 {
                     break;
                 }
@@ -252,8 +279,9 @@ impl Forwarder<'_> {
                 express += n;
             }
             c.usage.bytes_received += express as u64;
-            let held = self.checkout.held.clone();
-            let nodes = self.checkout.nodes();
+            if let Some(r) = &mut c.replay {
+                r.extend_from_slice(&rbuf[..express]);
+            }
             let sent = each_message_from(
                 &mut rbuf,
                 express,
@@ -263,8 +291,15 @@ impl Forwarder<'_> {
                         return Ok(Flow::Stop);
                     }
                     if watch_batches && !c.pipeline.in_batch() {
-                        let flow =
-                            batch_flow(held.as_ref(), c, route, rest, conn.status, cache, nodes);
+                        let flow = batch_flow(
+                            held.as_ref(),
+                            c,
+                            route,
+                            rest,
+                            conn.status,
+                            functions,
+                            allowed,
+                        );
                         if flow == Flow::Hold {
                             return Ok(Flow::Hold);
                         }
@@ -276,15 +311,40 @@ impl Forwarder<'_> {
                         }
                     }
                     c.usage.bytes_received += frame.len() as u64;
+                    if let Some(r) = &mut c.replay {
+                        let names = matches!(frame[0], b'P') && frame.get(5) != Some(&0);
+                        if names || matches!(frame[0], b'C' | b'F' | b'd' | b'c' | b'f') {
+                            c.replay = None;
+                        } else {
+                            r.extend_from_slice(frame);
+                        }
+                    }
                     let (pipeline, mut cx) = c.cx(cache, capacity);
                     pipeline.send(frame, conn, &mut cx).map(|()| Flow::Next)
                 },
             );
             self.client.rbuf = rbuf;
-            if sent? == Flow::Stop {
+            let sent = sent?;
+            if sent == Flow::Stop {
                 // Terminate: what was sent before it still goes.
                 conn.framed.flush().await?;
                 return Ok(());
+            }
+            if sent == Flow::Hold
+                && c.pipeline.settled()
+                && conn.framed.wbuf.is_empty()
+                && conn.status == TxStatus::Idle
+            {
+                // A write for a replica with nothing in flight there: the replica goes back
+                // now, and the write is routed anew.
+                let l = lease.take().expect("a server is attached here");
+                if let Err(unset) = self.slot.try_set_server(None) {
+                    self.slot.set_server(unset).await;
+                }
+                c.replay = None;
+                c.replays = 0;
+                self.back_to_pool(l, c);
+                continue;
             }
             c.pipeline.emit_injects(conn.status, &mut self.client.wbuf);
             // Writes are tried without a future first (`flush_now`): the socket nearly always
@@ -394,11 +454,11 @@ impl Forwarder<'_> {
             }
             let received =
                 each_message_after(&mut rbuf, passing, ProxyError::ServerProtocol, |frame| {
-                    c.count_response(frame);
                     let (pipeline, mut cx) = c.cx(cache, capacity);
-                    pipeline
-                        .receive(frame, conn, &mut cx, &mut self.client.wbuf)
-                        .map(|()| false)
+                    pipeline.receive(frame, conn, &mut cx, &mut self.client.wbuf)?;
+                    // Counted once handled: a FATAL error the client is not shown is not.
+                    c.count_response(frame);
+                    Ok(false)
                 });
             if !rbuf.is_empty() && c.streaming == 0 && received.is_ok() {
                 if let Some(rest) = stream_large(&rbuf, c.pipeline.forwards_front()) {
@@ -434,6 +494,8 @@ impl Forwarder<'_> {
                 if route.wrote {
                     self.commit_position(route, &mut l).await?;
                 }
+                c.replay = None;
+                c.replays = 0;
                 self.back_to_pool(l, c);
             }
             if !self.client.flush_now()? {
@@ -571,6 +633,9 @@ impl Forwarder<'_> {
         cause: ProxyError,
     ) -> Result<(), ProxyError> {
         let capacity = self.capacity();
+        if self.replays(lease, c).await {
+            return Ok(());
+        }
         let mut l = lease.take().expect("a server is attached here");
         if !c
             .pipeline
@@ -605,6 +670,41 @@ impl Forwarder<'_> {
         c.query_started = None;
         c.xact_started = None;
         self.client.flush().await
+    }
+
+    /// A replica lost before answering any of the reads sent to it: they go back to the
+    /// front of the client's buffer, to be routed again (at most three times), and the replica
+    /// counts a failure. Whether that was done.
+    async fn replays(&mut self, lease: &mut Option<Lease>, c: &mut Client) -> bool {
+        let Some(bytes) = c.replay.take() else {
+            return false;
+        };
+        let lost_early = c.usage.bytes_sent == 0
+            && c.replays < 3
+            && !bytes.is_empty()
+            && c.pipeline.plain_in_flight()
+            && lease
+                .as_ref()
+                .is_some_and(|l| l.conn.status == TxStatus::Idle);
+        if !lost_early {
+            return false;
+        }
+        let l = lease.take().expect("a server is attached here");
+        let node = l.pool.key.node.clone();
+        tracing::info!(session = self.me.id, node = %node, "replica lost before answering: its reads go elsewhere");
+        if let (Some(nodes), Some(shared)) = (self.checkout.nodes(), self.checkout.shared()) {
+            nodes.get(&node).failed(&shared.config().proxy.routing);
+        }
+        self.drop_server(l, c).await;
+        c.pipeline.forget_in_flight();
+        let mut again = bytes::BytesMut::from(&bytes[..]);
+        again.extend_from_slice(&self.client.rbuf);
+        self.client.rbuf = again;
+        c.replays += 1;
+        c.query_started = None;
+        c.xact_started = None;
+        self.me.set_idle();
+        true
     }
 
     /// Closes a server in the middle of its use (fenced out, timed out): cancels stop going to
@@ -666,26 +766,6 @@ impl Forwarder<'_> {
             }
             None => false,
         }
-    }
-
-    fn holds(
-        &self,
-        c: &mut Client,
-        route: &mut SessionRoute,
-        rest: &[u8],
-        status: TxStatus,
-    ) -> Flow {
-        let held = self.checkout.held.clone();
-        let cache = &self.checkout.group.common.statements;
-        batch_flow(
-            held.as_ref(),
-            c,
-            route,
-            rest,
-            status,
-            cache,
-            self.checkout.nodes(),
-        )
     }
 
     /// Decides what the next checkout is for, from the batch at the front of the client's
@@ -824,22 +904,21 @@ fn batch_flow(
     route: &mut SessionRoute,
     rest: &[u8],
     status: TxStatus,
-    _cache: &StatementCache,
-    nodes: Option<&crate::nodes::Nodes>,
+    functions: &crate::functions::Functions,
+    allowed: &[String],
 ) -> Flow {
-    let (Some(held), Some(_)) = (held, nodes) else {
+    let Some(held) = held else {
         return Flow::Next;
     };
     if status != TxStatus::Idle && held.replica {
         return Flow::Next;
     }
-    let functions_empty = crate::functions::Functions::default();
     let (class, _) = session_route::front_batch(
         rest,
         &c.statements,
         &c.session,
-        &functions_empty,
-        &[],
+        functions,
+        allowed,
         route.over,
     );
     match class {

@@ -36,6 +36,32 @@ impl Pipeline {
                 .any(|p| matches!(p, Pending::CopyEnd | Pending::SwallowReady))
     }
 
+    /// Nothing in flight registered anything (names, effects, statements of ours): sending it
+    /// all again elsewhere does what sending it here would have done.
+    pub fn plain_in_flight(&self) -> bool {
+        !self.in_batch
+            && !self.copy_in
+            && self.queue.iter().all(|p| match p {
+                Pending::Forward {
+                    undo,
+                    stmt,
+                    effects,
+                    ..
+                } => undo.is_empty() && stmt.is_none() && effects.is_empty(),
+                Pending::Internal { .. } => true,
+                _ => false,
+            })
+    }
+
+    /// The server is gone and what was in flight will be sent again elsewhere: forgotten.
+    pub fn forget_in_flight(&mut self) {
+        self.queue.clear();
+        self.in_batch = false;
+        self.stale.clear();
+        self.batches = Batches::default();
+        self.copy_in = false;
+    }
+
     /// The server is gone: every unanswered batch gets `error` (an ErrorResponse frame of
     /// severity ERROR) and ReadyForQuery (idle), as a server that failed it would answer. The
     /// proxy's own queries in flight are dropped unseen. Returns whether the client is in the
