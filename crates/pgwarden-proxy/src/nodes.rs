@@ -184,6 +184,49 @@ pub struct Nodes {
     seen: Mutex<Option<Arc<ClusterView>>>,
     /// Reads sent to the primary, by why.
     primary_reads: Mutex<HashMap<PrimaryWhy, u64>>,
+    /// Batches classified, by class, and writes by reason (`SHOW ROUTES`).
+    pub routes: RouteStats,
+}
+
+/// Counters of the router's decisions.
+#[derive(Default)]
+pub struct RouteStats {
+    pub reads: AtomicU64,
+    pub read_only_transactions: AtomicU64,
+    pub writes: AtomicU64,
+    /// Writes held back on a replica until it was given back (pipelined behind reads).
+    pub held_writes: AtomicU64,
+    /// Reads sent again elsewhere after their replica was lost.
+    pub replayed_reads: AtomicU64,
+    /// Catalog lookups of function names.
+    pub function_lookups: AtomicU64,
+    /// Session reads that waited for a replica to replay their floor, and those that got it.
+    pub floor_probes: AtomicU64,
+    write_reasons: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl RouteStats {
+    pub fn write(&self, why: &'static str) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        *self
+            .write_reasons
+            .lock()
+            .expect("counts lock")
+            .entry(why)
+            .or_default() += 1;
+    }
+
+    pub fn write_reasons(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self
+            .write_reasons
+            .lock()
+            .expect("counts lock")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 impl Nodes {

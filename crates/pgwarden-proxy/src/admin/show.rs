@@ -62,6 +62,7 @@ pub fn show(what: &str, shared: &Shared) -> Option<Reply> {
         "servers" => servers(shared),
         "stats" => stats(shared),
         "nodes" => nodes(shared),
+        "routes" => routes(shared),
         "leader" => leader(shared),
         "config" => config(&shared.config()),
         "version" => {
@@ -79,7 +80,7 @@ fn help() -> Reply {
         tag: "SHOW",
         notices: vec![[
             "Console usage",
-            "\tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|NODES|LEADER|CONFIG|VERSION",
+            "\tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|NODES|ROUTES|LEADER|CONFIG|VERSION",
             "\tRELOAD",
             "\tPAUSE [<db>]",
             "\tRESUME [<db>]",
@@ -324,11 +325,61 @@ fn nodes(shared: &Shared) -> Table {
         ("replay_lag_bytes", INT8),
         ("epoch", INT8),
         ("writes", TEXT),
+        ("reads", TEXT),
+        ("banned_until", TEXT),
+        ("failures", INT8),
+        ("replayed_lsn", TEXT),
+        ("in_flight", INT8),
+        ("latency_us", INT8),
+        ("routed_reads", INT8),
+        ("routed_writes", INT8),
+        ("probes", INT8),
     ]);
     let routing = shared.topology.routing();
     let view = shared.topology.view();
+    let config = shared.config();
+    shared.nodes.observe(&view, &config.proxy.routing);
+    let pools = shared.pools();
+    let now = std::time::Instant::now();
     for n in &view.nodes {
         let leads = crate::router::still_leads(&routing, &n.id, view.epoch);
+        let state = shared.nodes.get(&n.id);
+        let health = state.health();
+        let mine: Vec<_> = pools.iter().filter(|p| p.key.node == n.id).collect();
+        let in_flight: usize = mine.iter().map(|p| p.active_count()).sum();
+        let measured: Vec<u64> = mine
+            .iter()
+            .map(|p| p.latency_us())
+            .filter(|l| *l > 0)
+            .collect();
+        let latency =
+            (!measured.is_empty()).then(|| measured.iter().sum::<u64>() / measured.len() as u64);
+        let reads = match n.role {
+            pgwarden_cluster::status::Role::Replica => match state.out(now) {
+                None => "in rotation".to_string(),
+                Some(crate::router::Out::Banned) => "banned".to_string(),
+                Some(crate::router::Out::Lagging) => match state.lag() {
+                    Some(l) => format!(
+                        "out: lag {} past max_replica_lag",
+                        pgwarden_core::ByteSize(l)
+                    ),
+                    None => "out: lag unknown".to_string(),
+                },
+            },
+            pgwarden_cluster::status::Role::Primary if leads => {
+                match config.proxy.routing.primary_reads {
+                    pgwarden_config::PrimaryReads::Never => "never".to_string(),
+                    pgwarden_config::PrimaryReads::Fallback => "fallback".to_string(),
+                    pgwarden_config::PrimaryReads::Always => "always".to_string(),
+                }
+            }
+            _ => "no".to_string(),
+        };
+        let banned_until = health.banned_until.filter(|t| *t > now).map(|t| {
+            let left = t - now;
+            format!("in {}", pgwarden_core::format_duration(left))
+        });
+        let ld = std::sync::atomic::Ordering::Relaxed;
         t.push(vec![
             s(&n.id),
             s(&n.host),
@@ -343,6 +394,15 @@ fn nodes(shared: &Shared) -> Table {
             n.replay_lag_bytes.map(|x| x.to_string()),
             s(view.epoch),
             s(if leads { "yes" } else { "no" }),
+            s(reads),
+            banned_until,
+            s(state.failures.load(ld)),
+            (state.replayed().0 > 0).then(|| state.replayed().to_string()),
+            s(in_flight),
+            latency.map(|l| l.to_string()),
+            s(state.reads.load(ld)),
+            s(state.writes.load(ld)),
+            s(state.probes.load(ld)),
         ]);
     }
     if let crate::router::Route::Unavailable(why) =
@@ -354,6 +414,58 @@ fn nodes(shared: &Shared) -> Table {
     for why in &view.refused {
         t.notices.push(format!("primary not followed: {why}"));
     }
+    t
+}
+
+/// What the router decided, by kind and reason: one row per (decision, reason).
+fn routes(shared: &Shared) -> Table {
+    let mut t = Table::new(&[("decision", TEXT), ("reason", TEXT), ("count", INT8)]);
+    let r = &shared.nodes.routes;
+    let ld = std::sync::atomic::Ordering::Relaxed;
+    let mut row = |d: &str, why: &str, n: u64| t.push(vec![s(d), s(why), s(n)]);
+    row("read", "classified a read", r.reads.load(ld));
+    row(
+        "read",
+        "a read-only transaction",
+        r.read_only_transactions.load(ld),
+    );
+    for (why, n) in r.write_reasons() {
+        row("primary", why, n);
+    }
+    for (why, n) in shared.nodes.primary_reads() {
+        row("read on the primary", why.as_str(), n);
+    }
+    row(
+        "held",
+        "a write pipelined behind reads on a replica",
+        r.held_writes.load(ld),
+    );
+    row(
+        "replayed",
+        "reads sent again after their replica was lost",
+        r.replayed_reads.load(ld),
+    );
+    row(
+        "probe",
+        "session reads that asked a replica for its position",
+        r.floor_probes.load(ld),
+    );
+    row(
+        "lookup",
+        "function names looked up in the catalog",
+        r.function_lookups.load(ld),
+    );
+    let cached: usize = shared
+        .pools()
+        .iter()
+        .map(|p| p.common.functions.len())
+        .max()
+        .unwrap_or(0);
+    row(
+        "cache",
+        "function names known (largest pool group)",
+        cached as u64,
+    );
     t
 }
 

@@ -464,6 +464,11 @@ impl Checkout<'_> {
                 return Ok(lease);
             }
             // Not known to have replayed the floor: asked, until it has or the wait is over.
+            reads
+                .nodes
+                .routes
+                .floor_probes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let deadline = Instant::now() + routing_config.read_your_writes_wait;
             let reached = loop {
                 match probe_replay(&mut lease, &state).await {

@@ -251,12 +251,17 @@ impl Forwarder<'_> {
             // Express batches first (see `pipeline::express`): whole, in one copy.
             let mut express = 0;
             let watch_batches = self.watches_batches(route, c);
-            let judge = watch_batches.then(|| self.me_config());
+            let config = watch_batches.then(|| self.me_config());
             let functions = &group.common.functions;
-            let allowed: &[String] = judge
+            let allowed: &[String] = config
                 .as_ref()
                 .map_or(&[], |j| &j.proxy.routing.read_only_functions);
             let held = self.checkout.held.clone();
+            let judge = Judge {
+                functions,
+                allowed,
+                nodes: self.checkout.nodes(),
+            };
             while !c.session.is_dirty() {
                 if watch_batches
                     && batch_flow(
@@ -265,8 +270,10 @@ impl Forwarder<'_> {
                         route,
                         &rbuf[express..],
                         conn.status,
-                        functions,
-                        allowed,
+                        &Judge {
+                            nodes: None,
+                            ..judge
+                        },
                     ) == Flow::Hold
                 {
                     break;
@@ -291,15 +298,7 @@ impl Forwarder<'_> {
                         return Ok(Flow::Stop);
                     }
                     if watch_batches && !c.pipeline.in_batch() {
-                        let flow = batch_flow(
-                            held.as_ref(),
-                            c,
-                            route,
-                            rest,
-                            conn.status,
-                            functions,
-                            allowed,
-                        );
+                        let flow = batch_flow(held.as_ref(), c, route, rest, conn.status, &judge);
                         if flow == Flow::Hold {
                             return Ok(Flow::Hold);
                         }
@@ -701,6 +700,11 @@ impl Forwarder<'_> {
         again.extend_from_slice(&self.client.rbuf);
         self.client.rbuf = again;
         c.replays += 1;
+        if let Some(n) = self.checkout.nodes() {
+            n.routes
+                .replayed_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         c.query_started = None;
         c.xact_started = None;
         self.me.set_idle();
@@ -778,10 +782,12 @@ impl Forwarder<'_> {
         };
         let config = self.me_config();
         let routing = &config.proxy.routing;
-        if self.mode == PoolMode::Session
-            || !routing.read_write_split
-            || route.over == Override::Primary
-        {
+        let stats = &nodes.routes;
+        if self.mode == PoolMode::Session || !routing.read_write_split {
+            return Vec::new();
+        }
+        if route.over == Override::Primary {
+            stats.write("pgwarden.route = primary");
             return Vec::new();
         }
         let common = &self.checkout.group.common;
@@ -794,10 +800,17 @@ impl Forwarder<'_> {
             route.over,
         );
         if hint == Some(pgwarden_sql::route::Hint::Primary) {
+            stats.write("a pgwarden:primary hint");
             return Vec::new();
         }
         match class {
             Class::Read | Class::ReadOnlyTransaction => {
+                let counter = if class == Class::Read {
+                    &stats.reads
+                } else {
+                    &stats.read_only_transactions
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let leader = self.checkout.leader();
                 let read = route.read(
                     routing,
@@ -809,7 +822,15 @@ impl Forwarder<'_> {
                 route.wrote = false;
                 Vec::new()
             }
-            Class::Write { lookup, .. } => lookup,
+            Class::Write { why, lookup } => {
+                stats.write(why);
+                if !lookup.is_empty() {
+                    stats
+                        .function_lookups
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                lookup
+            }
         }
     }
 
@@ -894,6 +915,15 @@ impl Forwarder<'_> {
 /// How long reading a commit position may take.
 const POSITION_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What classifying a batch on its way needs: the catalog's answers, the configured read-only
+/// functions, and the counters (`None`: not counted).
+#[derive(Clone, Copy)]
+struct Judge<'a> {
+    functions: &'a crate::functions::Functions,
+    allowed: &'a [String],
+    nodes: Option<&'a crate::nodes::Nodes>,
+}
+
 /// Whether the batch at the front of `rest` may go to the held server: on a replica, a batch
 /// that is not a read waits (the server goes back once settled, and the batch is routed anew);
 /// inside a transaction everything goes where the transaction is. On the primary, a write is
@@ -904,9 +934,13 @@ fn batch_flow(
     route: &mut SessionRoute,
     rest: &[u8],
     status: TxStatus,
-    functions: &crate::functions::Functions,
-    allowed: &[String],
+    judge: &Judge<'_>,
 ) -> Flow {
+    let Judge {
+        functions,
+        allowed,
+        nodes,
+    } = *judge;
     let Some(held) = held else {
         return Flow::Next;
     };
@@ -923,7 +957,14 @@ fn batch_flow(
     );
     match class {
         Class::Read | Class::ReadOnlyTransaction => Flow::Next,
-        Class::Write { .. } if held.replica => Flow::Hold,
+        Class::Write { .. } if held.replica => {
+            if let Some(n) = nodes {
+                n.routes
+                    .held_writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Flow::Hold
+        }
         Class::Write { .. } => {
             route.wrote = true;
             Flow::Next

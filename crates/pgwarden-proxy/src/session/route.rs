@@ -262,6 +262,10 @@ pub fn front_batch(
     let Some(r) = combined else {
         return (Class::Read, hint);
     };
+    if r.changes_functions {
+        // What the catalog said may no longer hold once this runs.
+        functions.clear();
+    }
     let class = match r.kind {
         Kind::Begin(mode) => transaction(mode, session, over),
         Kind::SetTransaction(_) | Kind::Anywhere => Class::Read,
