@@ -183,7 +183,7 @@ pub struct Nodes {
     map: RwLock<HashMap<NodeId, Arc<NodeState>>>,
     seen: Mutex<Option<Arc<ClusterView>>>,
     /// Reads sent to the primary, by why.
-    primary_reads: Mutex<HashMap<PrimaryWhy, u64>>,
+    primary_reads: Counts<PrimaryWhy>,
     /// Batches classified, by class, and writes by reason (`SHOW ROUTES`).
     pub routes: RouteStats,
 }
@@ -202,23 +202,37 @@ pub struct RouteStats {
     pub function_lookups: AtomicU64,
     /// Session reads that waited for a replica to replay their floor, and those that got it.
     pub floor_probes: AtomicU64,
-    write_reasons: Mutex<HashMap<&'static str, u64>>,
+    write_reasons: Counts<&'static str>,
 }
 
 impl RouteStats {
     pub fn write(&self, why: &'static str) {
         self.writes.fetch_add(1, Ordering::Relaxed);
-        *self
-            .write_reasons
-            .lock()
-            .expect("counts lock")
-            .entry(why)
-            .or_default() += 1;
+        self.write_reasons.bump(why);
     }
 
     pub fn write_reasons(&self) -> Vec<(&'static str, u64)> {
+        self.write_reasons.sorted()
+    }
+}
+
+/// Counts by key.
+pub struct Counts<K>(Mutex<HashMap<K, u64>>);
+
+impl<K> Default for Counts<K> {
+    fn default() -> Self {
+        Counts(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Ord + Copy> Counts<K> {
+    pub fn bump(&self, key: K) {
+        *self.0.lock().expect("counts lock").entry(key).or_default() += 1;
+    }
+
+    pub fn sorted(&self) -> Vec<(K, u64)> {
         let mut v: Vec<_> = self
-            .write_reasons
+            .0
             .lock()
             .expect("counts lock")
             .iter()
@@ -301,24 +315,11 @@ impl Nodes {
     }
 
     pub fn count_primary_read(&self, why: PrimaryWhy) {
-        *self
-            .primary_reads
-            .lock()
-            .expect("counts lock")
-            .entry(why)
-            .or_default() += 1;
+        self.primary_reads.bump(why);
     }
 
     pub fn primary_reads(&self) -> Vec<(PrimaryWhy, u64)> {
-        let mut v: Vec<_> = self
-            .primary_reads
-            .lock()
-            .expect("counts lock")
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        v.sort();
-        v
+        self.primary_reads.sorted()
     }
 }
 
