@@ -94,8 +94,14 @@ fn describe(msgs: &[(char, Vec<u8>)]) -> String {
 
 #[tokio::test]
 async fn direct_and_proxied_answers_are_the_same() {
-    for mode in ["transaction", "session"] {
-        let s = setup(0, &format!("pool_mode = \"{mode}\"\ndefault_pool_size = 2")).await;
+    // Transaction mode with a replica: reads are split off to it, and still answer the same.
+    for (mode, replicas) in [("transaction", 1), ("session", 0)] {
+        let s = setup(
+            replicas,
+            &format!("pool_mode = \"{mode}\"\ndefault_pool_size = 2"),
+        )
+        .await;
+        s.replicas_reported().await;
         let direct_addr = std::net::SocketAddr::from(([127, 0, 0, 1], s.cluster.port(0)));
         let mut direct = Raw::connect(direct_addr, "app", APP_PASSWORD, "app", &[]).await;
         let mut proxied = s.raw(&[]).await;
@@ -140,5 +146,13 @@ async fn direct_and_proxied_answers_are_the_same() {
             })
             .sum();
         assert_eq!(compared, expected);
+        if replicas > 0 {
+            let replica = s.shared.nodes.get(&pgwarden_core::NodeId::new("n2"));
+            assert!(
+                replica.reads.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                "some of the cases ran on the replica: reads on the primary {:?}",
+                s.shared.nodes.primary_reads(),
+            );
+        }
     }
 }

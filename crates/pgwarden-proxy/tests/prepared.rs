@@ -9,7 +9,13 @@ use tokio_postgres::error::SqlState;
 
 #[tokio::test]
 async fn statements_survive_moving_between_servers() {
-    let s = setup(0, "default_pool_size = 3").await;
+    // Two replicas, round robin: each statement is prepared on every node it runs on.
+    let s = setup(
+        2,
+        "default_pool_size = 3\n[proxy.routing]\nbalance = \"round_robin\"",
+    )
+    .await;
+    s.replicas_reported().await;
     let clients: Vec<_> = futures::future::join_all((0..6).map(|_| s.app())).await;
     // tokio-postgres names its statements s0, s1, ... per client: the same names with different
     // SQL on different clients.
@@ -32,6 +38,13 @@ async fn statements_survive_moving_between_servers() {
                 );
             });
         futures::future::join_all(work).await;
+    }
+    for n in ["n2", "n3"] {
+        let node = s.shared.nodes.get(&pgwarden_core::NodeId::new(n));
+        assert!(
+            node.reads.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "{n} ran some of the statements"
+        );
     }
 }
 

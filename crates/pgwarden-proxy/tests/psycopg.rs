@@ -17,7 +17,8 @@ async fn psycopg_pipelines_and_prepared_statements() {
             "psycopg 3 is not installed for python3: `python3 -m pip install 'psycopg[binary]'` (./dev test does this)"
         ),
     }
-    let s = setup(0, "default_pool_size = 4").await;
+    // With a replica: reads are split off to it (session consistency).
+    let s = setup(1, "default_pool_size = 4").await;
     let owner = format!(
         "host=127.0.0.1 port={} user={} password={} dbname=app",
         s.cluster.port(0),
@@ -46,5 +47,10 @@ async fn psycopg_pipelines_and_prepared_statements() {
         text.matches("\nok ").count() + usize::from(text.starts_with("ok ")),
         6,
         "{text}"
+    );
+    let replica = s.shared.nodes.get(&pgwarden_core::NodeId::new("n2"));
+    assert!(
+        replica.reads.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "some of the suite's reads ran on the replica"
     );
 }

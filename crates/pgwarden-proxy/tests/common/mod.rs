@@ -31,6 +31,10 @@ pub async fn setup(replicas: usize, proxy_toml: &str) -> Setup {
         .build()
         .await;
     create_app(&cluster, 0).await;
+    // The replicas have the role and database before any read can be routed to them.
+    for i in 1..=replicas {
+        cluster.wait_replayed(i).await;
+    }
     let toml = proxy_config(&cluster, proxy_toml);
     let config_path = cluster.dir().join("proxy.toml");
     std::fs::write(&config_path, &toml).expect("write the proxy config");
@@ -214,6 +218,29 @@ impl Setup {
 }
 
 impl Setup {
+    /// Waits until the view reports every replica of the cluster with a known replay lag (the
+    /// proxy takes a replica into read rotation only then).
+    pub async fn replicas_reported(&self) {
+        let want = self.cluster.len() - 1;
+        pgwarden_testkit::eventually(
+            std::time::Duration::from_secs(10),
+            "replicas reported with their lag",
+            || {
+                let view = self.shared.topology.view();
+                let n = view
+                    .nodes
+                    .iter()
+                    .filter(|n| {
+                        n.role == pgwarden_cluster::status::Role::Replica
+                            && n.replay_lag_bytes.is_some()
+                    })
+                    .count();
+                async move { (n == want).then_some(()) }
+            },
+        )
+        .await;
+    }
+
     /// Waits until a query starting with `prefix` runs on node 0 (`pg_stat_activity`).
     pub async fn running(&self, prefix: &str) {
         let admin = self.cluster.client(0).await;
