@@ -763,8 +763,10 @@ impl Forwarder<'_> {
     fn watches_batches(&self, route: &SessionRoute, c: &Client) -> bool {
         match &self.checkout.held {
             Some(h) if h.replica => c.session.pinned().is_none(),
+            // A read that landed on the primary: a write behind it sets the floor.
             Some(_) => {
-                !route.wrote
+                matches!(self.checkout.want, Want::Read(_))
+                    && !route.wrote
                     && route.consistency == pgwarden_config::Consistency::Session
                     && self.mode == PoolMode::Transaction
             }
@@ -784,6 +786,8 @@ impl Forwarder<'_> {
         let routing = &config.proxy.routing;
         let stats = &nodes.routes;
         if self.mode == PoolMode::Session || !routing.read_write_split {
+            // Every read goes where the writes go: no floor to keep.
+            route.wrote = false;
             return Vec::new();
         }
         if route.over == Override::Primary {
