@@ -211,7 +211,17 @@ fn keep_restart_only(new: &mut Config, current: &Config) -> Vec<String> {
     );
     keep!(proxy.max_view_age, "proxy.max_view_age");
     keep!(proxy.max_pending_logins, "proxy.max_pending_logins");
-    keep!(nodes, "nodes (the view source keeps its nodes)");
+    // A node's read weight applies at once; the rest of [[nodes]] is the view source's.
+    let weights_only = new.nodes.len() == current.nodes.len()
+        && new.nodes.iter().zip(&current.nodes).all(|(n, c)| {
+            pgwarden_config::NodeConfig {
+                weight: c.weight,
+                ..n.clone()
+            } == *c
+        });
+    if !weights_only {
+        keep!(nodes, "nodes (the view source keeps its nodes)");
+    }
     keep!(monitor, "monitor (the view source keeps its settings)");
     kept
 }

@@ -516,3 +516,81 @@ async fn session_consistency_reads_every_write_even_with_a_delayed_replica() {
         "most reads still on the replica that keeps up: {landed:?} (primary {p0})"
     );
 }
+
+#[tokio::test]
+async fn routing_settings_and_weights_reload_for_running_sessions() {
+    let s = setup(
+        2,
+        &routing("consistency = \"eventual\"\nbalance = \"weighted\""),
+    )
+    .await;
+    s.replicas_reported().await;
+    let (r1, r2) = (s.cluster.port(1), s.cluster.port(2));
+    let c = s.app().await;
+    let both = spread(&c, 40).await;
+    assert!(both.contains_key(&r1) && both.contains_key(&r2), "{both:?}");
+    // Weight 0 for the first replica: it takes no more reads, with no restart.
+    let toml = std::fs::read_to_string(&s.config_path).expect("read");
+    let weighted = toml.replacen(
+        &format!("port = {r1}\n"),
+        &format!("port = {r1}\nweight = 0\n"),
+        1,
+    );
+    std::fs::write(&s.config_path, &weighted).expect("write");
+    let restart = s.shared.reload().expect("a valid config");
+    assert!(restart.is_empty(), "nothing needs a restart: {restart:?}");
+    let after = spread(&c, 40).await;
+    assert_eq!(after.get(&r2), Some(&40), "{after:?}");
+    // Splitting off: the same session's reads go to the primary.
+    std::fs::write(
+        &s.config_path,
+        weighted.replace(
+            "[proxy.routing]\n",
+            "[proxy.routing]\nread_write_split = false\n",
+        ),
+    )
+    .expect("write");
+    s.shared.reload().expect("a valid config");
+    assert_eq!(spread(&c, 5).await.get(&s.cluster.port(0)), Some(&5));
+}
+
+#[tokio::test]
+async fn the_proxy_settings_are_answered_in_the_extended_protocol_too() {
+    let s = setup(1, &routing("consistency = \"eventual\"")).await;
+    s.replicas_reported().await;
+    let mut raw = s.raw(&[]).await;
+    let unnamed = |raw: &mut common::raw::Raw, sql: &str| {
+        raw.parse("", sql).bind("", "");
+        pgwarden_protocol::frontend::put_describe(
+            &mut raw.out,
+            pgwarden_protocol::frontend::Target::Portal,
+            "",
+        );
+        raw.execute("").sync();
+    };
+    unnamed(&mut raw, "SET pgwarden.route = 'primary'");
+    raw.flush().await;
+    let (tags, _) = raw.until_ready().await;
+    assert_eq!(tags, "12nCZ", "answered as PostgreSQL answers a SET");
+    unnamed(&mut raw, "SHOW pgwarden.route");
+    raw.flush().await;
+    let (tags, messages) = raw.until_ready().await;
+    assert_eq!(tags, "12TDCZ");
+    assert_eq!(
+        common::raw::first_column(&messages),
+        vec![Some("primary".to_string())]
+    );
+    unnamed(&mut raw, "SELECT inet_server_port()");
+    raw.flush().await;
+    let (_, messages) = raw.until_ready().await;
+    assert_eq!(
+        common::raw::first_column(&messages),
+        vec![Some(s.cluster.port(0).to_string())],
+        "the setting took effect"
+    );
+    unnamed(&mut raw, "SET pgwarden.consistency = 'nonsense'");
+    raw.flush().await;
+    let (tags, messages) = raw.until_ready().await;
+    assert_eq!(tags, "12nEZ");
+    assert_eq!(common::raw::error_code(&messages).as_deref(), Some("22023"));
+}

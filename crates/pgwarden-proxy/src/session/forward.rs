@@ -609,6 +609,14 @@ impl Forwarder<'_> {
                     continue;
                 }
             }
+            if frame[0] == b'P' {
+                if let Some(len) =
+                    answer_extended_setting(&client.rbuf, route, &self.checkout, &mut client.wbuf)
+                {
+                    client.rbuf.advance(len);
+                    continue;
+                }
+            }
             let local = self.mode == PoolMode::Transaction && {
                 let (pipeline, mut cx) = c.cx(&self.checkout.group.common.statements, capacity);
                 pipeline.answer_detached(frame, &mut cx, &mut client.wbuf)
@@ -983,6 +991,77 @@ fn answer_proxy_setting(
     checkout: &Checkout<'_>,
     out: &mut bytes::BytesMut,
 ) {
+    run_setting(setting, route, checkout, out, true);
+    backend::put_ready_for_query(out, TxStatus::Idle);
+}
+
+/// The same as a whole extended-protocol batch of unnamed messages (Parse, Bind, Describe,
+/// Execute, Sync; what psycopg sends for `execute("SET pgwarden.route = ...")`): answered by
+/// the proxy when the batch is complete at the front of `buf`. Returns its length.
+fn answer_extended_setting(
+    buf: &[u8],
+    route: &mut SessionRoute,
+    checkout: &Checkout<'_>,
+    out: &mut bytes::BytesMut,
+) -> Option<usize> {
+    let frame_at = |at: usize| -> Option<(u8, &[u8], usize)> {
+        let n = message_len(&buf[at..], MAX_MESSAGE).ok()??;
+        Some((buf[at], &buf[at + 5..at + n], n))
+    };
+    let (tag, body, mut at) = frame_at(0)?;
+    if tag != b'P' || body.first() != Some(&0) {
+        return None;
+    }
+    let query = &body[1..];
+    let query = &query[..query.iter().position(|&c| c == 0)?];
+    let setting = session_route::proxy_setting(query)?;
+    // The rest must be unnamed Bind / Describe / Execute / Flush up to a Sync.
+    let mut steps = Vec::new();
+    loop {
+        let (tag, body, n) = frame_at(at)?;
+        at += n;
+        match tag {
+            b'B' if body.starts_with(b"\0\0") => steps.push(b'2'),
+            b'D' if body == b"P\0" || body == b"S\0" => steps.push(b'n'),
+            b'E' if body.first() == Some(&0) => steps.push(b'E'),
+            b'H' => {}
+            b'S' => break,
+            _ => return None,
+        }
+    }
+    let show = matches!(setting, ProxySetting::Show(_));
+    backend::put_parse_complete(out);
+    for step in steps {
+        match step {
+            b'2' => backend::put_bind_complete(out),
+            b'n' if show => {
+                let ProxySetting::Show(name) = &setting else {
+                    unreachable!("show")
+                };
+                backend::put_row_description(out, &[(&format!("pgwarden.{name}"), 25)]);
+            }
+            b'n' => backend::put_no_data(out),
+            _ => {
+                if !run_setting(setting.clone(), route, checkout, out, false) {
+                    // An error: the rest of the batch is skipped, as a server skips it.
+                    break;
+                }
+            }
+        }
+    }
+    backend::put_ready_for_query(out, TxStatus::Idle);
+    Some(at)
+}
+
+/// Applies a proxy setting and writes its answer (a SHOW's row description too when
+/// `describe`); false on an invalid value (its error written).
+fn run_setting(
+    setting: ProxySetting,
+    route: &mut SessionRoute,
+    checkout: &Checkout<'_>,
+    out: &mut bytes::BytesMut,
+    describe: bool,
+) -> bool {
     let default_consistency = checkout
         .shared()
         .map(|s| s.config().proxy.routing.consistency)
@@ -1000,14 +1079,20 @@ fn answer_proxy_setting(
                 route.over = o;
                 backend::put_command_complete(out, "SET");
             }
-            None => invalid(out, "route", &v, "auto, primary or replica"),
+            None => {
+                invalid(out, "route", &v, "auto, primary or replica");
+                return false;
+            }
         },
         ProxySetting::Set(_, v) => match pgwarden_config::Consistency::parse(&v) {
             Some(k) => {
                 route.consistency = k;
                 backend::put_command_complete(out, "SET");
             }
-            None => invalid(out, "consistency", &v, "eventual, session or strong"),
+            None => {
+                invalid(out, "consistency", &v, "eventual, session or strong");
+                return false;
+            }
         },
         ProxySetting::Reset(name) => {
             if name == "route" {
@@ -1024,12 +1109,14 @@ fn answer_proxy_setting(
             } else {
                 route.consistency.as_str()
             };
-            backend::put_row_description(out, &[(&full, 25)]);
+            if describe {
+                backend::put_row_description(out, &[(&full, 25)]);
+            }
             backend::put_data_row(out, &[Some(value)]);
             backend::put_command_complete(out, "SHOW");
         }
     }
-    backend::put_ready_for_query(out, TxStatus::Idle);
+    true
 }
 
 /// Messages larger than this that are still arriving are streamed (see [`stream_large`]).
