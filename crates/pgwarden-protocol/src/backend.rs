@@ -303,8 +303,39 @@ pub fn put_data_row(buf: &mut BytesMut, values: &[Option<&str>]) {
     });
 }
 
+/// The first column of a DataRow body (after the type and length) as text, if it is present,
+/// not NULL and UTF-8; `None` for anything else, malformed bodies included.
+pub fn first_text(body: &[u8]) -> Option<&str> {
+    let count = i16::from_be_bytes(body.get(0..2)?.try_into().ok()?);
+    if count < 1 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(body.get(6..6 + len)?).ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn first_text_of_a_data_row() {
+        let mut b = bytes::BytesMut::new();
+        super::put_data_row(&mut b, &[Some("0/3000148"), Some("x")]);
+        assert_eq!(super::first_text(&b[5..]), Some("0/3000148"));
+        let mut null = bytes::BytesMut::new();
+        super::put_data_row(&mut null, &[None]);
+        assert_eq!(super::first_text(&null[5..]), None);
+        for bad in [
+            &b""[..],
+            b"\0",
+            b"\0\x01\0\0\0\x09abc",
+            b"\0\0",
+            b"\xff\xff",
+        ] {
+            assert_eq!(super::first_text(bad), None, "{bad:?}");
+        }
+    }
+
     use super::*;
     use crate::error_response::ErrorReport;
     use crate::frame::{decode_message, split, MAX_MESSAGE};

@@ -181,6 +181,9 @@ pub struct Pool {
     /// Moving average of query latency in microseconds (1/8 weight per checkout), for the
     /// `latency` balancing; 0 until measured.
     latency_us: AtomicU64,
+    /// When it was last measured (microseconds since `created`).
+    latency_at: AtomicU64,
+    created: Instant,
 }
 
 /// A server connection checked out of a pool, with its permit.
@@ -242,6 +245,8 @@ impl Pool {
             warming: AtomicU32::new(0),
             samples: Mutex::new((PoolStats::default().sample(), PoolStats::default().sample())),
             latency_us: AtomicU64::new(0),
+            latency_at: AtomicU64::new(0),
+            created: Instant::now(),
         })
     }
 
@@ -513,9 +518,15 @@ impl Pool {
         }
     }
 
-    /// Moving average of its queries' latency, in microseconds (0: none measured).
+    /// Moving average of its queries' latency, in microseconds (0: none measured), halved for
+    /// every half second since it was last measured: a node that lost the comparison once is
+    /// tried again before long, and measured anew, rather than starved on an old figure.
     pub fn latency_us(&self) -> u64 {
-        self.latency_us.load(Ordering::Relaxed)
+        let l = self.latency_us.load(Ordering::Relaxed);
+        let at = self.latency_at.load(Ordering::Relaxed);
+        let now = self.created.elapsed().as_micros() as u64;
+        let halvings = (now.saturating_sub(at) / 500_000).min(63);
+        l >> halvings
     }
 
     fn record(&self, u: &Usage) {
@@ -528,6 +539,8 @@ impl Pool {
                 (old * 7 + sample) / 8
             };
             self.latency_us.store(new, Ordering::Relaxed);
+            self.latency_at
+                .store(self.created.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
         let s = &self.stats;
         s.transactions.fetch_add(u.transactions, Ordering::Relaxed);

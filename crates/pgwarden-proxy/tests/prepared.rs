@@ -12,7 +12,7 @@ async fn statements_survive_moving_between_servers() {
     // Two replicas, round robin: each statement is prepared on every node it runs on.
     let s = setup(
         2,
-        "default_pool_size = 3\n[proxy.routing]\nbalance = \"round_robin\"",
+        "default_pool_size = 3\n[proxy.routing]\nbalance = \"round_robin\"\nconsistency = \"eventual\"",
     )
     .await;
     s.replicas_reported().await;

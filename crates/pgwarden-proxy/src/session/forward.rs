@@ -82,6 +82,9 @@ struct Client {
     replay: Option<Vec<u8>>,
     /// Reads sent again for the batch now in flight.
     replays: u8,
+    /// The batch being sent may run a COPY (no position query may follow it: the server could
+    /// be in copy mode).
+    batch_copy: bool,
 }
 
 impl Client {
@@ -152,6 +155,7 @@ impl Forwarder<'_> {
             skip_to_sync: false,
             replay: None,
             replays: 0,
+            batch_copy: false,
         };
         let mut route = std::mem::replace(
             &mut self.route,
@@ -257,6 +261,12 @@ impl Forwarder<'_> {
                 .as_ref()
                 .map_or(&[], |j| &j.proxy.routing.read_only_functions);
             let held = self.checkout.held.clone();
+            // Commit positions are read in the same write as the batch, when they are needed.
+            let positions = route.consistency == pgwarden_config::Consistency::Session
+                && self.mode == PoolMode::Transaction
+                && held.as_ref().is_some_and(|h| !h.replica)
+                && c.session.pinned().is_none()
+                && self.checkout.nodes().is_some();
             let judge = Judge {
                 functions,
                 allowed,
@@ -284,6 +294,9 @@ impl Forwarder<'_> {
                     break;
                 }
                 express += n;
+                if positions && route.wrote && conn.status == TxStatus::Idle {
+                    c.pipeline.send_position_query(conn);
+                }
             }
             c.usage.bytes_received += express as u64;
             if let Some(r) = &mut c.replay {
@@ -318,8 +331,24 @@ impl Forwarder<'_> {
                             r.extend_from_slice(frame);
                         }
                     }
+                    if positions && may_copy(frame, &c.statements) {
+                        c.batch_copy = true;
+                    }
                     let (pipeline, mut cx) = c.cx(cache, capacity);
-                    pipeline.send(frame, conn, &mut cx).map(|()| Flow::Next)
+                    pipeline.send(frame, conn, &mut cx)?;
+                    // Behind an autocommit batch that may have written: its commit position,
+                    // in the same write.
+                    if positions && matches!(frame[0], b'Q' | b'S') {
+                        if route.wrote
+                            && !c.batch_copy
+                            && conn.status == TxStatus::Idle
+                            && !c.pipeline.in_batch()
+                        {
+                            c.pipeline.send_position_query(conn);
+                        }
+                        c.batch_copy = false;
+                    }
+                    Ok(Flow::Next)
                 },
             );
             self.client.rbuf = rbuf;
@@ -453,10 +482,14 @@ impl Forwarder<'_> {
             }
             let received =
                 each_message_after(&mut rbuf, passing, ProxyError::ServerProtocol, |frame| {
+                    let ours = c.pipeline.front_is_position();
                     let (pipeline, mut cx) = c.cx(cache, capacity);
                     pipeline.receive(frame, conn, &mut cx, &mut self.client.wbuf)?;
-                    // Counted once handled: a FATAL error the client is not shown is not.
-                    c.count_response(frame);
+                    // Counted once handled: a FATAL error the client is not shown is not, nor
+                    // are the answers to the proxy's position query.
+                    if !ours {
+                        c.count_response(frame);
+                    }
                     Ok(false)
                 });
             if !rbuf.is_empty() && c.streaming == 0 && received.is_ok() {
@@ -491,7 +524,12 @@ impl Forwarder<'_> {
                     self.slot.set_server(unset).await;
                 }
                 if route.wrote {
-                    self.commit_position(route, &mut l).await?;
+                    match c.pipeline.take_position() {
+                        // Read after the checkout: `l.at` is earlier than the reading, so the
+                        // sample is never taken for later than it is.
+                        Some(lsn) => self.record_floor(route, &l, lsn, l.at),
+                        None => self.commit_position(route, &mut l).await?,
+                    }
                 }
                 c.replay = None;
                 c.replays = 0;
@@ -870,6 +908,24 @@ impl Forwarder<'_> {
         }
     }
 
+    /// `lsn`, read on the primary at `at` after the session's last write committed, is the
+    /// session's floor from now on.
+    fn record_floor(
+        &self,
+        route: &mut SessionRoute,
+        l: &Lease,
+        lsn: pgwarden_core::Lsn,
+        at: Instant,
+    ) {
+        route.wrote = false;
+        route.floor = route.floor.max(lsn);
+        route.floor_unknown = false;
+        route.last_read = None;
+        if let Some(nodes) = self.checkout.nodes() {
+            nodes.get(&l.pool.key.node).probed(lsn, at, false);
+        }
+    }
+
     /// After a transaction that may have written, in `session` consistency: its commit position
     /// (at or past it) becomes the session's floor, read on its own server before it goes back.
     async fn commit_position(
@@ -904,14 +960,7 @@ impl Forwarder<'_> {
             _ => None,
         };
         match lsn {
-            Some(lsn) => {
-                route.floor = route.floor.max(lsn);
-                route.floor_unknown = false;
-                route.last_read = None;
-                if let Some(nodes) = self.checkout.nodes() {
-                    nodes.get(&l.pool.key.node).probed(lsn, at, false);
-                }
-            }
+            Some(lsn) => self.record_floor(route, l, lsn, at),
             None => {
                 tracing::debug!(
                     session = self.me.id,
@@ -921,6 +970,30 @@ impl Forwarder<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a client message may start a COPY: a query or Parse whose text says `copy` anywhere,
+/// or a Bind of a named statement whose text does (a false alarm only costs a round trip).
+fn may_copy(frame: &[u8], statements: &ClientStatements) -> bool {
+    let says_copy = |t: &[u8]| t.windows(4).any(|w| w.eq_ignore_ascii_case(b"copy"));
+    match frame[0] {
+        b'Q' | b'P' => says_copy(&frame[5..]),
+        b'B' => {
+            let body = &frame[5..];
+            let Some(portal_end) = body.iter().position(|&c| c == 0) else {
+                return true;
+            };
+            let rest = &body[portal_end + 1..];
+            let Some(name_end) = rest.iter().position(|&c| c == 0) else {
+                return true;
+            };
+            std::str::from_utf8(&rest[..name_end])
+                .ok()
+                .and_then(|n| statements.get(n))
+                .is_some_and(|st| says_copy(&st.query))
+        }
+        _ => false,
     }
 }
 

@@ -84,7 +84,10 @@ def ddl_under_prepared_statements():
         admin.execute("CREATE TABLE py_shape (a int)")
         admin.execute("INSERT INTO py_shape VALUES (1)")
         admin.execute("GRANT ALL ON py_shape TO app")
-        with psycopg.connect(DSN, autocommit=True, prepare_threshold=0) as conn:
+        # The DDL is made beside the proxy, so no session of the proxy waits for a replica to
+        # replay it: this connection reads on the primary, where the plan goes stale.
+        dsn = DSN + " options='-c pgwarden.route=primary'"
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
             check(conn.execute("SELECT * FROM py_shape").fetchall() == [(1,)], "before")
             admin.execute("ALTER TABLE py_shape ADD COLUMN b int DEFAULT 7")
             # libpq describes the portal, so the proxy prepares again and retries: the new

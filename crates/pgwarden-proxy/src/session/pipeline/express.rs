@@ -62,6 +62,7 @@ impl Pipeline {
             self.batches.sent_unkept(runs);
         }
         self.queue.push_back(Pending::forward(b'S'));
+        self.ends += 1;
         at
     }
 

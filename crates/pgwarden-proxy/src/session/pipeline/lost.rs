@@ -48,7 +48,7 @@ impl Pipeline {
                     effects,
                     ..
                 } => undo.is_empty() && stmt.is_none() && effects.is_empty(),
-                Pending::Internal { .. } => true,
+                Pending::Internal { .. } | Pending::Position { .. } => true,
                 _ => false,
             })
     }
@@ -79,7 +79,10 @@ impl Pipeline {
         backend::put_ready_for_query(&mut ready, TxStatus::Idle);
         loop {
             self.emit_injects(conn.status, client_out);
-            while matches!(self.queue.front(), Some(Pending::Internal { .. })) {
+            while matches!(
+                self.queue.front(),
+                Some(Pending::Internal { .. } | Pending::Position { .. })
+            ) {
                 self.queue.pop_front();
             }
             if self.queue.is_empty() {

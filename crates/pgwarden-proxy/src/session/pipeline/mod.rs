@@ -73,6 +73,13 @@ enum Pending {
     /// Our own query (restoring session state): everything up to its ReadyForQuery is
     /// swallowed; an error ends the session.
     Internal { error: Option<(SqlState, String)> },
+    /// Our `pg_current_wal_insert_lsn()` after a client's batch (see `position`): its row is
+    /// kept, everything up to its ReadyForQuery swallowed, an error ignored.
+    Position {
+        lsn: Option<pgwarden_core::Lsn>,
+        /// `ends` when it was sent: it follows that many of the client's batches.
+        after: u64,
+    },
     /// The ReadyForQuery of a batch being sent again (see `retry`): not for the client.
     SwallowReady,
     /// One message of this type the client already has (a retried Describe's
@@ -129,6 +136,11 @@ pub struct Pipeline {
     /// The server is in COPY FROM STDIN mode and the client has not ended it yet: a Sync sent
     /// now is ignored by the server.
     copy_in: bool,
+    /// The WAL position read by our last position query that ran outside a transaction (so
+    /// after the client's batch before it had committed), until taken.
+    position: Option<(pgwarden_core::Lsn, u64)>,
+    /// The client's batches sent (each Query and Sync ends one).
+    ends: u64,
 }
 
 /// The client's side of things, for sending and receiving.
@@ -167,6 +179,33 @@ impl Pipeline {
         self.queue.is_empty() && !self.in_batch
     }
 
+    /// Sends `pg_current_wal_insert_lsn()` behind what the client sent, in the same write: its
+    /// answer comes right behind the client's, with no round trip of its own. Only at a batch
+    /// boundary.
+    pub fn send_position_query(&mut self, conn: &mut ServerConn) {
+        debug_assert!(!self.in_batch && !self.copy_in);
+        frontend::put_query(
+            &mut conn.framed.wbuf,
+            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
+        );
+        self.queue.push_back(Pending::Position {
+            lsn: None,
+            after: self.ends,
+        });
+    }
+
+    /// The position read right after the client's last batch, if that batch left no
+    /// transaction open (so whatever it wrote had committed before the position was read).
+    pub fn take_position(&mut self) -> Option<pgwarden_core::Lsn> {
+        let (lsn, after) = self.position.take()?;
+        (after == self.ends).then_some(lsn)
+    }
+
+    /// The message at the front is our position query's.
+    pub fn front_is_position(&self) -> bool {
+        matches!(self.queue.front(), Some(Pending::Position { .. }))
+    }
+
     /// Sends a query of the proxy's own (restoring session state) ahead of what follows.
     pub fn send_internal(&mut self, sql: &str, conn: &mut ServerConn) {
         frontend::put_query(&mut conn.framed.wbuf, sql);
@@ -183,8 +222,12 @@ impl Pipeline {
         let (tag, body) = split(frame);
         match tag {
             b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.in_batch = true,
-            b'S' => self.in_batch = false,
-            b'Q' | b'F' | b'd' | b'c' | b'f' => {}
+            b'S' => {
+                self.in_batch = false;
+                self.ends += 1;
+            }
+            b'Q' => self.ends += 1,
+            b'F' | b'd' | b'c' | b'f' => {}
             // Not a message a client may send now: refused here, as PostgreSQL would refuse it,
             // rather than passed to a server whose answer nothing waits for.
             other => {
@@ -349,6 +392,31 @@ impl Pipeline {
         let (tag, body) = split(frame);
         if let Some(Pending::Internal { .. }) = self.queue.front() {
             return self.receive_internal(tag, body, frame, conn, client_out);
+        }
+        if let Some(Pending::Position { lsn, .. }) = self.queue.front_mut() {
+            match tag {
+                b'A' => client_out.extend_from_slice(frame),
+                b'D' => {
+                    *lsn =
+                        pgwarden_protocol::backend::first_text(body).and_then(|t| t.parse().ok());
+                }
+                b'Z' => {
+                    let status = match body {
+                        b"I" => TxStatus::Idle,
+                        b"T" => TxStatus::InTransaction,
+                        _ => TxStatus::Failed,
+                    };
+                    conn.status = status;
+                    if let Some(Pending::Position { lsn, after }) = self.queue.pop_front() {
+                        // Outside a transaction, the client's batch before it had committed.
+                        if let (TxStatus::Idle, Some(lsn)) = (status, lsn) {
+                            self.position = Some((lsn, after));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            return Ok(());
         }
         match tag {
             // Asynchronous: notices, notifications, parameter changes.
@@ -660,6 +728,7 @@ impl Pipeline {
             | Pending::Inject { undo, .. } => undo,
             Pending::InjectQuery { .. }
             | Pending::Internal { .. }
+            | Pending::Position { .. }
             | Pending::SwallowReady
             | Pending::SwallowTag(_)
             | Pending::CopyEnd => return,

@@ -33,7 +33,13 @@ impl Pipeline {
                 }
             )
         };
-        let sync_last = matches!(self.queue.back(), Some(Pending::Forward { tag: b'S', .. }))
+        // (Our position query may follow it: it is not the client's.)
+        let last_of_client = self
+            .queue
+            .iter()
+            .rev()
+            .find(|p| !matches!(p, Pending::Position { .. }));
+        let sync_last = matches!(last_of_client, Some(Pending::Forward { tag: b'S', .. }))
             && self.queue.iter().filter(|p| ends(p)).count() == 1;
         if cx.capacity == 0 || !sync_last {
             return Ok(false);
@@ -52,7 +58,8 @@ impl Pipeline {
             }
             self.skipped(p, conn, cx.statements);
         }
-        self.queue.push_back(Pending::SwallowReady);
+        // Its ReadyForQuery comes first, before the answers to a position query behind it.
+        self.queue.push_front(Pending::SwallowReady);
         self.stale.retain(|n| *n != stmt.server_name);
         self.close_on_server(stmt.server_name.clone(), conn);
         for (i, frame) in retry.frames.iter().enumerate() {
