@@ -222,8 +222,9 @@ async fn first_run_sigterm_reuse_and_destroy() {
     app.batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('survives restarts')")
         .await
         .expect("write as app through the proxy");
+    // (A plain read would be served by a standby.)
     let served_by: i32 = app
-        .query_one("SELECT inet_server_port()", &[])
+        .query_one("/* pgwarden:primary */ SELECT inet_server_port()", &[])
         .await
         .expect("port")
         .get(0);
@@ -593,7 +594,7 @@ async fn on_etcd_a_killed_leader_agent_heals_and_rejoins() {
     demo.wait_line("healed in");
     let app = proxy_client(&config, base + 8).await;
     let port: i32 = app
-        .query_one("SELECT inet_server_port()", &[])
+        .query_one("/* pgwarden:primary */ SELECT inet_server_port()", &[])
         .await
         .expect("the proxy serves the new leader")
         .get(0);
