@@ -495,3 +495,65 @@ fn one_error_and_the_same_session(log: &common::ha::Log) {
         "the writer's session outlived its server"
     );
 }
+
+/// Reads through a proxy that follows the store: to the replicas the agents report, each read
+/// seeing its own session's last write, before and after a failover.
+#[tokio::test]
+async fn reads_go_to_the_replicas_the_store_reports_and_see_their_writes_across_a_failover() {
+    let mut ha = Ha::start(3, "", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let c = eventually(BOOT, "the proxy serves", || ha.proxied()).await;
+    c.batch_execute(
+        "CREATE TABLE counter (k int PRIMARY KEY, v int); INSERT INTO counter VALUES (1, 0)",
+    )
+    .await
+    .expect("table through the proxy");
+    let leader_port = i32::from(ha.nodes[leader].pg_port);
+    // Once the agents have reported their replicas' lag, reads leave the leader.
+    eventually(HEAL, "a read served by a replica", || async {
+        let row = c.query_one("SELECT inet_server_port()", &[]).await.ok()?;
+        (row.get::<_, i32>(0) != leader_port).then_some(())
+    })
+    .await;
+    let on_replicas = read_your_writes(&c, 1, 200, leader_port).await;
+    assert!(on_replicas > 0, "some reads ran on replicas");
+    ha.kill_agent_and_postgres(leader).await;
+    let (new_leader, _) = ha.settled(1, epoch + 1, HEAL).await;
+    assert_ne!(new_leader, leader);
+    // The same session goes on under the new leader (its floor from the old one starts over).
+    eventually(
+        HEAL,
+        "the session writes through the new leader",
+        || async {
+            c.batch_execute("UPDATE counter SET v = 0 WHERE k = 1")
+                .await
+                .ok()
+        },
+    )
+    .await;
+    read_your_writes(&c, 1000, 100, leader_port).await;
+    let fresh = eventually(HEAL, "a new session", || ha.proxied()).await;
+    read_your_writes(&fresh, 2000, 50, leader_port).await;
+}
+
+/// `n` updates of the counter through `c`, each read back at once: every read must see its
+/// write. Returns how many reads ran elsewhere than on `leader_port`.
+async fn read_your_writes(c: &tokio_postgres::Client, from: i32, n: i32, leader_port: i32) -> i32 {
+    let mut elsewhere = 0;
+    for i in from..from + n {
+        c.execute("UPDATE counter SET v = $1 WHERE k = 1", &[&i])
+            .await
+            .expect("update");
+        let row = c
+            .query_one("SELECT v, inet_server_port() FROM counter WHERE k = 1", &[])
+            .await
+            .expect("read");
+        assert_eq!(
+            row.get::<_, i32>(0),
+            i,
+            "a read that does not see its write"
+        );
+        elsewhere += i32::from(row.get::<_, i32>(1) != leader_port);
+    }
+    elsewhere
+}

@@ -402,7 +402,9 @@ pub async fn reload_on_sighup(shared: Arc<Shared>) {
 }
 
 /// Once a second, and at once when the view changes: close idle connections that are old or
-/// fenced out, warm the leader's pools up to `min_pool_size`, sample stats.
+/// fenced out, warm the leader's pools up to `min_pool_size`, sample stats, and read the
+/// leader's WAL position on an idle connection (a bound that lets `session` reads move between
+/// replicas even when no session writes; see `session::route`).
 async fn maintain(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -417,6 +419,7 @@ async fn maintain(shared: Arc<Shared>) {
         };
         n += u64::from(ticked);
         let routing = shared.topology.routing();
+        let mut sampled = false;
         for pool in shared.pools() {
             let leads = router::still_leads(&routing, &pool.key.node, routing.view.epoch);
             let serves = leads || router::serves_reads(&routing, &pool.key.node);
@@ -424,7 +427,43 @@ async fn maintain(shared: Arc<Shared>) {
             if ticked && n % admin::STATS_PERIOD_SECS == 0 {
                 pool.sample_stats();
             }
+            if ticked && leads && !sampled {
+                if let Some(lease) = pool.checkout_now(routing.view.epoch) {
+                    sampled = true;
+                    tokio::spawn(sample_leader_position(shared.clone(), lease));
+                }
+            }
         }
+    }
+}
+
+/// Reads the leader's WAL position on an idle connection of its pool and records it.
+async fn sample_leader_position(shared: Arc<Shared>, mut lease: pool::Lease) {
+    let at = Instant::now();
+    let rows = server::query_rows(
+        &mut lease.conn,
+        "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
+        &[],
+        Duration::from_secs(2),
+    )
+    .await;
+    let lsn = match &rows {
+        Ok(Ok(rows)) => rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|s| s.parse::<pgwarden_core::Lsn>().ok()),
+        _ => None,
+    };
+    if let Some(lsn) = lsn {
+        shared
+            .nodes
+            .get(&lease.pool.key.node)
+            .probed(lsn, at, false);
+    }
+    if lease.conn.broken {
+        lease.discard(&pool::Usage::default());
+    } else {
+        lease.release(false, &pool::Usage::default());
     }
 }
 

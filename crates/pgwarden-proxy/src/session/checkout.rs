@@ -103,9 +103,9 @@ impl<'a> Checkout<'a> {
     }
 
     /// The current leader, as routed.
-    pub fn leader(&mut self) -> Option<NodeId> {
+    pub fn leader(&mut self) -> (Option<NodeId>, Epoch) {
         self.refresh();
-        self.routing.view.leader.clone()
+        (self.routing.view.leader.clone(), self.routing.view.epoch)
     }
 
     /// Takes the current routing if it changed (one atomic load when it did not).

@@ -861,11 +861,12 @@ impl Forwarder<'_> {
                     &stats.read_only_transactions
                 };
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let leader = self.checkout.leader();
+                let (leader, epoch) = self.checkout.leader();
                 let read = route.read(
                     routing,
                     nodes,
                     leader.as_ref(),
+                    epoch,
                     hint == Some(pgwarden_sql::route::Hint::Replica),
                 );
                 self.checkout.want = Want::Read(read);
@@ -918,6 +919,11 @@ impl Forwarder<'_> {
         at: Instant,
     ) {
         route.wrote = false;
+        if route.epoch != Some(l.conn.epoch) {
+            // The first commit under a new leader: its position is the whole floor.
+            route.epoch = Some(l.conn.epoch);
+            route.floor = lsn;
+        }
         route.floor = route.floor.max(lsn);
         route.floor_unknown = false;
         route.last_read = None;

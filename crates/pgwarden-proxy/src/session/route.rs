@@ -11,10 +11,12 @@
 //!
 //! `session` consistency: each write transaction's commit position is read on its server
 //! before the server goes back (`pg_current_wal_insert_lsn()`, a position at or past the
-//! commit), and becomes the session's floor; a read goes only to a replica that has replayed
-//! the floor. Monotonic reads: after a read on node N at time t, another node serves the
-//! session only once something has proved where N was after t (a probe of N, or of the primary,
-//! taken after t); until then, N itself, or the primary.
+//! commit; in the same write as an autocommit batch), and becomes the session's floor; a read
+//! goes only to a replica that has replayed the floor. Monotonic reads: after a read on node N
+//! at time t, another node serves the session only once something has proved where N was after
+//! t (a probe of N, or of the primary, taken after t); until then, N itself, or the primary. A
+//! new leader epoch starts over: reads stay on the new leader until a position read on it
+//! bounds the session's surviving writes.
 
 use std::time::Instant;
 
@@ -74,6 +76,9 @@ pub struct SessionRoute {
     pub last_read: Option<(NodeId, Instant)>,
     /// The server held may have written since its last position probe.
     pub wrote: bool,
+    /// The leader epoch the floor belongs to: positions of an earlier leader's WAL say nothing
+    /// of the next one's.
+    pub epoch: Option<pgwarden_core::Epoch>,
 }
 
 impl SessionRoute {
@@ -85,6 +90,7 @@ impl SessionRoute {
             floor_unknown: false,
             last_read: None,
             wrote: false,
+            epoch: None,
         }
     }
 
@@ -94,9 +100,20 @@ impl SessionRoute {
         routing: &RoutingConfig,
         nodes: &Nodes,
         leader: Option<&NodeId>,
+        epoch: pgwarden_core::Epoch,
         replica_asked: bool,
     ) -> Read {
         let mut only = None;
+        if self.epoch != Some(epoch) {
+            if self.epoch.is_some() {
+                // A new leader: the session's writes that survived are on it, at or below its
+                // position now. Until a position read on it bounds them, reads stay on it.
+                self.floor = Lsn(0);
+                self.floor_unknown = false;
+                self.last_read = leader.map(|l| (l.clone(), Instant::now()));
+            }
+            self.epoch = Some(epoch);
+        }
         if self.consistency == Consistency::Session {
             if let Some((node, t)) = &self.last_read {
                 let bound = nodes
