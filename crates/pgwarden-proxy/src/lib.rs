@@ -440,21 +440,8 @@ async fn maintain(shared: Arc<Shared>) {
 /// Reads the leader's WAL position on an idle connection of its pool and records it.
 async fn sample_leader_position(shared: Arc<Shared>, mut lease: pool::Lease) {
     let at = Instant::now();
-    let rows = server::query_rows(
-        &mut lease.conn,
-        "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
-        &[],
-        Duration::from_secs(2),
-    )
-    .await;
-    let lsn = match &rows {
-        Ok(Ok(rows)) => rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
-            .and_then(|s| s.parse::<pgwarden_core::Lsn>().ok()),
-        _ => None,
-    };
-    if let Some(lsn) = lsn {
+    let lsn = server::query_lsn(&mut lease.conn, server::INSERT_LSN, Duration::from_secs(2)).await;
+    if let Ok(Some(lsn)) = lsn {
         shared
             .nodes
             .get(&lease.pool.key.node)

@@ -13,7 +13,9 @@ use tokio::net::TcpStream;
 
 pub use applied::Applied;
 pub use login::{close, connect, Credential, Login};
-pub use query::{query_rows, query_with_param, simple_query, Outcome};
+pub use query::{
+    query_lsn, query_rows, query_with_param, simple_query, Outcome, INSERT_LSN, REPLAY_LSN,
+};
 
 use crate::framed::Framed;
 use crate::registry::{ServerEntry, ServerInfo};

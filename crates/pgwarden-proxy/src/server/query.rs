@@ -83,6 +83,26 @@ async fn run(conn: &mut ServerConn, sql: &str) -> Result<Outcome, ProxyError> {
     }
 }
 
+/// The proxy's WAL position queries.
+pub const INSERT_LSN: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text";
+pub const REPLAY_LSN: &str = "SELECT pg_catalog.pg_last_wal_replay_lsn()::text";
+
+/// Runs one of the position queries: the position, `None` when the server gave none (an
+/// error, NULL: not a standby), `Err` when the connection failed (marked broken).
+pub async fn query_lsn(
+    conn: &mut ServerConn,
+    sql: &str,
+    timeout: Duration,
+) -> Result<Option<pgwarden_core::Lsn>, ProxyError> {
+    let rows = query_rows(conn, sql, &[], timeout).await?;
+    Ok(rows.ok().and_then(|rows| {
+        rows.into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten())
+            .and_then(|s| s.parse().ok())
+    }))
+}
+
 /// Rows of text values, or the server's error.
 pub type Rows = Result<Vec<Vec<Option<String>>>, (SqlState, String)>;
 

@@ -519,21 +519,8 @@ async fn probe_replay(
     state: &crate::nodes::NodeState,
 ) -> Result<Option<Lsn>, ProxyError> {
     let at = std::time::Instant::now();
-    let rows = crate::server::query_rows(
-        &mut lease.conn,
-        "SELECT pg_last_wal_replay_lsn()::text",
-        &[],
-        PROBE_TIMEOUT,
-    )
-    .await?;
-    let lsn = match rows {
-        Ok(rows) => rows
-            .into_iter()
-            .next()
-            .and_then(|r| r.into_iter().next().flatten())
-            .and_then(|s| s.parse::<Lsn>().ok()),
-        Err(_) => None,
-    };
+    let lsn =
+        crate::server::query_lsn(&mut lease.conn, crate::server::REPLAY_LSN, PROBE_TIMEOUT).await?;
     if let Some(l) = lsn {
         state.probed(l, at, true);
     }

@@ -950,21 +950,11 @@ impl Forwarder<'_> {
         // floor is known, and the server is not given back before the client is answered (a
         // client waiting on the pool must not overtake it).
         let at = std::time::Instant::now();
-        let rows = crate::server::query_rows(
-            &mut l.conn,
-            "SELECT pg_current_wal_insert_lsn()::text",
-            &[],
-            POSITION_TIMEOUT,
-        )
-        .await;
-        let lsn = match rows {
-            Ok(Ok(rows)) => rows
-                .into_iter()
-                .next()
-                .and_then(|r| r.into_iter().next().flatten())
-                .and_then(|s| s.parse::<pgwarden_core::Lsn>().ok()),
-            _ => None,
-        };
+        let lsn =
+            crate::server::query_lsn(&mut l.conn, crate::server::INSERT_LSN, POSITION_TIMEOUT)
+                .await
+                .ok()
+                .flatten();
         match lsn {
             Some(lsn) => self.record_floor(route, l, lsn, at),
             None => {

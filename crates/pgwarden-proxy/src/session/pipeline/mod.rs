@@ -184,10 +184,7 @@ impl Pipeline {
     /// boundary.
     pub fn send_position_query(&mut self, conn: &mut ServerConn) {
         debug_assert!(!self.in_batch && !self.copy_in);
-        frontend::put_query(
-            &mut conn.framed.wbuf,
-            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text",
-        );
+        frontend::put_query(&mut conn.framed.wbuf, crate::server::INSERT_LSN);
         self.queue.push_back(Pending::Position {
             lsn: None,
             after: self.ends,
