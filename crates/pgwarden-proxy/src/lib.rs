@@ -12,7 +12,8 @@
 //! # Layout
 //! - [`framed`] — sockets with read/write buffers, speaking whole frames.
 //! - `session` — one client: startup, authentication, relaying, statement rewriting, session
-//!   state (`session/{startup,auth,params,forward,pipeline,state}.rs`).
+//!   state, what each batch needs from routing
+//!   (`session/{startup,auth,params,checkout,route,forward,pipeline,state}.rs`).
 //! - [`admin`] — the admin console (`SHOW ...`, `PAUSE`, `RESUME`, `KILL`, `RELOAD`, `SHUTDOWN`).
 //! - [`server`] — server connections and their login (SCRAM, md5, cleartext; SCRAM pass-through).
 //! - [`router`] — the pure decision of which node serves a transaction, and whether a held
