@@ -18,9 +18,24 @@ fn config(dir: &std::path::Path, extra: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// The cause: the one line of stderr that is not a log record. (On a busy machine the agent may
+/// log that it waits for the store before it gets to the cause; that is a log, not the error.)
 fn one_line(r: &common::Run) -> &str {
-    let lines: Vec<&str> = r.stderr.lines().collect();
+    let is_log = |l: &str| {
+        l.get(..4)
+            .is_some_and(|y| y.bytes().all(|b| b.is_ascii_digit()))
+            && [" INFO ", " WARN ", " DEBUG "]
+                .iter()
+                .any(|lvl| l.contains(lvl))
+    };
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !is_log(l)).collect();
     assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.lines().last(),
+        Some(lines[0]),
+        "the cause comes last: {}",
+        r.stderr
+    );
     lines[0]
 }
 
