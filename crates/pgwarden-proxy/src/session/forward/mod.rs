@@ -86,6 +86,9 @@ struct Client {
     replay: Option<Vec<u8>>,
     /// Reads sent again for the batch now in flight.
     replays: u8,
+    /// The batch at the front was judged when the server was checked out for it: it is not
+    /// judged again on the way (until it has been sent).
+    front_judged: bool,
     /// The batch being sent may run a COPY (no position query may follow it: the server could
     /// be in copy mode).
     batch_copy: bool,
@@ -160,6 +163,7 @@ impl Forwarder<'_> {
             replay: None,
             replays: 0,
             batch_copy: false,
+            front_judged: false,
         };
         let mut route = std::mem::replace(
             &mut self.route,
@@ -241,6 +245,7 @@ impl Forwarder<'_> {
                 view_changed.seen(self.checkout.generation());
                 let mut l = l;
                 self.routed(route, &mut l, &lookup).await;
+                c.front_judged = true;
                 c.replay = self
                     .checkout
                     .held
@@ -298,6 +303,7 @@ impl Forwarder<'_> {
                     break;
                 }
                 express += n;
+                c.front_judged = false;
                 if positions && route.wrote && conn.status == TxStatus::Idle {
                     c.pipeline.send_position_query(conn);
                 }
@@ -342,6 +348,9 @@ impl Forwarder<'_> {
                     pipeline.send(frame, conn, &mut cx)?;
                     // Behind an autocommit batch that may have written: its commit position,
                     // in the same write.
+                    if matches!(frame[0], b'Q' | b'S') {
+                        c.front_judged = false;
+                    }
                     if positions && matches!(frame[0], b'Q' | b'S') {
                         if route.wrote
                             && !c.batch_copy

@@ -245,6 +245,10 @@ pub(super) fn batch_flow(
     let Some(held) = held else {
         return Flow::Next;
     };
+    if c.front_judged {
+        // The batch the checkout was routed by: already judged, where it is going.
+        return Flow::Next;
+    }
     if status != TxStatus::Idle && held.replica {
         return Flow::Next;
     }
