@@ -160,6 +160,13 @@ async fn reads_go_to_replicas_and_everything_else_to_the_primary() {
     for sql in on_primary {
         assert_eq!(port(&c, sql).await, primary, "{sql}");
     }
+    // Write words that are names, as PostgreSQL's grammar shows: a replica.
+    let p = port(
+        &c,
+        "SELECT inet_server_port() AS update, 1 AS insert, 2 AS into",
+    )
+    .await;
+    assert!(replicas.contains(&p), "labels that look like writes: {p}");
     // A function the catalog says is stable: after the first call, a replica.
     port(&c, "SELECT inet_server_port(), f_stable(1)").await;
     let p = port(&c, "SELECT inet_server_port(), f_stable(1)").await;

@@ -9,8 +9,10 @@
 //! # Layout
 //! - [`lex`] — tokens, and [`split`]: a multi-statement query string into its statements.
 //! - [`route`] — [`route::classify`]: whether a statement may run on a hot standby.
+//! - [`grammar`] — PostgreSQL's parser, for the queries the lexer cannot decide surely.
 //! - [`session`] — [`session::classify`]: a statement's [`Effect`] on session state.
 
+pub mod grammar;
 pub mod lex;
 pub mod route;
 pub mod session;

@@ -295,7 +295,7 @@ pub fn classify(sql: &str) -> Route {
     let statements = split(sql);
     let mut route = match statements.as_slice() {
         [] => Route::of(Kind::Anywhere),
-        [one] => statement(one),
+        [one] => refine(sql, statement(one)),
         many => {
             let mut acc = Route::of(Kind::Anywhere);
             for s in many {
@@ -329,6 +329,36 @@ pub fn classify(sql: &str) -> Route {
     };
     route.hint = hint;
     route
+}
+
+/// The reasons the lexer gives for a write that the grammar may refute: words it cannot tell
+/// from names.
+const REFUTABLE: &[&str] = &[DATA_MODIFYING, SELECT_INTO, LOCKING];
+const DATA_MODIFYING: &str = "data-modifying statement in a query";
+const SELECT_INTO: &str = "SELECT INTO";
+const LOCKING: &str = "locking clause";
+
+/// A one-statement query the lexer called a write for a word that may be a name: what
+/// PostgreSQL's grammar says ([`grammar`](crate::grammar)). Any other route is sure as it is.
+fn refine(sql: &str, route: Route) -> Route {
+    let Kind::Write(why) = route.kind else {
+        return route;
+    };
+    if !REFUTABLE.contains(&why) {
+        return route;
+    }
+    match crate::grammar::verdict(sql) {
+        crate::grammar::Verdict::Read(calls) => Route {
+            kind: Kind::Read,
+            calls,
+            ..route
+        },
+        crate::grammar::Verdict::Write => route,
+        crate::grammar::Verdict::Unparsable => Route {
+            kind: Kind::Write("unparsable"),
+            ..route
+        },
+    }
 }
 
 /// [`classify`] for a text in the client's encoding, which need not be UTF-8 (every word the
@@ -419,9 +449,9 @@ fn query(toks: &[Token<'_>]) -> Route {
             let lw = w.to_ascii_lowercase();
             match lw.as_str() {
                 "insert" | "update" | "delete" | "merge" => {
-                    return Route::of(Kind::Write("data-modifying statement in a query"))
+                    return Route::of(Kind::Write(DATA_MODIFYING))
                 }
-                "into" => return Route::of(Kind::Write("SELECT INTO")),
+                "into" => return Route::of(Kind::Write(SELECT_INTO)),
                 "for"
                     if next.is_some_and(|n| {
                         n.is_word("update")
@@ -430,7 +460,7 @@ fn query(toks: &[Token<'_>]) -> Route {
                             || n.is_word("key")
                     }) =>
                 {
-                    return Route::of(Kind::Write("locking clause"))
+                    return Route::of(Kind::Write(LOCKING))
                 }
                 _ => {}
             }

@@ -466,6 +466,15 @@ fn routes(shared: &Shared) -> Table {
         "function names known (largest pool group)",
         cached as u64,
     );
+    let g = pgwarden_sql::grammar::stats();
+    row(
+        "grammar",
+        "queries parsed by PostgreSQL's grammar",
+        g.parses,
+    );
+    row("grammar", "of which reads after all", g.reads);
+    row("grammar", "of which unparsable", g.unparsable);
+    row("grammar", "answers from the grammar's cache", g.cache_hits);
     t
 }
 
