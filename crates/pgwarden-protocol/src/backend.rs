@@ -247,6 +247,16 @@ pub fn put_close_complete(buf: &mut BytesMut) {
     put_message(buf, b'3', |_| {});
 }
 
+/// ParameterDescription: the parameter type OIDs of a described statement.
+pub fn put_parameter_description(buf: &mut BytesMut, oids: &[u32]) {
+    put_message(buf, b't', |b| {
+        b.put_i16(i16::try_from(oids.len()).expect("few parameters"));
+        for o in oids {
+            b.put_u32(*o);
+        }
+    });
+}
+
 pub fn put_no_data(buf: &mut BytesMut) {
     put_message(buf, b'n', |_| {});
 }

@@ -601,3 +601,51 @@ async fn the_proxy_settings_are_answered_in_the_extended_protocol_too() {
     assert_eq!(tags, "12nEZ");
     assert_eq!(common::raw::error_code(&messages).as_deref(), Some("22023"));
 }
+
+#[tokio::test]
+async fn a_driver_may_prepare_the_proxy_settings_as_named_statements() {
+    let s = setup(1, &routing("consistency = \"eventual\"")).await;
+    s.replicas_reported().await;
+    let (primary, replica) = (s.cluster.port(0), s.cluster.port(1));
+    let c = s.app().await;
+    assert_eq!(extended_port(&c).await, replica);
+    // tokio-postgres's execute: a named Parse and Describe, then Bind and Execute, then Close.
+    c.execute("SET pgwarden.route = 'primary'", &[])
+        .await
+        .expect("set as a named statement");
+    assert_eq!(extended_port(&c).await, primary, "the setting took effect");
+    let show: String = c
+        .query_one("SHOW pgwarden.route", &[])
+        .await
+        .expect("show")
+        .get(0);
+    assert_eq!(show, "primary");
+    // Prepared once, run twice, and closed when dropped.
+    let back = c
+        .prepare("RESET pgwarden.route")
+        .await
+        .expect("prepare reset");
+    c.execute(&back, &[]).await.expect("reset");
+    assert_eq!(extended_port(&c).await, replica);
+    c.execute("SET pgwarden.route TO primary", &[])
+        .await
+        .expect("set");
+    c.execute(&back, &[]).await.expect("reset again");
+    assert_eq!(extended_port(&c).await, replica);
+    drop(back);
+    let e = c
+        .execute("SET pgwarden.consistency = 'nonsense'", &[])
+        .await
+        .expect_err("a bad value");
+    assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{e}");
+    assert_eq!(extended_port(&c).await, replica, "the session goes on");
+}
+
+/// The port of the server that runs `SELECT inet_server_port()` as a prepared statement.
+async fn extended_port(c: &Client) -> u16 {
+    let row = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("read");
+    row.get::<_, i32>(0) as u16
+}

@@ -79,6 +79,9 @@ pub struct SessionRoute {
     /// The leader epoch the floor belongs to: positions of an earlier leader's WAL say nothing
     /// of the next one's.
     pub epoch: Option<pgwarden_core::Epoch>,
+    /// Named prepared statements of the proxy's settings (`SET pgwarden.route = ...` prepared
+    /// by a driver), by client name: the proxy answers their Bind and Execute.
+    pub statements: Vec<(Vec<u8>, ProxySetting)>,
 }
 
 impl SessionRoute {
@@ -91,6 +94,20 @@ impl SessionRoute {
             last_read: None,
             wrote: false,
             epoch: None,
+            statements: Vec::new(),
+        }
+    }
+
+    /// Forgets a named statement of the proxy's when the client prepares another under its
+    /// name (`body` is the Parse message's body).
+    pub fn forget_statement(&mut self, body: &[u8]) {
+        if self.statements.is_empty() {
+            return;
+        }
+        if let Some((name, _)) = split_cstr(body) {
+            if !name.is_empty() {
+                self.statements.retain(|(n, _)| n != name);
+            }
         }
     }
 

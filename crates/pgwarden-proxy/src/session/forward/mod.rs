@@ -33,6 +33,7 @@ use pgwarden_protocol::frame::{self, message_len, MAX_MESSAGE};
 
 mod lost;
 mod routing;
+mod settings;
 
 use super::checkout::{fenced, Checkout};
 use super::pipeline::{ClientStatements, Context, Pipeline};
@@ -45,7 +46,8 @@ use crate::pool::{Lease, Usage};
 use crate::prepared::StatementCache;
 use crate::registry::{ClientInfo, KillReason, KillWatch};
 use crate::server::simple_query;
-use routing::{answer_extended_setting, answer_proxy_setting, batch_flow, may_copy, Judge};
+use routing::{batch_flow, may_copy, Judge};
+use settings::{answer_extended_setting, answer_proxy_setting};
 
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -660,12 +662,16 @@ impl Forwarder<'_> {
                     continue;
                 }
             }
-            if frame[0] == b'P' {
+            if matches!(frame[0], b'P' | b'B' | b'C' | b'D') {
                 if let Some(len) =
                     answer_extended_setting(&client.rbuf, route, &self.checkout, &mut client.wbuf)
                 {
                     client.rbuf.advance(len);
                     continue;
+                }
+                if frame[0] == b'P' {
+                    // A statement of the server's by a name the proxy held: the server's now.
+                    route.forget_statement(&frame[5..n]);
                 }
             }
             let local = self.mode == PoolMode::Transaction && {

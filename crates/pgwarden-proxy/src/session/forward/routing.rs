@@ -1,21 +1,19 @@
 //! The relay's routing work: what the next checkout is for, the commit positions of
-//! `session` consistency, batches judged on their way to a held server, and the proxy's own
-//! settings (`pgwarden.route`, `pgwarden.consistency`).
+//! `session` consistency, batches judged on their way to a held server (the proxy's own
+//! settings are in `settings`).
 
 use std::time::{Duration, Instant};
 
 use pgwarden_config::PoolMode;
-use pgwarden_protocol::backend::{self, TxStatus};
-use pgwarden_protocol::error_response::ErrorReport;
-use pgwarden_protocol::frame::{message_len, MAX_MESSAGE};
+use pgwarden_protocol::backend::TxStatus;
 
 use super::{Client, Forwarder};
 use crate::error::ProxyError;
 use crate::framed::Flow;
 use crate::pool::Lease;
-use crate::session::checkout::{Checkout, Want};
+use crate::session::checkout::Want;
 use crate::session::pipeline::ClientStatements;
-use crate::session::route::{self as session_route, Class, Override, ProxySetting, SessionRoute};
+use crate::session::route::{self as session_route, Class, Override, SessionRoute};
 
 impl Forwarder<'_> {
     /// Whether batches sent on the held server are classified on the way: on a replica (a
@@ -275,139 +273,4 @@ pub(super) fn batch_flow(
             Flow::Next
         }
     }
-}
-
-/// Answers `SET`, `RESET` or `SHOW` of `pgwarden.route` / `pgwarden.consistency`.
-pub(super) fn answer_proxy_setting(
-    setting: ProxySetting,
-    route: &mut SessionRoute,
-    checkout: &Checkout<'_>,
-    out: &mut bytes::BytesMut,
-) {
-    run_setting(setting, route, checkout, out, true);
-    backend::put_ready_for_query(out, TxStatus::Idle);
-}
-
-/// The same as a whole extended-protocol batch of unnamed messages (Parse, Bind, Describe,
-/// Execute, Sync; what psycopg sends for `execute("SET pgwarden.route = ...")`): answered by
-/// the proxy when the batch is complete at the front of `buf`. Returns its length.
-pub(super) fn answer_extended_setting(
-    buf: &[u8],
-    route: &mut SessionRoute,
-    checkout: &Checkout<'_>,
-    out: &mut bytes::BytesMut,
-) -> Option<usize> {
-    let frame_at = |at: usize| -> Option<(u8, &[u8], usize)> {
-        let n = message_len(&buf[at..], MAX_MESSAGE).ok()??;
-        Some((buf[at], &buf[at + 5..at + n], n))
-    };
-    let (tag, body, mut at) = frame_at(0)?;
-    if tag != b'P' || body.first() != Some(&0) {
-        return None;
-    }
-    let query = &body[1..];
-    let query = &query[..query.iter().position(|&c| c == 0)?];
-    let setting = session_route::proxy_setting(query)?;
-    // The rest must be unnamed Bind / Describe / Execute / Flush up to a Sync.
-    let mut steps = Vec::new();
-    loop {
-        let (tag, body, n) = frame_at(at)?;
-        at += n;
-        match tag {
-            b'B' if body.starts_with(b"\0\0") => steps.push(b'2'),
-            b'D' if body == b"P\0" || body == b"S\0" => steps.push(b'n'),
-            b'E' if body.first() == Some(&0) => steps.push(b'E'),
-            b'H' => {}
-            b'S' => break,
-            _ => return None,
-        }
-    }
-    let show = matches!(setting, ProxySetting::Show(_));
-    backend::put_parse_complete(out);
-    for step in steps {
-        match step {
-            b'2' => backend::put_bind_complete(out),
-            b'n' if show => {
-                let ProxySetting::Show(name) = &setting else {
-                    unreachable!("show")
-                };
-                backend::put_row_description(out, &[(&format!("pgwarden.{name}"), 25)]);
-            }
-            b'n' => backend::put_no_data(out),
-            _ => {
-                if !run_setting(setting.clone(), route, checkout, out, false) {
-                    // An error: the rest of the batch is skipped, as a server skips it.
-                    break;
-                }
-            }
-        }
-    }
-    backend::put_ready_for_query(out, TxStatus::Idle);
-    Some(at)
-}
-
-/// Applies a proxy setting and writes its answer (a SHOW's row description too when
-/// `describe`); false on an invalid value (its error written).
-pub(super) fn run_setting(
-    setting: ProxySetting,
-    route: &mut SessionRoute,
-    checkout: &Checkout<'_>,
-    out: &mut bytes::BytesMut,
-    describe: bool,
-) -> bool {
-    let default_consistency = checkout
-        .shared()
-        .map(|s| s.config().proxy.routing.consistency)
-        .unwrap_or(pgwarden_config::Consistency::Session);
-    let invalid = |out: &mut bytes::BytesMut, name: &str, value: &str, expected: &str| {
-        ErrorReport::error(
-            pgwarden_protocol::SqlState::INVALID_PARAMETER_VALUE,
-            &format!("invalid value for parameter \"pgwarden.{name}\": \"{value}\" (expected {expected})"),
-        )
-        .put_error(out);
-    };
-    match setting {
-        ProxySetting::Set("route", v) => match Override::parse(&v) {
-            Some(o) => {
-                route.over = o;
-                backend::put_command_complete(out, "SET");
-            }
-            None => {
-                invalid(out, "route", &v, "auto, primary or replica");
-                return false;
-            }
-        },
-        ProxySetting::Set(_, v) => match pgwarden_config::Consistency::parse(&v) {
-            Some(k) => {
-                route.consistency = k;
-                backend::put_command_complete(out, "SET");
-            }
-            None => {
-                invalid(out, "consistency", &v, "eventual, session or strong");
-                return false;
-            }
-        },
-        ProxySetting::Reset(name) => {
-            if name == "route" {
-                route.over = Override::Auto;
-            } else {
-                route.consistency = default_consistency;
-            }
-            backend::put_command_complete(out, "RESET");
-        }
-        ProxySetting::Show(name) => {
-            let full = format!("pgwarden.{name}");
-            let value = if name == "route" {
-                route.over.as_str()
-            } else {
-                route.consistency.as_str()
-            };
-            if describe {
-                backend::put_row_description(out, &[(&full, 25)]);
-            }
-            backend::put_data_row(out, &[Some(value)]);
-            backend::put_command_complete(out, "SHOW");
-        }
-    }
-    true
 }
