@@ -5,7 +5,7 @@
 //! probes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,10 @@ pub struct NodeState {
     /// The last position a probe of ours read on it, and when: an upper bound of what any read
     /// there saw before that instant.
     probed: Mutex<Option<(Lsn, Instant)>>,
+    /// A session is asking it for its replay position, for every session waiting on it.
+    prober: AtomicBool,
+    /// Woken when a probe has read its position, or the prober stops.
+    advanced: tokio::sync::Notify,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub probes: AtomicU64,
@@ -90,6 +94,8 @@ impl NodeState {
             replayed: AtomicU64::new(0),
             timeline: AtomicU64::new(u64::MAX),
             probed: Mutex::new(None),
+            prober: AtomicBool::new(false),
+            advanced: tokio::sync::Notify::new(),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             probes: AtomicU64::new(0),
@@ -151,9 +157,50 @@ impl NodeState {
         if replay {
             self.replayed.fetch_max(lsn.0, Ordering::AcqRel);
         }
-        let mut p = self.probed.lock().expect("probe lock");
-        if p.is_none_or_older(at) {
-            *p = Some((lsn, at));
+        {
+            let mut p = self.probed.lock().expect("probe lock");
+            if p.is_none_or_older(at) {
+                *p = Some((lsn, at));
+            }
+        }
+        self.advanced.notify_waiters();
+    }
+
+    /// The turn to ask it for its position on behalf of every session waiting for it to replay
+    /// theirs, if nobody has it: one session probes a replica at a time, the others wait for
+    /// its answers ([`NodeState::replayed_or_turn`]).
+    pub fn probe_turn(&self) -> Option<ProbeTurn<'_>> {
+        self.prober
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            // Made only when taken: a turn dropped gives the turn back.
+            .then(|| ProbeTurn(self))
+    }
+
+    /// Waits until it has surely replayed `floor` (true), or the turn to probe it is free
+    /// (taken, and given), or `deadline` passes (false, no turn).
+    pub async fn replayed_or_turn(
+        &self,
+        floor: Lsn,
+        deadline: tokio::time::Instant,
+    ) -> (bool, Option<ProbeTurn<'_>>) {
+        loop {
+            if self.replayed() >= floor {
+                return (true, None);
+            }
+            if let Some(turn) = self.probe_turn() {
+                return (false, Some(turn));
+            }
+            let woken = self.advanced.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            // Looked at again once registered: an answer or a release just before is not missed.
+            if self.replayed() >= floor || !self.prober.load(Ordering::Acquire) {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return (self.replayed() >= floor, None);
+            }
         }
     }
 
@@ -161,6 +208,17 @@ impl NodeState {
     pub fn probed_after(&self, t: Instant) -> Option<Lsn> {
         let p = *self.probed.lock().expect("probe lock");
         p.filter(|(_, at)| *at > t).map(|(l, _)| l)
+    }
+}
+
+/// The one session's turn to probe a node (see [`NodeState::probe_turn`]); given back, and
+/// the waiters woken, when dropped.
+pub struct ProbeTurn<'a>(&'a NodeState);
+
+impl Drop for ProbeTurn<'_> {
+    fn drop(&mut self) {
+        self.0.prober.store(false, Ordering::Release);
+        self.0.advanced.notify_waiters();
     }
 }
 
@@ -326,6 +384,45 @@ impl Nodes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_session_probes_a_replica_and_the_others_take_its_answers() {
+        let n = Arc::new(NodeState::new(NodeId::new("n2")));
+        let soon = || tokio::time::Instant::now() + Duration::from_secs(5);
+        let turn = n.probe_turn().expect("the first asker probes");
+        assert!(n.probe_turn().is_none(), "one prober at a time");
+        // A waiter is woken by the prober's answer that reaches its floor.
+        let waiter = {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let (reached, turn) = n.replayed_or_turn(Lsn(200), soon()).await;
+                (reached, turn.is_some())
+            })
+        };
+        tokio::task::yield_now().await;
+        n.probed(Lsn(100), Instant::now(), true);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "100 is not 200");
+        n.probed(Lsn(250), Instant::now(), true);
+        assert_eq!(waiter.await.expect("waiter"), (true, false));
+        // One behind the answers gets the turn when the prober gives it up.
+        let next = {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let (reached, turn) = n.replayed_or_turn(Lsn(900), soon()).await;
+                (reached, turn.is_some())
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(turn);
+        assert_eq!(next.await.expect("next"), (false, true));
+        // With the turn taken and no answer, the wait ends at its deadline.
+        let _held = n.probe_turn().expect("free again");
+        let short = tokio::time::Instant::now() + Duration::from_millis(20);
+        let (reached, turn) = n.replayed_or_turn(Lsn(900), short).await;
+        assert!(!reached && turn.is_none());
+        assert!(tokio::time::Instant::now() >= short);
+    }
 
     #[test]
     fn failures_ban_with_backoff() {

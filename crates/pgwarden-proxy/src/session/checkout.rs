@@ -8,7 +8,8 @@
 //!
 //! A read ([`Want::Read`]) goes where [`router::choose_read`] says. A replica that must first
 //! prove it has replayed the session's floor is asked (`pg_last_wal_replay_lsn()`) on the
-//! connection checked out, again every millisecond up to `read_your_writes_wait`; one that fails
+//! connection checked out, again every millisecond up to `read_your_writes_wait`, by one session
+//! at a time: the others waiting on that replica take their answers from its probes; one that fails
 //! a checkout or a probe counts a failure (bans follow, see `nodes`) and the read is routed again
 //! without it, so a dead replica costs a read no error.
 
@@ -451,6 +452,22 @@ impl Checkout<'_> {
                 .expect("replicas are routed only with reads");
             let state = reads.nodes.get(&node);
             let routing_config = reads.shared.config().proxy.routing.clone();
+            let deadline = Instant::now() + routing_config.read_your_writes_wait;
+            let mut proven = proven;
+            let mut turn = None;
+            if !proven {
+                reads
+                    .nodes
+                    .routes
+                    .floor_probes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // One session probes a replica at a time; the others wait for its answers.
+                (proven, turn) = state.replayed_or_turn(read.floor, deadline).await;
+                if !proven && turn.is_none() {
+                    skip.push(node);
+                    continue;
+                }
+            }
             let mut lease = match pool.acquire(self.routing.view.epoch).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -466,19 +483,13 @@ impl Checkout<'_> {
                 return Ok(lease);
             }
             // Not known to have replayed the floor: asked, until it has or the wait is over.
-            reads
-                .nodes
-                .routes
-                .floor_probes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let deadline = Instant::now() + routing_config.read_your_writes_wait;
             let mut asked = 0;
             let reached = loop {
                 asked += 1;
                 match probe_replay(&mut lease, &state).await {
                     Ok(Some(lsn)) => {
                         state.succeeded();
-                        if lsn >= read.floor {
+                        if lsn >= read.floor || state.replayed() >= read.floor {
                             break true;
                         }
                     }
@@ -499,6 +510,7 @@ impl Checkout<'_> {
                     tokio::time::sleep(PROBE_PAUSE).await;
                 }
             };
+            drop(turn);
             if reached {
                 self.hold(&node, true);
                 return Ok(lease);
