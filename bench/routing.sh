@@ -7,8 +7,10 @@
 # ("on": reads to the replicas by latency, session consistency). Alternating runs of:
 #   - pgbench -S -M prepared and -M simple (a new literal in every query text): tps and the
 #     proxy's CPU seconds per 10,000 transactions, classify vs off and on vs off;
-#   - read-your-writes (pgbench script: UPDATE a row, then SELECT it), on only: tps, and where
-#     the SELECTs went (SHOW NODES routed_reads before and after) with the replicas caught up.
+#   - read-your-writes (pgbench script: UPDATE a row, then SELECT it), on vs off: tps, and where
+#     the SELECTs went (SHOW NODES routed_reads before and after) and how many position probes
+#     it took; and the same with read_your_writes_wait = "0ms" (a read goes to the primary
+#     unless the replica has replayed the write when it is first asked).
 # PgBouncer has no read/write splitting, so "off" is the reference.
 #
 #   bench/routing.sh [-T seconds per run] [-r rounds] [-c clients] [-s scale]
@@ -24,10 +26,10 @@ cargo build --release -q -p pgwarden-cli
 PGW=$PWD/target/release/pgwarden
 BIN=$(dirname "$(readlink -f "$(ls /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -1)")")
 WORK=$(mktemp -d /tmp/pgwarden-routing.XXXXXX); chmod 755 "$WORK"
-PG_PORT=27732; DEMO_PROXY_PORT=27745; OFF_PORT=27746; ON_PORT=27747; CLS_PORT=27748
+PG_PORT=27732; DEMO_PROXY_PORT=27745; OFF_PORT=27746; ON_PORT=27747; CLS_PORT=27748; NOW_PORT=27749
 
 cleanup() {
-  for p in ${OFF_PID:-} ${ON_PID:-} ${CLS_PID:-}; do kill "$p" 2>/dev/null || true; done
+  for p in ${OFF_PID:-} ${ON_PID:-} ${CLS_PID:-} ${NOW_PID:-}; do kill "$p" 2>/dev/null || true; done
   [ -n "${DEMO_PID:-}" ] && kill "$DEMO_PID" 2>/dev/null && wait "$DEMO_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -59,11 +61,12 @@ TOML
 proxy_config $OFF_PORT "read_write_split = false" | sed "s|^data_dir = \"\(n[0-9]\)\"|data_dir = \"$WORK/demo/\1\"|" > "$WORK/off.toml"
 proxy_config $ON_PORT "" | sed "s|^data_dir = \"\(n[0-9]\)\"|data_dir = \"$WORK/demo/\1\"|" > "$WORK/on.toml"
 proxy_config $CLS_PORT "consistency = \"strong\"" | sed "s|^data_dir = \"\(n[0-9]\)\"|data_dir = \"$WORK/demo/\1\"|" > "$WORK/cls.toml"
-for v in off on cls; do
+proxy_config $NOW_PORT "read_your_writes_wait = \"0ms\"" | sed "s|^data_dir = \"\(n[0-9]\)\"|data_dir = \"$WORK/demo/\1\"|" > "$WORK/now.toml"
+for v in off on cls now; do
   PGWARDEN_LOG=warn setsid "$PGW" proxy -c "$WORK/$v.toml" 2> "$WORK/$v.err" < /dev/null &
   eval "${v^^}_PID=$!"
 done
-for p in $OFF_PORT $ON_PORT $CLS_PORT; do
+for p in $OFF_PORT $ON_PORT $CLS_PORT $NOW_PORT; do
   for _ in $(seq 100); do "$BIN/pg_isready" -q -h 127.0.0.1 -p $p && break; sleep 0.1; done
   "$BIN/pg_isready" -q -h 127.0.0.1 -p $p || { echo "nothing listens on $p" >&2; cat "$WORK"/*.err >&2; exit 1; }
 done
@@ -111,10 +114,10 @@ median() {
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b+0 > 0) printf "%.2f", a/b; else print "-" }'; }
 
-# routed reads per node on the "on" proxy: "primary replicas"
-routed() {
-  "$BIN/psql" -X -q -A -t -F '|' -h 127.0.0.1 -p $ON_PORT -U app pgwarden -c "SHOW NODES" |
-    awk -F'|' '{ if ($4 == "primary") p += $16; else if ($4 == "replica") r += $16 } END { printf "%d %d\n", p, r }'
+# routed reads per node on the "on" proxy, and position probes of the replicas: "primary replicas probes"
+routed() { # [port]
+  "$BIN/psql" -X -q -A -t -F '|' -h 127.0.0.1 -p "${1:-$ON_PORT}" -U app pgwarden -c "SHOW NODES" |
+    awk -F'|' '{ if ($4 == "primary") p += $16; else if ($4 == "replica") { r += $16; q += $18 } } END { printf "%d %d %d\n", p, r, q }'
 }
 
 printf "%-20s %7s | %10s %8s | %10s %8s %6s | %10s %8s %6s %6s\n" workload clients off_tps cpu/10k classify cpu/10k cpu_x on_tps cpu/10k tps_x cpu_x
@@ -138,13 +141,20 @@ for mode in prepared simple; do
     "$(median "${NT[@]}")" "$(median "${NC[@]}")" "$(median "${XR[@]}")" "$(median "${CR[@]}")"
 done
 
-read -r p0 r0 < <(routed)
+read -r p0 r0 q0 < <(routed)
 RT=(); RC=()
 for r in $(seq "$ROUNDS"); do
   read -r t c < <(run $ON_PORT "$ON_PID" -f "$WORK/ryw.sql" -M prepared)
   RT+=("$t"); RC+=("$c")
 done
-read -r p1 r1 < <(routed)
+read -r p1 r1 q1 < <(routed)
+read -r w0 v0 x0 < <(routed $NOW_PORT)
+WT=(); WC=()
+for r in $(seq "$ROUNDS"); do
+  read -r t c < <(run $NOW_PORT "$NOW_PID" -f "$WORK/ryw.sql" -M prepared)
+  WT+=("$t"); WC+=("$c")
+done
+read -r w1 v1 x1 < <(routed $NOW_PORT)
 OT=(); OC=()
 for r in $(seq "$ROUNDS"); do
   read -r t c < <(run $OFF_PORT "$OFF_PID" -f "$WORK/ryw.sql" -M prepared)
@@ -153,8 +163,12 @@ done
 printf "%-20s %7s | %10.0f %8s | %10s %8s %6s | %10.0f %8s %6s %6s\n" "read-your-writes" "$CLIENTS" \
   "$(median "${OT[@]}")" "$(median "${OC[@]}")" - - - "$(median "${RT[@]}")" "$(median "${RC[@]}")" \
   "$(ratio "$(median "${RT[@]}")" "$(median "${OT[@]}")")" "$(ratio "$(median "${RC[@]}")" "$(median "${OC[@]}")")"
+printf "%-20s %7s | %10.0f %8s | %10s %8s %6s | %10.0f %8s %6s %6s\n" "  ryw, wait 0ms" "$CLIENTS" \
+  "$(median "${OT[@]}")" "$(median "${OC[@]}")" - - - "$(median "${WT[@]}")" "$(median "${WC[@]}")" \
+  "$(ratio "$(median "${WT[@]}")" "$(median "${OT[@]}")")" "$(ratio "$(median "${WC[@]}")" "$(median "${OC[@]}")")"
 echo
-awk -v p=$((p1 - p0)) -v r=$((r1 - r0)) 'BEGIN{ printf "read-your-writes (session consistency): %d reads on replicas, %d on the primary: %.1f%% on replicas\n", r, p, (r + p > 0 ? 100 * r / (r + p) : 0) }'
+awk -v p=$((w1 - w0)) -v r=$((v1 - v0)) -v q=$((x1 - x0)) 'BEGIN{ printf "read-your-writes, read_your_writes_wait = 0ms: %.1f%% of reads on replicas; %.2f probes a read\n", (r + p > 0 ? 100 * r / (r + p) : 0), (r + p > 0 ? q / (r + p) : 0) }'
+awk -v p=$((p1 - p0)) -v r=$((r1 - r0)) -v q=$((q1 - q0)) 'BEGIN{ printf "read-your-writes (session consistency): %d reads on replicas, %d on the primary: %.1f%% on replicas; %d position probes of the replicas (%.2f a read)\n", r, p, (r + p > 0 ? 100 * r / (r + p) : 0), q, (r + p > 0 ? q / (r + p) : 0) }'
 echo
 echo "on proxy, SHOW ROUTES:"
 "$BIN/psql" -X -q -h 127.0.0.1 -p $ON_PORT -U app pgwarden -c "SHOW ROUTES"
