@@ -93,19 +93,23 @@ pub fn view_of(
         .nodes
         .iter()
         .map(|n| {
-            let (timeline, lsn, replay_lag_bytes) = match &n.detail {
-                NodeDetail::Primary { timeline, lsn } => (Some(*timeline), lsn.parse().ok(), None),
+            let (timeline, lsn, replay_lag_bytes, replay_lag_seconds) = match &n.detail {
+                NodeDetail::Primary { timeline, lsn } => {
+                    (Some(*timeline), lsn.parse().ok(), None, None)
+                }
                 NodeDetail::Replica {
                     timeline,
                     replay_lsn,
                     lag_bytes,
+                    replay_lag_seconds,
                     ..
                 } => (
                     *timeline,
                     replay_lsn.as_deref().and_then(|l| l.parse().ok()),
                     lag_bytes.replay,
+                    *replay_lag_seconds,
                 ),
-                NodeDetail::Down {} => (None, None, None),
+                NodeDetail::Down {} => (None, None, None, None),
             };
             NodeView {
                 id: NodeId::new(&n.name),
@@ -115,6 +119,7 @@ pub fn view_of(
                 timeline,
                 lsn,
                 replay_lag_bytes,
+                replay_lag_seconds,
             }
         })
         .collect();

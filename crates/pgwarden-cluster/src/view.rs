@@ -22,6 +22,8 @@ pub struct NodeView {
     pub lsn: Option<Lsn>,
     /// Replay lag behind the primary in bytes (replicas, when known).
     pub replay_lag_bytes: Option<u64>,
+    /// Replay lag in seconds (replicas, when known): 0 when it has replayed all it received.
+    pub replay_lag_seconds: Option<f64>,
 }
 
 /// A snapshot of the cluster.

@@ -108,6 +108,7 @@ pub struct FileRouting {
     pub balance: Option<Field<String>>,
     pub primary_reads: Option<Field<String>>,
     pub max_replica_lag: Option<Field<String>>,
+    pub max_replica_lag_time: Option<Field<String>>,
     pub lag_hysteresis: Option<Field<f64>>,
     pub transaction_routing: Option<Field<String>>,
     pub read_only_functions: Option<Field<Vec<String>>>,

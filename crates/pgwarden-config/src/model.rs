@@ -351,7 +351,10 @@ pub struct RoutingConfig {
     pub primary_reads: PrimaryReads,
     /// A replica further behind than this (replay lag in bytes) leaves rotation...
     pub max_replica_lag: ByteSize,
-    /// ...and comes back once below this percentage of it (`lag_hysteresis` in the file, a
+    /// Or further behind than this in time (its replay of what it received, as the view says),
+    /// when set.
+    pub max_replica_lag_time: Option<Duration>,
+    /// ...and comes back once below this percentage of each (`lag_hysteresis` in the file, a
     /// fraction).
     pub lag_return_percent: u32,
     /// Volatile functions a standby runs anyway (lower case, unqualified).
@@ -374,6 +377,7 @@ impl Default for RoutingConfig {
             balance: Balance::Latency,
             primary_reads: PrimaryReads::Fallback,
             max_replica_lag: ByteSize(16 * 1024 * 1024),
+            max_replica_lag_time: None,
             lag_return_percent: 50,
             read_only_functions: Vec::new(),
             read_your_writes_wait: Duration::from_millis(20),

@@ -283,6 +283,12 @@ fn routing(e: &mut Errors, f: FileRouting) -> RoutingConfig {
             f.max_replica_lag,
             d.max_replica_lag,
         ),
+        max_replica_lag_time: Some(e.duration(
+            "proxy.routing.max_replica_lag_time",
+            f.max_replica_lag_time,
+            Duration::ZERO,
+        ))
+        .filter(|d| !d.is_zero()),
         lag_return_percent,
         read_only_functions,
         read_your_writes_wait: e.duration(

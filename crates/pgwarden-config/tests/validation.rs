@@ -460,12 +460,16 @@ fn routing_settings_validate_with_defaults() {
     let c = Config::from_toml(GOOD, Path::new("/etc/pgwarden")).expect("valid");
     let r = &c.proxy.routing;
     assert!(r.read_write_split);
+    assert_eq!(
+        r.max_replica_lag_time, None,
+        "time lag is not checked unless set"
+    );
     assert_eq!(r.consistency, Consistency::Session);
     assert_eq!(r.balance, Balance::Latency);
     assert_eq!(r.primary_reads, PrimaryReads::Fallback);
     assert_eq!(c.nodes[0].weight, 100);
     let text = format!(
-        "{GOOD}weight = 300\n[proxy.routing]\nconsistency = \"eventual\"\nbalance = \"weighted\"\nprimary_reads = \"never\"\nmax_replica_lag = \"1MB\"\nlag_hysteresis = 0.25\nread_only_functions = [\"My_Func\"]\ntransaction_routing = \"primary\"\n"
+        "{GOOD}weight = 300\n[proxy.routing]\nconsistency = \"eventual\"\nbalance = \"weighted\"\nprimary_reads = \"never\"\nmax_replica_lag = \"1MB\"\nmax_replica_lag_time = \"5s\"\nlag_hysteresis = 0.25\nread_only_functions = [\"My_Func\"]\ntransaction_routing = \"primary\"\n"
     );
     let c = Config::from_toml(&text, Path::new("/etc/pgwarden")).expect("valid");
     let r = &c.proxy.routing;
@@ -474,6 +478,10 @@ fn routing_settings_validate_with_defaults() {
     assert_eq!(r.balance, Balance::Weighted);
     assert_eq!(r.primary_reads, PrimaryReads::Never);
     assert_eq!(r.max_replica_lag.bytes(), 1 << 20);
+    assert_eq!(
+        r.max_replica_lag_time,
+        Some(std::time::Duration::from_secs(5))
+    );
     assert_eq!(r.lag_return_percent, 25);
     assert_eq!(r.read_only_functions, vec!["my_func".to_string()]);
 }
@@ -481,7 +489,7 @@ fn routing_settings_validate_with_defaults() {
 #[test]
 fn routing_mistakes_are_all_reported() {
     let text = format!(
-        "{GOOD}weight = -1\n[proxy.routing]\nconsistency = \"linearizable\"\nbalance = \"fastest\"\nprimary_reads = \"sometimes\"\nmax_replica_lag = \"lots\"\nlag_hysteresis = 1.5\nread_only_functions = [\"s.f\"]\ntransaction_routing = \"first_statement\"\nban_after = 0\nban_time = \"10s\"\nmax_ban_time = \"1s\"\nsurprise = 1\n"
+        "{GOOD}weight = -1\n[proxy.routing]\nconsistency = \"linearizable\"\nbalance = \"fastest\"\nprimary_reads = \"sometimes\"\nmax_replica_lag = \"lots\"\nmax_replica_lag_time = \"soon\"\nlag_hysteresis = 1.5\nread_only_functions = [\"s.f\"]\ntransaction_routing = \"first_statement\"\nban_after = 0\nban_time = \"10s\"\nmax_ban_time = \"1s\"\nsurprise = 1\n"
     );
     let errs = errors(&text);
     let expect = [
@@ -490,6 +498,7 @@ fn routing_mistakes_are_all_reported() {
         "proxy.routing.balance: unknown value \"fastest\"",
         "proxy.routing.primary_reads: unknown value \"sometimes\"",
         "proxy.routing.max_replica_lag:",
+        "proxy.routing.max_replica_lag_time:",
         "proxy.routing.lag_hysteresis: 1.5 must be between 0.01 and 1",
         "proxy.routing.read_only_functions[0]: must be a function name without a schema",
         "proxy.routing.transaction_routing: \"first_statement\" is not offered",

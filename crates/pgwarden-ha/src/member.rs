@@ -18,6 +18,16 @@ pub struct MemberState {
     pub streaming: bool,
     /// Bytes behind the leader's last recorded position.
     pub lag_bytes: Option<u64>,
+    /// A standby's replayed position (what a read there sees; `lsn` may be ahead of it).
+    #[serde(default)]
+    pub replay_lsn: Option<String>,
+    /// Bytes its replay is behind the leader's last recorded position.
+    #[serde(default)]
+    pub replay_lag_bytes: Option<u64>,
+    /// Milliseconds its replay is behind: 0 when it has replayed all it received, else the age
+    /// of the last transaction it replayed.
+    #[serde(default)]
+    pub replay_lag_ms: Option<u64>,
     /// The leader's epoch, on the leader.
     pub epoch: Option<u64>,
     /// On the leader: its roles exist, so a new member may clone from it.

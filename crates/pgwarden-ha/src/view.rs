@@ -33,11 +33,23 @@ pub fn view_of(snap: &Snapshot<MemberState>, checked_at: Instant) -> ClusterView
                 _ => Role::Down,
             },
             timeline: m.state.timeline,
-            lsn: m.state.lsn.as_deref().and_then(|l| l.parse().ok()),
+            // A replica's is what it has replayed (what a read there sees), not what it has
+            // received: unknown if its agent does not say.
+            lsn: if m.state.primary {
+                m.state.lsn.as_deref()
+            } else {
+                m.state.replay_lsn.as_deref()
+            }
+            .and_then(|l| l.parse().ok()),
             replay_lag_bytes: if m.state.primary {
                 None
             } else {
-                m.state.lag_bytes
+                m.state.replay_lag_bytes
+            },
+            replay_lag_seconds: if m.state.primary {
+                None
+            } else {
+                m.state.replay_lag_ms.map(|ms| ms as f64 / 1000.0)
             },
         })
         .collect();
@@ -214,6 +226,9 @@ mod tests {
                 lsn: Some("0/3000000".into()),
                 streaming: !primary,
                 lag_bytes: Some(0),
+                replay_lsn: (!primary).then(|| "0/2000000".into()),
+                replay_lag_bytes: (!primary).then_some(0),
+                replay_lag_ms: (!primary).then_some(0),
                 epoch,
                 ready: primary,
                 host: "127.0.0.1".into(),
@@ -262,5 +277,26 @@ mod tests {
             assert_eq!(v.leader.as_ref().map(|l| l.as_str()), leader, "{what}");
             assert_eq!(v.epoch, Epoch(epoch), "{what}");
         }
+    }
+
+    #[test]
+    fn a_replica_is_seen_at_the_position_it_has_replayed_not_received() {
+        let mut behind = member("n2", false, None);
+        behind.state.lsn = Some("0/3000000".into());
+        behind.state.replay_lsn = Some("0/2000000".into());
+        behind.state.replay_lag_bytes = Some(0x100_0000);
+        behind.state.replay_lag_ms = Some(2500);
+        let mut older = member("n3", false, None);
+        older.state.replay_lsn = None;
+        let s = snap(
+            Some(("n1", 3)),
+            vec![member("n1", true, Some(3)), behind, older],
+        );
+        let v = view_of(&s, Instant::now());
+        assert_eq!(v.nodes[0].lsn, Some("0/3000000".parse().expect("lsn")));
+        assert_eq!(v.nodes[1].lsn, Some("0/2000000".parse().expect("lsn")));
+        assert_eq!(v.nodes[1].replay_lag_bytes, Some(0x100_0000));
+        assert_eq!(v.nodes[1].replay_lag_seconds, Some(2.5));
+        assert_eq!(v.nodes[2].lsn, None, "an agent that does not say: unknown");
     }
 }

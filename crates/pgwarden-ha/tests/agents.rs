@@ -257,3 +257,63 @@ async fn bootstrap_crash_restart_failover_and_rejoin() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_publishes_what_it_has_replayed_apart_from_what_it_has_received() {
+    let ha = Ha::start(2, "").await;
+    let (leader, _) = ha.settled(1, 1, "one leader, one streaming replica").await;
+    let replica = 1 - leader;
+    let name = ha.config.nodes[replica].name.clone();
+    let standby = ha.client(replica).await;
+    let primary = ha.client(leader).await;
+    primary
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .expect("write");
+    eventually(FAILOVER, "the table on the replica", || async {
+        standby
+            .query_opt("SELECT 1 FROM pg_class WHERE relname = 't'", &[])
+            .await
+            .expect("read")
+            .map(|_| ())
+    })
+    .await;
+    standby
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    primary
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 1000)")
+        .await
+        .expect("write");
+    let paused = eventually(
+        FAILOVER,
+        "the replica received more than it replayed",
+        || {
+            let (ha, name) = (&ha, &name);
+            async move {
+                let members = ha.members().await;
+                let s = members.into_iter().find(|(n, _)| n == name)?.1;
+                let received: pgwarden_core::Lsn = s.lsn.as_deref()?.parse().ok()?;
+                let replayed: pgwarden_core::Lsn = s.replay_lsn.as_deref()?.parse().ok()?;
+                (received > replayed && s.replay_lag_bytes? > 0 && s.replay_lag_ms? >= 1000)
+                    .then_some(replayed)
+            }
+        },
+    )
+    .await;
+    standby
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+    eventually(FAILOVER, "the replica caught up, and says so", || {
+        let (ha, name) = (&ha, &name);
+        async move {
+            let members = ha.members().await;
+            let s = members.into_iter().find(|(n, _)| n == name)?.1;
+            let replayed: pgwarden_core::Lsn = s.replay_lsn.as_deref()?.parse().ok()?;
+            (replayed > paused && s.replay_lag_ms == Some(0)).then_some(())
+        }
+    })
+    .await;
+}

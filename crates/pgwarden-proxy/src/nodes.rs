@@ -357,16 +357,26 @@ impl Nodes {
                 .lag
                 .store(n.replay_lag_bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
             let mut rotation = state.rotation.lock().expect("rotation lock");
-            let next = router::in_rotation(
+            let by_bytes = router::in_rotation(
                 *rotation,
                 n.replay_lag_bytes,
                 routing.max_replica_lag.bytes(),
                 routing.lag_return_percent,
             );
+            // In time too when `max_replica_lag_time` is set (in milliseconds): both must hold.
+            let by_time = routing.max_replica_lag_time.map_or(true, |max| {
+                router::in_rotation(
+                    *rotation,
+                    n.replay_lag_seconds.map(|s| (s.max(0.0) * 1000.0) as u64),
+                    max.as_millis() as u64,
+                    routing.lag_return_percent,
+                )
+            });
+            let next = by_bytes && by_time;
             if *rotation == Some(true) && !next {
-                tracing::warn!(node = %n.id, lag_bytes = ?n.replay_lag_bytes, "replica out of read rotation: replay lag past max_replica_lag");
+                tracing::warn!(node = %n.id, lag_bytes = ?n.replay_lag_bytes, lag_seconds = ?n.replay_lag_seconds, "replica out of read rotation: replay lag past max_replica_lag or max_replica_lag_time");
             } else if *rotation == Some(false) && next {
-                tracing::info!(node = %n.id, lag_bytes = ?n.replay_lag_bytes, "replica back in read rotation");
+                tracing::info!(node = %n.id, lag_bytes = ?n.replay_lag_bytes, lag_seconds = ?n.replay_lag_seconds, "replica back in read rotation");
             }
             *rotation = Some(next);
         }

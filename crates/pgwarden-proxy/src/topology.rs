@@ -275,6 +275,7 @@ mod tests {
                 timeline: Some(1),
                 lsn: None,
                 replay_lag_bytes: None,
+                replay_lag_seconds: None,
             }],
             ..ClusterView::empty()
         })

@@ -26,6 +26,7 @@ fn node(name: &str, port: u16, role: Role) -> NodeView {
         timeline: Some(1),
         lsn: None,
         replay_lag_bytes: None,
+        replay_lag_seconds: None,
     }
 }
 

@@ -404,6 +404,54 @@ async fn a_lagging_replica_leaves_rotation_and_comes_back_caught_up() {
 }
 
 #[tokio::test]
+async fn a_replica_behind_in_time_leaves_rotation_when_a_time_bound_is_set() {
+    let s = setup(
+        2,
+        &routing(
+            "consistency = \"eventual\"\nbalance = \"round_robin\"\nmax_replica_lag = \"1GB\"\nmax_replica_lag_time = \"1s\"",
+        ),
+    )
+    .await;
+    with_schema(&s).await;
+    let c = s.app().await;
+    let (r1, r2) = (s.cluster.port(1), s.cluster.port(2));
+    eventually(Duration::from_secs(10), "both replicas serve", || {
+        let c = &c;
+        async move { (spread(c, 10).await.len() == 2).then_some(()) }
+    })
+    .await;
+    s.cluster.pause_replay(1).await;
+    let admin = s.cluster.client_db(0, "app").await;
+    // A few small writes: far from 1 GB behind, but more than a second old once unreplayed.
+    eventually(
+        Duration::from_secs(20),
+        "the replica behind in time out of rotation",
+        || {
+            let (c, admin) = (&c, &admin);
+            async move {
+                admin
+                    .batch_execute("INSERT INTO u VALUES (100, 100)")
+                    .await
+                    .expect("a write");
+                let counts = spread(c, 6).await;
+                (!counts.contains_key(&r1) && counts.get(&r2) == Some(&6)).then_some(())
+            }
+        },
+    )
+    .await;
+    s.cluster.resume_replay(1).await;
+    eventually(
+        Duration::from_secs(20),
+        "the replica back once caught up",
+        || {
+            let c = &c;
+            async move { spread(c, 6).await.contains_key(&r1).then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_replica_killed_under_reads_costs_autocommit_reads_no_error() {
     let mut s = setup(
         2,

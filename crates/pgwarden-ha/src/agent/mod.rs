@@ -78,6 +78,8 @@ struct Memory {
     /// Starts that failed in a row, and no new start before this.
     failed_starts: u32,
     start_not_before: Option<Instant>,
+    /// The standby's replay as last read.
+    replay: observe::Replay,
 }
 
 pub struct Agent<K: Kv> {
@@ -306,8 +308,14 @@ impl<K: Kv> Agent<K> {
     }
 
     async fn publish(&mut self, o: &Observation, d: &Decision) {
-        let state =
-            observe::member_state(&self.me, o, d, self.snapshot.as_ref(), self.mem.roles_ready);
+        let state = observe::member_state(
+            &self.me,
+            o,
+            d,
+            self.snapshot.as_ref(),
+            self.mem.roles_ready,
+            self.mem.replay,
+        );
         let holds = self
             .snapshot
             .as_ref()

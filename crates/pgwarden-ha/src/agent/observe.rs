@@ -35,7 +35,22 @@ SELECT pg_is_in_recovery(),
             THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
                           (SELECT timeline_id FROM pg_control_checkpoint()),
                           (SELECT min_recovery_end_timeline FROM pg_control_recovery()))::int8
-            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END";
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END,
+       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END,
+       CASE WHEN NOT pg_is_in_recovery() THEN NULL
+            WHEN pg_last_wal_receive_lsn() IS NOT NULL
+                 AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
+            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
+       END::float8";
+
+/// A standby's replay, as its server reports it (published for the proxy's read routing). Its
+/// lag in time is 0 when it has replayed all it received, else the age of the last transaction
+/// it replayed, unknown when it has replayed none since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Replay {
+    pub lsn: Option<Lsn>,
+    pub lag_seconds: Option<f64>,
+}
 
 impl<K: Kv> Agent<K> {
     pub(super) async fn observe(&mut self) -> Observation {
@@ -137,8 +152,10 @@ impl<K: Kv> Agent<K> {
                 Pg::Missing
             };
         }
+        self.mem.replay = Replay::default();
         match self.query_state().await {
-            Ok((mut r, streaming)) => {
+            Ok((mut r, streaming, replay)) => {
+                self.mem.replay = replay;
                 self.mem.pg_down_since = None;
                 self.mem.starting = false;
                 self.mem.failed_starts = 0;
@@ -202,7 +219,7 @@ impl<K: Kv> Agent<K> {
         }
     }
 
-    async fn query_state(&mut self) -> Result<(Running, bool), AgentError> {
+    async fn query_state(&mut self) -> Result<(Running, bool, Replay), AgentError> {
         let rows = self.query(STATE_SQL, &[]).await?;
         let row = rows
             .first()
@@ -212,6 +229,10 @@ impl<K: Kv> Agent<K> {
         let timeline: Option<i64> = row.get(2);
         let streaming: bool = row.get(3);
         let data_timeline: Option<i64> = row.get(4);
+        let replay = Replay {
+            lsn: row.get::<_, Option<String>>(5).and_then(|s| s.parse().ok()),
+            lag_seconds: row.get(6),
+        };
         Ok((
             Running {
                 primary: !in_recovery,
@@ -222,6 +243,7 @@ impl<K: Kv> Agent<K> {
                 not_streaming_since: None,
             },
             streaming,
+            replay,
         ))
     }
 
@@ -335,6 +357,9 @@ pub(super) fn blank_state(me: &NodeConfig) -> MemberState {
         lsn: None,
         streaming: false,
         lag_bytes: None,
+        replay_lsn: None,
+        replay_lag_bytes: None,
+        replay_lag_ms: None,
         epoch: None,
         ready: false,
         host: me.host.clone(),
@@ -354,6 +379,7 @@ pub(super) fn member_state(
     d: &Decision,
     snap: Option<&pgwarden_dcs::Snapshot<MemberState>>,
     roles_ready: bool,
+    replay: Replay,
 ) -> MemberState {
     let mut s = blank_state(me);
     s.role = match d.role {
@@ -374,8 +400,14 @@ pub(super) fn member_state(
         s.timeline = Some(r.timeline);
         s.lsn = Some(r.lsn.to_string());
         s.streaming = !r.primary && r.not_streaming_since.is_none();
-        if let Some(last) = snap.and_then(|x| x.last_leader.as_ref()) {
+        let last = snap.and_then(|x| x.last_leader.as_ref());
+        if let Some(last) = last {
             s.lag_bytes = Some(last.lsn.bytes_since(r.lsn));
+        }
+        if !r.primary {
+            s.replay_lsn = replay.lsn.map(|l| l.to_string());
+            s.replay_lag_bytes = last.zip(replay.lsn).map(|(l, r)| l.lsn.bytes_since(r));
+            s.replay_lag_ms = replay.lag_seconds.map(|x| (x.max(0.0) * 1000.0) as u64);
         }
     }
     if d.role == Role::Leader {

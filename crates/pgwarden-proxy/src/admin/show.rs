@@ -358,12 +358,12 @@ fn nodes(shared: &Shared) -> Table {
             pgwarden_cluster::status::Role::Replica => match state.out(now) {
                 None => "in rotation".to_string(),
                 Some(crate::router::Out::Banned) => "banned".to_string(),
-                Some(crate::router::Out::Lagging) => match state.lag() {
-                    Some(l) => format!(
-                        "out: lag {} past max_replica_lag",
-                        pgwarden_core::ByteSize(l)
-                    ),
-                    None => "out: lag unknown".to_string(),
+                Some(crate::router::Out::Lagging) => match (state.lag(), n.replay_lag_seconds) {
+                    (Some(l), Some(s)) => {
+                        format!("out: lag {} ({s:.1} s)", pgwarden_core::ByteSize(l))
+                    }
+                    (Some(l), None) => format!("out: lag {}", pgwarden_core::ByteSize(l)),
+                    (None, _) => "out: lag unknown".to_string(),
                 },
             },
             pgwarden_cluster::status::Role::Primary if leads => {
