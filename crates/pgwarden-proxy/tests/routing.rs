@@ -346,13 +346,14 @@ async fn each_balancing_strategy_spreads_reads_as_it_says() {
     assert!((0.65..=0.85).contains(&a), "weighted 300:100: {counts:?}");
 }
 
-#[tokio::test]
-async fn a_lagging_replica_leaves_rotation_and_comes_back_caught_up() {
+/// Two replicas serving eventual reads round robin with `lag` settings, then the first one's
+/// replay paused: the setup, a client, the two replicas' ports.
+async fn replay_paused_on_the_first_replica(lag: &str) -> (Setup, Client, u16, u16) {
     let s = setup(
         2,
-        &routing(
-            "consistency = \"eventual\"\nbalance = \"round_robin\"\nmax_replica_lag = \"1MB\"",
-        ),
+        &routing(&format!(
+            "consistency = \"eventual\"\nbalance = \"round_robin\"\n{lag}"
+        )),
     )
     .await;
     with_schema(&s).await;
@@ -364,6 +365,23 @@ async fn a_lagging_replica_leaves_rotation_and_comes_back_caught_up() {
     })
     .await;
     s.cluster.pause_replay(1).await;
+    (s, c, r1, r2)
+}
+
+/// Resumes the first replica's replay and waits for it to serve reads again.
+async fn back_once_caught_up(s: &Setup, c: &Client, r1: u16) {
+    s.cluster.resume_replay(1).await;
+    eventually(
+        Duration::from_secs(20),
+        "the replica back once caught up",
+        || async move { spread(c, 6).await.contains_key(&r1).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_lagging_replica_leaves_rotation_and_comes_back_caught_up() {
+    let (s, c, r1, r2) = replay_paused_on_the_first_replica("max_replica_lag = \"1MB\"").await;
     let admin = s.cluster.client_db(0, "app").await;
     admin
         .batch_execute(
@@ -391,36 +409,15 @@ async fn a_lagging_replica_leaves_rotation_and_comes_back_caught_up() {
         .find(|n| n.id.as_str() == "n2")
         .expect("the node's state");
     assert_eq!(n1.in_rotation(), Some(false));
-    s.cluster.resume_replay(1).await;
-    eventually(
-        Duration::from_secs(20),
-        "the replica back once caught up",
-        || {
-            let c = &c;
-            async move { spread(c, 6).await.contains_key(&r1).then_some(()) }
-        },
-    )
-    .await;
+    back_once_caught_up(&s, &c, r1).await;
 }
 
 #[tokio::test]
 async fn a_replica_behind_in_time_leaves_rotation_when_a_time_bound_is_set() {
-    let s = setup(
-        2,
-        &routing(
-            "consistency = \"eventual\"\nbalance = \"round_robin\"\nmax_replica_lag = \"1GB\"\nmax_replica_lag_time = \"1s\"",
-        ),
+    let (s, c, r1, r2) = replay_paused_on_the_first_replica(
+        "max_replica_lag = \"1GB\"\nmax_replica_lag_time = \"1s\"",
     )
     .await;
-    with_schema(&s).await;
-    let c = s.app().await;
-    let (r1, r2) = (s.cluster.port(1), s.cluster.port(2));
-    eventually(Duration::from_secs(10), "both replicas serve", || {
-        let c = &c;
-        async move { (spread(c, 10).await.len() == 2).then_some(()) }
-    })
-    .await;
-    s.cluster.pause_replay(1).await;
     let admin = s.cluster.client_db(0, "app").await;
     // A few small writes: far from 1 GB behind, but more than a second old once unreplayed.
     eventually(
@@ -439,16 +436,7 @@ async fn a_replica_behind_in_time_leaves_rotation_when_a_time_bound_is_set() {
         },
     )
     .await;
-    s.cluster.resume_replay(1).await;
-    eventually(
-        Duration::from_secs(20),
-        "the replica back once caught up",
-        || {
-            let c = &c;
-            async move { spread(c, 6).await.contains_key(&r1).then_some(()) }
-        },
-    )
-    .await;
+    back_once_caught_up(&s, &c, r1).await;
 }
 
 #[tokio::test]
