@@ -1,11 +1,19 @@
-//! The agent's HTTP API: `GET /health`, `/primary` and `/replica`, so that a load balancer and
-//! the other agents can ask a node directly. Any method is answered like GET (HAProxy's
-//! `option httpchk` sends OPTIONS); HEAD gets no body.
+//! The agent's HTTP API, so that a load balancer and the other agents can ask a node directly;
+//! the health checks are Patroni's (a load balancer configured for Patroni works unchanged).
+//! Any method is answered like GET (HAProxy's `option httpchk` sends OPTIONS); HEAD gets no
+//! body. Every answer's body is the member state (JSON, [`MemberState`]).
 //!
-//! - `/health`: 200 while its PostgreSQL runs, 503 otherwise; the body is the member state.
-//! - `/primary` (also `/leader`, `/read-write`): 200 only while this node holds the current
-//!   lease and its PostgreSQL accepts writes.
-//! - `/replica`: 200 on a running standby whose WAL receiver streams.
+//! - `/health` (also `/`): 200 while its PostgreSQL runs, 503 otherwise.
+//! - `/primary` (also `/leader`, `/read-write`, `/master`): 200 only while this node holds the
+//!   current lease and its PostgreSQL accepts writes.
+//! - `/replica`: 200 on a running standby whose WAL receiver streams; `?lag=10MB` (or bytes)
+//!   also needs its replay lag known and at most that.
+//! - `/read-only`: `/primary` or `/replica` (with `?lag=` for a standby).
+//! - `/sync` and `/async`: `/replica` for a standby in the synchronous set, or not in it.
+//! - `/readiness`: `/primary` or `/replica` (`?lag=`): whether it should get traffic.
+//! - `/liveness`: 200 while the agent's loop has published within three rounds.
+//!
+//! A `lag` that is not a size is 400. Anything else is 404.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +30,11 @@ pub struct ApiView {
     pub member: MemberState,
     /// Holds the leader key, with a fresh lease, and its PostgreSQL accepts writes.
     pub writable_leader: bool,
+    /// In the synchronous set the store names.
+    pub synchronous: bool,
+    /// When the loop published it, and how long after that the agent still counts as alive.
+    pub published: std::time::Instant,
+    pub live_for: Duration,
 }
 
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,10 +78,10 @@ async fn answer(mut stream: TcpStream, view: &ApiView) -> std::io::Result<()> {
     let text = String::from_utf8_lossy(&buf);
     let mut words = text.lines().next().unwrap_or("").split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
-    let path = target.split('?').next().unwrap_or("/");
-    let (status, body) = respond(path, view);
+    let (status, body) = respond(target, view, std::time::Instant::now());
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         _ => "Service Unavailable",
     };
@@ -85,13 +98,35 @@ async fn answer(mut stream: TcpStream, view: &ApiView) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-/// The status and JSON body for `path`.
-pub fn respond(path: &str, view: &ApiView) -> (u16, String) {
+/// The status and JSON body for `target` (a path with its query) at `now`.
+pub fn respond(target: &str, view: &ApiView, now: std::time::Instant) -> (u16, String) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut lag = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == "lag" {
+            match value.parse::<pgwarden_core::ByteSize>() {
+                Ok(v) => lag = Some(v.bytes()),
+                Err(e) => {
+                    let body = serde_json::json!({ "error": format!("lag: {e}") });
+                    return (400, body.to_string());
+                }
+            }
+        }
+    }
     let m = &view.member;
+    let replica = m.state == "running"
+        && !m.primary
+        && m.streaming
+        && lag.map_or(true, |max| m.replay_lag_bytes.is_some_and(|l| l <= max));
     let ok = match path.trim_end_matches('/') {
         "" | "/health" => m.state == "running",
         "/primary" | "/leader" | "/read-write" | "/master" => view.writable_leader,
-        "/replica" => m.state == "running" && !m.primary && m.streaming,
+        "/replica" => replica,
+        "/read-only" | "/readiness" => view.writable_leader || replica,
+        "/sync" => replica && view.synchronous,
+        "/async" => replica && !view.synchronous,
+        "/liveness" => now.saturating_duration_since(view.published) <= view.live_for,
         _ => return (404, "{\"error\":\"not found\"}".to_string()),
     };
     let body = serde_json::to_string(m).expect("member state serialises");
@@ -142,6 +177,9 @@ mod tests {
                 reason: None,
             },
             writable_leader,
+            synchronous: false,
+            published: std::time::Instant::now(),
+            live_for: Duration::from_secs(3),
         }
     }
 
@@ -161,8 +199,43 @@ mod tests {
             ("/replica", &down, 503), ("/health", &leader, 200), ("/health", &replica, 200),
             ("/health", &down, 503), ("/", &replica, 200), ("/nope", &leader, 404),
         ];
+        let now = std::time::Instant::now();
         for (path, v, want) in cases {
-            assert_eq!(respond(path, v).0, want, "{path} on {:?}", v.member);
+            assert_eq!(respond(path, v, now).0, want, "{path} on {:?}", v.member);
+        }
+    }
+
+    #[test]
+    fn load_balancer_checks_with_lag_sync_and_liveness() {
+        let leader = view("running", true, false, true);
+        let mut near = view("running", false, true, false);
+        near.member.replay_lag_bytes = Some(1 << 20);
+        let mut far = near.clone();
+        far.member.replay_lag_bytes = Some(100 << 20);
+        let mut unknown = near.clone();
+        unknown.member.replay_lag_bytes = None;
+        let mut sync = near.clone();
+        sync.synchronous = true;
+        let down = view("stopped", false, false, false);
+        let mut stuck = near.clone();
+        stuck.published = std::time::Instant::now() - Duration::from_secs(10);
+        #[rustfmt::skip]
+        let cases = [
+            ("/replica?lag=10MB", &near, 200), ("/replica?lag=10MB", &far, 503),
+            ("/replica?lag=10485760", &near, 200), ("/replica?lag=1048575", &near, 503),
+            ("/replica?lag=10MB", &unknown, 503), ("/replica", &unknown, 200),
+            ("/replica?lag=lots", &near, 400), ("/replica?other=1&lag=1GB", &far, 200),
+            ("/read-only", &leader, 200), ("/read-only", &far, 200),
+            ("/read-only?lag=10MB", &far, 503), ("/read-only", &down, 503),
+            ("/readiness", &leader, 200), ("/readiness?lag=10MB", &near, 200),
+            ("/readiness", &down, 503),
+            ("/sync", &sync, 200), ("/sync", &near, 503), ("/async", &near, 200),
+            ("/async", &sync, 503), ("/sync", &leader, 503),
+            ("/liveness", &near, 200), ("/liveness", &down, 200), ("/liveness", &stuck, 503),
+        ];
+        let now = std::time::Instant::now();
+        for (target, v, want) in cases {
+            assert_eq!(respond(target, v, now).0, want, "{target} on {v:?}");
         }
     }
 

@@ -144,6 +144,9 @@ impl<K: Kv> Agent<K> {
         let (view, view_rx) = watch::channel(Arc::new(ApiView {
             member: observe::blank_state(&me),
             writable_leader: false,
+            synchronous: false,
+            published: std::time::Instant::now(),
+            live_for: rules.loop_wait * 3,
         }));
         let api_task = tokio::spawn(crate::api::serve(listener, view_rx));
         let mem = Memory {
@@ -330,9 +333,17 @@ impl<K: Kv> Agent<K> {
                 }
             }
         }
+        let synchronous = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.synchronous_set.as_ref())
+            .is_some_and(|set| set.contains(&self.id));
         let view = ApiView {
             member: state,
             writable_leader: holds && writable,
+            synchronous,
+            published: std::time::Instant::now(),
+            live_for: self.rules.loop_wait * 3,
         };
         self.view.send_if_modified(|v| {
             if **v == view {
