@@ -34,6 +34,19 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// List the HA members as the agents publish them in the store: role, state, timeline,
+    /// position, lag and why each does not act. Needs [dcs].
+    List {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the JSON document (the agents' `GET /cluster`) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every loop_wait until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Run the connection pooler in front of the cluster's primary.
     Proxy {
         /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
@@ -157,6 +170,17 @@ async fn run(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             status(&config, json, watch).await
+        }
+        Command::List {
+            config,
+            json,
+            watch,
+        } => {
+            let config = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            list(&config, json, watch).await
         }
         Command::Proxy { .. } => unreachable!("handled in main"),
         Command::Agent { config, node } => {
@@ -366,6 +390,63 @@ async fn shutdown_signal() {
         }
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `pgwarden list`: the store's members. Exit 0 when the store was read and a leader holds
+/// the key, 1 when it was read and something is wrong (the warnings, on stderr), 2 when it
+/// could not be read.
+async fn list(config: &Config, json: bool, watch: bool) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    if config.dcs.is_none() {
+        return fail(
+            "list shows what the HA agents publish in the store, and this config has no [dcs] (use pgwarden status)",
+            2,
+        );
+    }
+    let colour = std::io::stdout().is_terminal();
+    let mut interrupt = match watch.then(|| signal(SignalKind::interrupt())).transpose() {
+        Ok(i) => i,
+        Err(e) => return fail(&format!("cannot listen for Ctrl-C: {e}"), 1),
+    };
+    loop {
+        let read = pgwarden_ha::status::HaStatus::read(config);
+        let ha = match interrupt.as_mut() {
+            Some(int) => tokio::select! {
+                s = read => s,
+                _ = int.recv() => return ExitCode::SUCCESS,
+            },
+            None => read.await,
+        };
+        let warnings = ha.warnings(config);
+        let text = if json {
+            serde_json::to_string_pretty(&ha).expect("ha status serialises")
+        } else {
+            ha.render()
+        };
+        if !watch {
+            println!("{text}");
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            return match (&ha.error, warnings.is_empty()) {
+                (Some(e), _) => fail(&format!("cannot read the store: {e}"), 2),
+                (None, true) => ExitCode::SUCCESS,
+                (None, false) => ExitCode::from(1),
+            };
+        }
+        if colour {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{text}");
+        for w in &warnings {
+            println!("warning: {w}");
+        }
+        let int = interrupt.as_mut().expect("watching");
+        tokio::select! {
+            _ = tokio::time::sleep(config.agent.loop_wait) => {}
+            _ = int.recv() => return ExitCode::SUCCESS,
         }
     }
 }

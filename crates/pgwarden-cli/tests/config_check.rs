@@ -93,3 +93,16 @@ fn usage_errors_exit_2() {
     assert_eq!(run(&["status", "--bogus"]).code, 2);
     assert_eq!(run(&["demo", "--replication", "sometimes"]).code, 2);
 }
+
+#[test]
+fn list_without_a_store_says_so_in_one_line_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(
+        dir.path(),
+        "cluster = \"main\"\n[postgres]\nsuperuser_password = \"x\"\n[[nodes]]\nname = \"n1\"\nport = 5432\n",
+    );
+    let r = run(&["list", "-c", &path]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("no [dcs]"), "{}", r.stderr);
+}

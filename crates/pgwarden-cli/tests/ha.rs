@@ -32,6 +32,30 @@ async fn a_crashed_primary_restarts_in_place() {
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["ha"]["leader"], "n1", "{v}");
     assert_eq!(v["ha"]["epoch"], epoch, "{v}");
+    // `pgwarden list` and each agent's `GET /cluster` give the same document.
+    let config = ha.dir.path().join("proxy.toml");
+    let r = common::run(&["list", "-c", config.to_str().expect("path"), "--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&r.stdout).expect("list --json");
+    assert_eq!(listed["leader"], "n1", "{listed}");
+    assert_eq!(
+        listed["members"].as_array().map(Vec::len),
+        Some(3),
+        "{listed}"
+    );
+    let replica = listed["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "replica"))
+        .expect("a replica");
+    assert!(replica["replay_lsn"].is_string(), "{replica}");
+    let api = format!("127.0.0.1:{}", ha.nodes[1].api_port);
+    let (status, body) = pgwarden_ha::api::get(&api, "/cluster", Duration::from_secs(2))
+        .await
+        .expect("GET /cluster");
+    assert_eq!(status, 200, "{body}");
+    let cluster: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(cluster["leader"], "n1", "{cluster}");
+    assert_eq!(cluster["epoch"], epoch, "{cluster}");
     let w = ha.writer(WRITE_EVERY).await;
     wait_acks(&w, 20).await;
     let pid = ha.postmaster_pid(leader).expect("postmaster");

@@ -12,6 +12,8 @@
 //! - `/sync` and `/async`: `/replica` for a standby in the synchronous set, or not in it.
 //! - `/readiness`: `/primary` or `/replica` (`?lag=`): whether it should get traffic.
 //! - `/liveness`: 200 while the agent's loop has published within three rounds.
+//! - `/cluster`: the cluster as this agent last read it from the store, the document
+//!   `pgwarden list --json` prints ([`crate::status::HaStatus`]); 503 when it could not read it.
 //!
 //! A `lag` that is not a size is 400. Anything else is 404.
 
@@ -35,6 +37,8 @@ pub struct ApiView {
     /// When the loop published it, and how long after that the agent still counts as alive.
     pub published: std::time::Instant,
     pub live_for: Duration,
+    /// The cluster as this agent last read it from the store (`GET /cluster`).
+    pub cluster: crate::status::HaStatus,
 }
 
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -114,6 +118,17 @@ pub fn respond(target: &str, view: &ApiView, now: std::time::Instant) -> (u16, S
             }
         }
     }
+    if path.trim_end_matches('/') == "/cluster" {
+        let body = serde_json::to_string(&view.cluster).expect("cluster status serialises");
+        return (
+            if view.cluster.error.is_none() {
+                200
+            } else {
+                503
+            },
+            body,
+        );
+    }
     let m = &view.member;
     let replica = m.state == "running"
         && !m.primary
@@ -135,16 +150,23 @@ pub fn respond(target: &str, view: &ApiView, now: std::time::Instant) -> (u16, S
 
 /// Asks the agent at `addr` for its state (`GET /health`), within `timeout`.
 pub async fn fetch_state(addr: &str, timeout: Duration) -> Option<MemberState> {
+    let (_, body) = get(addr, "/health", timeout).await?;
+    serde_json::from_str(&body).ok()
+}
+
+/// `GET target` of the agent at `addr` within `timeout`: the status and the body.
+pub async fn get(addr: &str, target: &str, timeout: Duration) -> Option<(u16, String)> {
     let fetch = async {
         let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
             .await
             .ok()?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.ok()?;
         let text = String::from_utf8(out).ok()?;
-        let (_, body) = text.split_once("\r\n\r\n")?;
-        serde_json::from_str(body).ok()
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_string()))
     };
     tokio::time::timeout(timeout, fetch).await.ok().flatten()
 }
@@ -180,6 +202,7 @@ mod tests {
             synchronous: false,
             published: std::time::Instant::now(),
             live_for: Duration::from_secs(3),
+            cluster: crate::status::HaStatus::unreadable("not read yet".into()),
         }
     }
 
@@ -232,11 +255,19 @@ mod tests {
             ("/sync", &sync, 200), ("/sync", &near, 503), ("/async", &near, 200),
             ("/async", &sync, 503), ("/sync", &leader, 503),
             ("/liveness", &near, 200), ("/liveness", &down, 200), ("/liveness", &stuck, 503),
+            ("/cluster", &near, 503),
         ];
         let now = std::time::Instant::now();
         for (target, v, want) in cases {
             assert_eq!(respond(target, v, now).0, want, "{target} on {v:?}");
         }
+        let mut read = near.clone();
+        read.cluster.error = None;
+        read.cluster.leader = Some("n1".into());
+        let (status, body) = respond("/cluster", &read, now);
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["leader"], "n1", "{v}");
     }
 
     #[tokio::test]

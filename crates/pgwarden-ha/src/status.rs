@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::member::MemberState;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HaStatus {
     /// `null` while nobody holds the leader key.
     pub leader: Option<String>,
@@ -23,7 +23,7 @@ pub struct HaStatus {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HaMember {
     pub name: String,
     pub role: String,
@@ -31,6 +31,11 @@ pub struct HaMember {
     pub timeline: Option<u32>,
     pub lsn: Option<String>,
     pub lag_bytes: Option<u64>,
+    pub replay_lsn: Option<String>,
+    pub replay_lag_bytes: Option<u64>,
+    pub replay_lag_ms: Option<u64>,
+    /// Its agent's API address.
+    pub api: Option<String>,
     pub reason: Option<String>,
 }
 
@@ -53,6 +58,10 @@ impl HaStatus {
                     timeline: m.state.timeline,
                     lsn: m.state.lsn.clone(),
                     lag_bytes: m.state.lag_bytes,
+                    replay_lsn: m.state.replay_lsn.clone(),
+                    replay_lag_bytes: m.state.replay_lag_bytes,
+                    replay_lag_ms: m.state.replay_lag_ms,
+                    api: m.state.api.clone(),
                     reason: m.state.reason.clone(),
                 })
                 .collect(),
@@ -85,7 +94,8 @@ impl HaStatus {
         }
     }
 
-    fn unreadable(error: String) -> HaStatus {
+    /// The status of a store that could not be read, and why.
+    pub fn unreadable(error: String) -> HaStatus {
         HaStatus {
             leader: None,
             epoch: None,
@@ -145,19 +155,25 @@ impl HaStatus {
         );
         let _ = writeln!(
             s,
-            "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10}  reason",
-            "member", "role", "state", "tl", "lsn", "lag"
+            "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10} {:>16}  reason",
+            "member", "role", "state", "tl", "lsn", "lag", "replay lag"
         );
         for m in &self.members {
+            let replay = match (m.replay_lag_bytes, m.replay_lag_ms) {
+                (Some(b), Some(ms)) => format!("{} {:.1}s", ByteSize(b), ms as f64 / 1000.0),
+                (Some(b), None) => ByteSize(b).to_string(),
+                _ => "-".into(),
+            };
             let _ = writeln!(
                 s,
-                "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10}  {}",
+                "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10} {:>16}  {}",
                 m.name,
                 m.role,
                 m.state,
                 m.timeline.map_or("-".into(), |t| t.to_string()),
                 m.lsn.as_deref().unwrap_or("-"),
                 m.lag_bytes.map_or("-".into(), |b| ByteSize(b).to_string()),
+                replay,
                 m.reason.as_deref().unwrap_or("")
             );
         }

@@ -147,6 +147,7 @@ impl<K: Kv> Agent<K> {
             synchronous: false,
             published: std::time::Instant::now(),
             live_for: rules.loop_wait * 3,
+            cluster: crate::status::HaStatus::unreadable("not read yet".into()),
         }));
         let api_task = tokio::spawn(crate::api::serve(listener, view_rx));
         let mem = Memory {
@@ -344,6 +345,12 @@ impl<K: Kv> Agent<K> {
             synchronous,
             published: std::time::Instant::now(),
             live_for: self.rules.loop_wait * 3,
+            cluster: match self.snapshot.as_ref() {
+                Some(s) => crate::status::HaStatus::from_snapshot(s),
+                None => crate::status::HaStatus::unreadable(
+                    "this agent could not read the store in its last round".into(),
+                ),
+            },
         };
         self.view.send_if_modified(|v| {
             if **v == view {
