@@ -47,6 +47,19 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Maintenance mode: the HA agents take no automatic action (no failover, no restart of a
+    /// crashed PostgreSQL) until `pgwarden resume`. Fencing stays on. Needs [dcs].
+    Pause {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// End maintenance mode: the agents act again from their next round.
+    Resume {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Run the connection pooler in front of the cluster's primary.
     Proxy {
         /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
@@ -182,6 +195,8 @@ async fn run(command: Command) -> ExitCode {
             };
             list(&config, json, watch).await
         }
+        Command::Pause { config } => pause_or_resume(config, true).await,
+        Command::Resume { config } => pause_or_resume(config, false).await,
         Command::Proxy { .. } => unreachable!("handled in main"),
         Command::Agent { config, node } => {
             let config = match load(config) {
@@ -391,6 +406,31 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// `pgwarden pause` / `pgwarden resume`: the store's maintenance flag.
+async fn pause_or_resume(config: Option<PathBuf>, pause: bool) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.dcs.is_none() {
+        return fail(
+            "pause and resume act on the HA agents' store, and this config has no [dcs]",
+            2,
+        );
+    }
+    match pgwarden_ha::status::HaStatus::set_paused(&config, pause).await {
+        Ok(()) if pause => {
+            println!("paused: the agents take no automatic action until pgwarden resume");
+            ExitCode::SUCCESS
+        }
+        Ok(()) => {
+            println!("resumed: the agents act again");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("cannot write to the store: {e}"), 1),
     }
 }
 

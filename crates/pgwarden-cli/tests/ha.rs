@@ -581,3 +581,81 @@ async fn read_your_writes(c: &tokio_postgres::Client, from: i32, n: i32, leader_
     }
     elsewhere
 }
+
+/// `pgwarden list --json` of the test cluster.
+fn listed(ha: &Ha) -> serde_json::Value {
+    let config = ha.dir.path().join("proxy.toml");
+    let r = common::run(&["list", "-c", config.to_str().expect("path"), "--json"]);
+    serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("list --json ({e}): {}{}", r.stdout, r.stderr))
+}
+
+fn member<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == name))
+        .unwrap_or_else(|| panic!("{name} missing in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_agents_leave_a_crashed_primary_down_until_resumed() {
+    let ha = Ha::start(3, "", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let name = ha.nodes[leader].name.clone();
+    let config = ha.dir.path().join("proxy.toml");
+    let config = config.to_str().expect("path");
+    let r = common::run(&["pause", "-c", config]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    eventually(HEAL, "every member says it is paused", || async {
+        let v = listed(&ha);
+        let all = v["members"].as_array()?.iter().all(|m| {
+            m["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("paused"))
+        });
+        (v["paused"] == true && all).then_some(())
+    })
+    .await;
+    let r = common::run(&["status", "-c", config]);
+    assert_eq!(r.code, 1, "paused is a warning: {}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("PAUSED"), "{}", r.stdout);
+
+    let pid = ha.postmaster_pid(leader).expect("postmaster");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    eventually(
+        HEAL,
+        "the crash reported, its restart held back",
+        || async {
+            let v = listed(&ha);
+            let m = member(&v, &name);
+            (m["state"] == "stopped" && m["reason"].as_str()?.contains("held back")).then_some(())
+        },
+    )
+    .await;
+    // Longer than primary_restart_timeout, nobody restarts it, promotes or takes the key.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(8) {
+        let v = listed(&ha);
+        assert_eq!(v["leader"], name.as_str(), "the key stays: {v}");
+        assert_eq!(v["epoch"], epoch, "no failover: {v}");
+        assert_eq!(member(&v, &name)["state"], "stopped", "no restart: {v}");
+        let primaries = v["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter(|m| m["role"] == "leader")
+            .count();
+        assert_eq!(primaries, 0, "nobody promoted: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let r = common::run(&["resume", "-c", config]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let (again, same) = ha.settled(2, 1, HEAL).await;
+    assert_eq!(
+        (again, same),
+        (leader, epoch),
+        "resumed: restarted in place, no failover"
+    );
+    assert_eq!(listed(&ha)["paused"], false);
+}

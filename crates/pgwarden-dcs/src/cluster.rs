@@ -73,6 +73,8 @@ pub struct Snapshot<T> {
     pub initialized_by: Option<NodeId>,
     pub last_leader: Option<LastLeader>,
     pub synchronous_set: Option<Vec<NodeId>>,
+    /// Maintenance mode (`pgwarden pause`): the agents take no automatic action.
+    pub paused: bool,
     pub members: Vec<Member<T>>,
 }
 
@@ -136,6 +138,7 @@ impl<K: Kv> ClusterStore<K> {
             initialized_by: None,
             last_leader: None,
             synchronous_set: None,
+            paused: false,
             members: Vec::new(),
         };
         for e in self.kv.list(&self.prefix).await? {
@@ -147,6 +150,7 @@ impl<K: Kv> ClusterStore<K> {
                     snap.initialized_by = Some(NodeId::new(&Self::parse::<String>(&e)?))
                 }
                 "last_leader" => snap.last_leader = Some(Self::last_leader_from(&e)?),
+                "pause" => snap.paused = Self::parse::<bool>(&e)?,
                 "sync" => {
                     let names: Vec<String> = Self::parse(&e)?;
                     snap.synchronous_set = Some(names.iter().map(|n| NodeId::new(n)).collect());
@@ -276,6 +280,23 @@ impl<K: Kv> ClusterStore<K> {
             lsn,
             timeline: v.timeline,
         })
+    }
+
+    /// Maintenance mode on or off for every agent (the `pause` key; an operator's command, not
+    /// an agent's).
+    pub async fn set_paused(&self, paused: bool) -> Result<(), DcsError> {
+        let op = if paused {
+            Op::Put {
+                key: self.key("pause"),
+                value: b"true".to_vec(),
+                lease: None,
+            }
+        } else {
+            Op::Delete {
+                key: self.key("pause"),
+            }
+        };
+        self.kv.txn(Vec::new(), vec![op]).await.map(|_| ())
     }
 
     /// Records the synchronous set; false if `held` no longer holds the key.

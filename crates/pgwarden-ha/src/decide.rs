@@ -139,6 +139,8 @@ pub struct Store {
     pub leader_ready: bool,
     /// Synchronous mode: the members that may be promoted.
     pub synchronous_set: Option<Vec<NodeId>>,
+    /// Maintenance mode: no automatic action (see [`paused`]).
+    pub paused: bool,
 }
 
 /// Everything one decision is made from.
@@ -242,12 +244,27 @@ pub enum Reason {
         leader: NodeId,
         since: Duration,
     },
+    /// Maintenance mode: what it would do, it does not.
+    Paused {
+        would: Option<Box<Reason>>,
+        held_back: usize,
+    },
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::StoreUnreachable => f.write_str("the consensus store is unreachable"),
+            Reason::Paused { would, held_back } => {
+                f.write_str("paused (pgwarden resume): no automatic action")?;
+                if *held_back > 0 {
+                    write!(f, "; {held_back} held back")?;
+                }
+                match would {
+                    Some(r) => write!(f, "; otherwise: {r}"),
+                    None => Ok(()),
+                }
+            }
             Reason::LeaseStale => f.write_str(
                 "holding the leader key, but the lease has not been renewed within ttl - fence_margin",
             ),
@@ -329,6 +346,51 @@ impl Decision {
 
 /// The next step for the agent that observed `o`.
 pub fn decide(o: &Observation, s: &Settings) -> Decision {
+    let d = decide_active(o, s);
+    if o.store.as_ref().is_some_and(|st| st.paused) {
+        paused(o, d)
+    } else {
+        d
+    }
+}
+
+/// Maintenance mode (`pgwarden pause`): the decision without what would change what runs.
+/// Kept: fencing (never two writers, paused or not), binding the key to this run's lease, and
+/// a running primary's keeping of the key and housekeeping, so that it stays the leader the
+/// proxy writes to. Held back: starts, restarts, promotions, take-overs, rejoins, clones. A
+/// crashed PostgreSQL stays down, reported.
+fn paused(o: &Observation, d: Decision) -> Decision {
+    let primary = matches!(&o.pg, Pg::Running(r) if r.primary);
+    let total = d.actions.len();
+    let actions: Vec<Action> = d
+        .actions
+        .into_iter()
+        .filter(|a| match a {
+            Action::Fence | Action::AdoptLeader => true,
+            Action::TakeLeader | Action::Lead => primary,
+            _ => false,
+        })
+        .collect();
+    let role = if actions.contains(&Action::Fence) {
+        Role::Down
+    } else {
+        match &o.pg {
+            Pg::Running(r) if r.primary && d.role == Role::Leader => Role::Leader,
+            Pg::Running(r) if !r.primary => Role::Replica,
+            _ => Role::Down,
+        }
+    };
+    Decision {
+        waiting: Some(Reason::Paused {
+            would: d.waiting.map(Box::new),
+            held_back: total - actions.len(),
+        }),
+        actions,
+        role,
+    }
+}
+
+fn decide_active(o: &Observation, s: &Settings) -> Decision {
     if let Some(d) = fence(o, s) {
         return d;
     }
@@ -673,6 +735,7 @@ mod tests {
             leader_timeline: Some(1),
             leader_ready: true,
             synchronous_set: None,
+            paused: false,
         }
     }
 
@@ -686,6 +749,7 @@ mod tests {
             leader_timeline: None,
             leader_ready: false,
             synchronous_set: None,
+            paused: false,
         }
     }
 
@@ -774,6 +838,12 @@ mod tests {
             let st = o.store.as_mut().expect("store");
             st.last_leader = None;
         };
+        let paused = |o: Observation| {
+            with(
+                &|o: &mut Observation| o.store.as_mut().expect("store").paused = true,
+                o,
+            )
+        };
         let initialised_by = |who: &'static str| {
             move |o: &mut Observation| {
                 o.store.as_mut().expect("store").initialized_by = Some(n(who))
@@ -849,6 +919,17 @@ mod tests {
             ("not streaming briefly: wait", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", not_streaming(NOW - 2 * S, 1), Some(store(Some("n1"))))), &s, vec![], Some("not streaming from n1 for 2s")),
             ("not streaming on the leader's timeline: not diverged, and says so", obs("n3", not_streaming(NOW - 30 * S, 1), Some(store(Some("n1")))), &s, vec![], Some("not streaming from n1 for 30s")),
             ("the leader's history fetched, the WAL still on the old timeline: it rewinds", with(&|o: &mut Observation| o.store.as_mut().expect("store").leader_timeline = Some(2), obs("n3", fetched_history(NOW - 10 * S), Some(store(Some("n1"))))), &s, vec![Rewind { from: n("n1") }], None),
+            // Maintenance mode: nothing that changes what runs, fencing kept.
+            ("paused: the leader keeps leading", paused(obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], Some("paused")),
+            ("paused: a crashed leader stays down, reported", paused(with(&crashed(1), obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n1")))))), &s, vec![], Some("1 held back")),
+            ("paused: past the margin the leader still fences", paused(with(&renewed(5000), obs("n1", primary(), Some(store(Some("n1")))))), &s, vec![Fence], Some("paused")),
+            ("paused: a primary under another leader is still fenced", paused(obs("n2", primary(), Some(store(Some("n1"))))), &s, vec![Fence], Some("paused")),
+            ("paused: a gone leader is not taken over", paused(with(&gone, obs("n2", standby(Some("n1")), Some(store(Some("n1")))))), &s, vec![], Some("held back")),
+            ("paused: with no leader no standby takes the key", paused(obs("n2", standby(None), Some(store(None)))), &s, vec![], Some("paused")),
+            ("paused: a standby under the key is not promoted", paused(obs("n2", standby(None), Some(store(Some("n2"))))), &s, vec![], Some("held back")),
+            ("paused: a standby of another upstream is not repointed", paused(obs("n2", standby(Some("n3")), Some(store(Some("n1"))))), &s, vec![], Some("held back")),
+            ("paused: a stopped standby is not started", paused(obs("n2", Pg::Stopped { standby: true }, Some(store(Some("n1"))))), &s, vec![], Some("held back")),
+            ("paused: an old key is still adopted", paused(with(&old_key, obs("n1", primary(), Some(store(Some("n1")))))), &s, vec![AdoptLeader], Some("paused")),
         ];
         assert!(cases.len() >= 40, "{} cases", cases.len());
         for (what, o, s, actions, reason) in cases {
@@ -879,12 +960,19 @@ mod tests {
             standby(Some("n1")),
             standby(None),
         ];
+        let paused = |mut st: Store| {
+            st.paused = true;
+            Some(st)
+        };
         let stores = [
             None,
             Some(store(None)),
             Some(store(Some("n1"))),
             Some(store(Some("n2"))),
             Some(new_cluster()),
+            paused(store(None)),
+            paused(store(Some("n1"))),
+            paused(store(Some("n2"))),
         ];
         for pg in &pgs {
             for st in &stores {

@@ -18,6 +18,8 @@ pub struct HaStatus {
     pub epoch: Option<u64>,
     /// Synchronous mode: the members that may be promoted.
     pub synchronous_set: Option<Vec<String>>,
+    /// Maintenance mode (`pgwarden pause`): the agents take no automatic action.
+    pub paused: bool,
     pub members: Vec<HaMember>,
     /// Why the store could not be read.
     pub error: Option<String>,
@@ -48,6 +50,7 @@ impl HaStatus {
                 .synchronous_set
                 .as_ref()
                 .map(|set| set.iter().map(|n| n.to_string()).collect()),
+            paused: s.paused,
             members: s
                 .members
                 .iter()
@@ -94,12 +97,34 @@ impl HaStatus {
         }
     }
 
+    /// Turns maintenance mode on or off in the store of `config` (bounded like [`HaStatus::read`]).
+    pub async fn set_paused(config: &Config, paused: bool) -> Result<(), String> {
+        let write = async {
+            let store = crate::store::connect(config)
+                .await
+                .map_err(|e| e.to_string())?;
+            store.set_paused(paused).await.map_err(|e| e.to_string())
+        };
+        let bound = config
+            .dcs
+            .as_ref()
+            .map_or(Duration::from_secs(2), |d| d.timeout * 3);
+        match tokio::time::timeout(bound, write).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the consensus store did not answer within {}",
+                pgwarden_core::format_duration(bound)
+            )),
+        }
+    }
+
     /// The status of a store that could not be read, and why.
     pub fn unreadable(error: String) -> HaStatus {
         HaStatus {
             leader: None,
             epoch: None,
             synchronous_set: None,
+            paused: false,
             members: Vec::new(),
             error: Some(error),
         }
@@ -111,6 +136,12 @@ impl HaStatus {
             return vec![format!("cannot read the HA store: {e}")];
         }
         let mut out = Vec::new();
+        if self.paused {
+            out.push(
+                "paused: the agents take no automatic action (no failover, no restart) until pgwarden resume"
+                    .to_string(),
+            );
+        }
         if self.leader.is_none() {
             out.push("no node holds the leader key: writes are refused".to_string());
         }
@@ -137,6 +168,9 @@ impl HaStatus {
     /// The text block under the status table.
     pub fn render(&self) -> String {
         let mut s = String::from("HA (from the store)\n");
+        if self.paused {
+            s.push_str("  PAUSED: no automatic action until `pgwarden resume`\n");
+        }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "  cannot read the store: {e}");
             return s;

@@ -247,6 +247,7 @@ mod tests {
         members: Vec<Member<MemberState>>,
     ) -> Snapshot<MemberState> {
         Snapshot {
+            paused: false,
             leader: leader.map(|(n, e)| Leader {
                 node: NodeId::new(n),
                 epoch: Epoch(e),

@@ -63,6 +63,11 @@ impl<K: Kv> Agent<K> {
                 None
             }
         };
+        if self.snapshot.as_ref().is_some_and(|s| s.paused) {
+            // Paused, a crashed server is left down: its restart timer starts when the agents
+            // may act again, so resuming restarts it in place rather than failing over.
+            self.mem.pg_down_since = None;
+        }
         let pg = self.observe_pg(now).await;
         let lease = self.lease.id();
         let store = self.snapshot.as_ref().map(|s| Store {
@@ -91,6 +96,7 @@ impl<K: Kv> Agent<K> {
                     .any(|m| m.node == l.node && m.state.primary && m.state.ready)
             }),
             synchronous_set: s.synchronous_set.clone(),
+            paused: s.paused,
         });
         let other_leader = store
             .as_ref()
