@@ -632,6 +632,22 @@ async fn paused_agents_leave_a_crashed_primary_down_until_resumed() {
         },
     )
     .await;
+    // The proxy's console gives each node's agent's reason.
+    eventually(HEAL, "SHOW NODES says why the leader is down", || async {
+        let console = common::ha::console(ha.proxy_port).await?;
+        let rows = console.simple_query("SHOW NODES").await.ok()?;
+        rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get("name") == Some(name.as_str())
+                    && r.get("agent_reason")
+                        .is_some_and(|x| x.contains("held back")) =>
+            {
+                Some(())
+            }
+            _ => None,
+        })
+    })
+    .await;
     // Longer than primary_restart_timeout, nobody restarts it, promotes or takes the key.
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_secs(8) {

@@ -120,6 +120,7 @@ pub fn view_of(
                 lsn,
                 replay_lag_bytes,
                 replay_lag_seconds,
+                reason: None,
             }
         })
         .collect();

@@ -24,6 +24,8 @@ pub struct NodeView {
     pub replay_lag_bytes: Option<u64>,
     /// Replay lag in seconds (replicas, when known): 0 when it has replayed all it received.
     pub replay_lag_seconds: Option<f64>,
+    /// Why its agent does not act, as it publishes (the store's view; `None` from the monitor).
+    pub reason: Option<String>,
 }
 
 /// A snapshot of the cluster.

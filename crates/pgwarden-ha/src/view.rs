@@ -51,6 +51,7 @@ pub fn view_of(snap: &Snapshot<MemberState>, checked_at: Instant) -> ClusterView
             } else {
                 m.state.replay_lag_ms.map(|ms| ms as f64 / 1000.0)
             },
+            reason: m.state.reason.clone(),
         })
         .collect();
     let mut refused = Vec::new();
@@ -287,6 +288,7 @@ mod tests {
         behind.state.replay_lsn = Some("0/2000000".into());
         behind.state.replay_lag_bytes = Some(0x100_0000);
         behind.state.replay_lag_ms = Some(2500);
+        behind.state.reason = Some("paused (pgwarden resume): no automatic action".into());
         let mut older = member("n3", false, None);
         older.state.replay_lsn = None;
         let s = snap(
@@ -298,6 +300,11 @@ mod tests {
         assert_eq!(v.nodes[1].lsn, Some("0/2000000".parse().expect("lsn")));
         assert_eq!(v.nodes[1].replay_lag_bytes, Some(0x100_0000));
         assert_eq!(v.nodes[1].replay_lag_seconds, Some(2.5));
+        assert_eq!(
+            v.nodes[1].reason.as_deref(),
+            Some("paused (pgwarden resume): no automatic action"),
+            "the agent's reason reaches the proxy"
+        );
         assert_eq!(v.nodes[2].lsn, None, "an agent that does not say: unknown");
     }
 }

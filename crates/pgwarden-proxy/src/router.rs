@@ -335,6 +335,7 @@ mod tests {
             lsn: None,
             replay_lag_bytes: None,
             replay_lag_seconds: None,
+            reason: None,
         }
     }
 

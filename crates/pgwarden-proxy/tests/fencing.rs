@@ -27,6 +27,7 @@ fn node(name: &str, port: u16, role: Role) -> NodeView {
         lsn: None,
         replay_lag_bytes: None,
         replay_lag_seconds: None,
+        reason: None,
     }
 }
 

@@ -92,7 +92,7 @@ impl Ha {
             "cluster = \"ha\"\n[postgres]\nsuperuser_password = \"{SUPERUSER_PASSWORD}\"\n\
              replication_password = \"{}\"\nparameters = {{ fsync = false, shared_buffers = \"16MB\" }}\n\
              [agent]\n{agent_toml}\n\
-             [proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\nserver_connect_timeout = \"20s\"\n\
+             [proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\nserver_connect_timeout = \"20s\"\nadmin_users = [\"postgres\"]\n\
              [[proxy.users]]\nname = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n",
             pgwarden_testkit::REPLICATION_PASSWORD
         );
@@ -549,6 +549,20 @@ fn spawn(args: &[&str], log: &std::path::Path) -> Child {
         .stderr(file)
         .spawn()
         .expect("start pgwarden")
+}
+
+/// The proxy's admin console at `port`.
+pub async fn console(port: u16) -> Option<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname=pgwarden connect_timeout=5"
+        ),
+        NoTls,
+    )
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    Some(c)
 }
 
 pub async fn connect(port: u16) -> Option<tokio_postgres::Client> {

@@ -334,6 +334,7 @@ fn nodes(shared: &Shared) -> Table {
         ("routed_reads", INT8),
         ("routed_writes", INT8),
         ("probes", INT8),
+        ("agent_reason", TEXT),
     ]);
     let routing = shared.topology.routing();
     let view = shared.topology.view();
@@ -403,6 +404,7 @@ fn nodes(shared: &Shared) -> Table {
             s(state.reads.load(ld)),
             s(state.writes.load(ld)),
             s(state.probes.load(ld)),
+            n.reason.clone(),
         ]);
     }
     if let crate::router::Route::Unavailable(why) =
