@@ -553,24 +553,20 @@ fn spawn(args: &[&str], log: &std::path::Path) -> Child {
 
 /// The proxy's admin console at `port`.
 pub async fn console(port: u16) -> Option<tokio_postgres::Client> {
-    let (c, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname=pgwarden connect_timeout=5"
-        ),
-        NoTls,
-    )
-    .await
-    .ok()?;
-    tokio::spawn(conn);
-    Some(c)
+    connect_db(port, "pgwarden").await
 }
 
 pub async fn connect(port: u16) -> Option<tokio_postgres::Client> {
+    connect_db(port, "postgres").await
+}
+
+/// A connection as the superuser to `db` at `port` (bounded to 5 s).
+pub async fn connect_db(port: u16, db: &str) -> Option<tokio_postgres::Client> {
     let (c, conn) = tokio::time::timeout(
         Duration::from_secs(5),
         tokio_postgres::connect(
             &format!(
-                "host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres connect_timeout=5"
+                "host=127.0.0.1 port={port} user=postgres password={SUPERUSER_PASSWORD} dbname={db} connect_timeout=5"
             ),
             NoTls,
         ),

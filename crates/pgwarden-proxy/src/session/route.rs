@@ -401,12 +401,12 @@ pub enum ProxySetting {
 
 /// The proxy's own setting a simple query sets, resets or shows, if that is all it does.
 pub fn proxy_setting(sql: &[u8]) -> Option<ProxySetting> {
-    let text = std::str::from_utf8(sql).ok()?;
-    let text = text.trim().trim_end_matches(';').trim();
-    let lower = text.to_ascii_lowercase();
-    if !lower.contains("pgwarden.") {
+    // On every query and Parse between transactions: no copy of the text unless it names one.
+    if !sql.windows(9).any(|w| w.eq_ignore_ascii_case(b"pgwarden.")) {
         return None;
     }
+    let text = std::str::from_utf8(sql).ok()?;
+    let text = text.trim().trim_end_matches(';').trim();
     let toks: Vec<pgwarden_sql::lex::Token<'_>> = pgwarden_sql::lex::Lexer::new(text).collect();
     use pgwarden_sql::lex::Token;
     let name = |i: usize| -> Option<&'static str> {
