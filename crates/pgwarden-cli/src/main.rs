@@ -60,6 +60,29 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Planned switchover: the proxies hold new transactions while running ones finish, the
+    /// leader stops cleanly, the target catches up exactly and is promoted, and the old leader
+    /// follows it without a rewind. Refused, with the reason, before anything is touched when
+    /// it cannot proceed. Needs [dcs].
+    Switchover {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The member to hand over to [default: the eligible standby furthest ahead].
+        #[arg(long)]
+        to: Option<String>,
+        /// When: an RFC 3339 time (`2026-12-05T14:00:00Z`; UTC without an offset) or `+DURATION`
+        /// (`+10m`) [default: now]. A scheduled switchover is checked now and again when due.
+        #[arg(long, value_parser = parse_at)]
+        at: Option<u64>,
+        /// Hand over to a target that lags more than maximum_lag_on_failover (the leader
+        /// waits for it to catch up).
+        #[arg(long)]
+        force: bool,
+        /// How long the leader waits for running transactions to end before it stops anyway.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        drain: std::time::Duration,
+    },
     /// Run the connection pooler in front of the cluster's primary.
     Proxy {
         /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
@@ -116,6 +139,24 @@ enum ConfigCommand {
 
 fn parse_mode(s: &str) -> Result<ReplicationMode, String> {
     s.parse()
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    pgwarden_core::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// `--at`: `+DURATION` from now, or an RFC 3339 time; Unix milliseconds.
+fn parse_at(s: &str) -> Result<u64, String> {
+    let now = std::time::SystemTime::now();
+    let at = match s.strip_prefix('+') {
+        Some(d) => now + parse_duration(d)?,
+        None => humantime::parse_rfc3339_weak(s).map_err(|e| {
+            format!("{e}: expected an RFC 3339 time such as 2026-12-05T14:00:00Z, or +DURATION")
+        })?,
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| "a time before 1970".to_string())
 }
 
 fn parse_dcs(s: &str) -> Result<pgwarden_demo::Dcs, String> {
@@ -197,6 +238,21 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Pause { config } => pause_or_resume(config, true).await,
         Command::Resume { config } => pause_or_resume(config, false).await,
+        Command::Switchover {
+            config,
+            to,
+            at,
+            force,
+            drain,
+        } => {
+            let request = pgwarden_ha::operate::Request {
+                to,
+                at_ms: at,
+                force,
+                drain,
+            };
+            switchover(config, request).await
+        }
         Command::Proxy { .. } => unreachable!("handled in main"),
         Command::Agent { config, node } => {
             let config = match load(config) {
@@ -432,6 +488,85 @@ async fn pause_or_resume(config: Option<PathBuf>, pause: bool) -> ExitCode {
         }
         Err(e) => fail(&format!("cannot write to the store: {e}"), 1),
     }
+}
+
+/// `pgwarden switchover`: checked and asked for in the store, then followed to its end (a
+/// scheduled one is only asked for). Exit 0 when done, 1 when refused or failed, 2 when the
+/// store cannot be used.
+async fn switchover(config: Option<PathBuf>, request: pgwarden_ha::operate::Request) -> ExitCode {
+    use pgwarden_ha::operate::{self, OperateError};
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.dcs.is_none() {
+        return fail(
+            "switchover is carried out by the HA agents through their store, and this config has no [dcs]",
+            2,
+        );
+    }
+    let store = match pgwarden_ha::store::connect(&config).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    let sw = match operate::request_switchover(&store, &config, &request).await {
+        Ok(sw) => sw,
+        Err(e @ OperateError::Store(_)) => return fail(&format!("cannot use the store: {e}"), 2),
+        Err(e) => return fail(&e.to_string(), 1),
+    };
+    if let Some(at) = sw
+        .at_ms
+        .filter(|at| *at > pgwarden_ha::switchover::unix_ms())
+    {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(at),
+        );
+        println!(
+            "switchover from {} to {} scheduled at {when}",
+            sw.from, sw.to
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!("switchover from {} to {}: asked", sw.from, sw.to);
+    let bound = sw_bound(&config, &request);
+    match operate::wait_switchover(&store, sw.requested_ms, bound).await {
+        Some(done) if done.phase == pgwarden_dcs::SwitchoverPhase::Done => {
+            let secs = |ms: Option<u64>| ms.map_or("?".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
+            println!(
+                "switchover from {} to {}: done, epoch {}; writes held {}, {} transaction(s) cut at the stop",
+                done.from,
+                done.to,
+                done.epoch.map_or("?".into(), |e| e.to_string()),
+                secs(done.write_gap_ms()),
+                done.cut_transactions.unwrap_or(0),
+            );
+            ExitCode::SUCCESS
+        }
+        Some(failed) => fail(
+            &format!(
+                "switchover from {} to {} failed: {}",
+                failed.from,
+                failed.to,
+                failed.note.as_deref().unwrap_or("no reason recorded")
+            ),
+            1,
+        ),
+        None => fail(
+            &format!(
+                "switchover from {} to {} did not finish within {} (pgwarden list shows where it stands)",
+                sw.from,
+                sw.to,
+                pgwarden_core::format_duration(bound)
+            ),
+            1,
+        ),
+    }
+}
+
+/// How long `pgwarden switchover` follows one: the drain, then room for the stop, the
+/// catch-up and the promotion (the agents give up on the target after `ttl`).
+fn sw_bound(config: &Config, request: &pgwarden_ha::operate::Request) -> std::time::Duration {
+    request.drain + config.agent.ttl * 2 + std::time::Duration::from_secs(30)
 }
 
 /// `pgwarden list`: the store's members. Exit 0 when the store was read and a leader holds

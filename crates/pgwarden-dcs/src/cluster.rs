@@ -13,6 +13,8 @@
 //!   candidates are. Written only while the writer holds the leader key.
 //! - `sync` — the synchronous set: the members that may be promoted in synchronous mode.
 //!   Written only while the writer holds the leader key.
+//! - `switchover` — a planned change of leader and where it stands (see
+//!   [`crate::switchover`]).
 
 use pgwarden_core::{Epoch, Lsn, NodeId};
 use serde::de::DeserializeOwned;
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
+use crate::switchover::StoredSwitchover;
 use crate::DcsError;
 
 /// The holder of the leader key.
@@ -75,6 +78,8 @@ pub struct Snapshot<T> {
     pub synchronous_set: Option<Vec<NodeId>>,
     /// Maintenance mode (`pgwarden pause`): the agents take no automatic action.
     pub paused: bool,
+    /// The last switchover asked for, running or finished.
+    pub switchover: Option<StoredSwitchover>,
     pub members: Vec<Member<T>>,
 }
 
@@ -100,11 +105,18 @@ impl<K: Kv> ClusterStore<K> {
         &self.kv
     }
 
-    fn key(&self, name: &str) -> String {
+    pub(crate) fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
 
-    fn parse<T: DeserializeOwned>(e: &Entry) -> Result<T, DcsError> {
+    pub(crate) fn encode<T: Serialize>(&self, name: &str, value: &T) -> Result<Vec<u8>, DcsError> {
+        serde_json::to_vec(value).map_err(|source| DcsError::BadValue {
+            key: self.key(name),
+            source,
+        })
+    }
+
+    pub(crate) fn parse<T: DeserializeOwned>(e: &Entry) -> Result<T, DcsError> {
         serde_json::from_slice(&e.value).map_err(|source| DcsError::BadValue {
             key: e.key.clone(),
             source,
@@ -139,6 +151,7 @@ impl<K: Kv> ClusterStore<K> {
             last_leader: None,
             synchronous_set: None,
             paused: false,
+            switchover: None,
             members: Vec::new(),
         };
         for e in self.kv.list(&self.prefix).await? {
@@ -151,6 +164,12 @@ impl<K: Kv> ClusterStore<K> {
                 }
                 "last_leader" => snap.last_leader = Some(Self::last_leader_from(&e)?),
                 "pause" => snap.paused = Self::parse::<bool>(&e)?,
+                "switchover" => {
+                    snap.switchover = Some(StoredSwitchover {
+                        value: Self::parse(&e)?,
+                        revision: e.mod_revision,
+                    })
+                }
                 "sync" => {
                     let names: Vec<String> = Self::parse(&e)?;
                     snap.synchronous_set = Some(names.iter().map(|n| NodeId::new(n)).collect());
@@ -220,16 +239,13 @@ impl<K: Kv> ClusterStore<K> {
     }
 
     /// Writes `name` (a key not bound to a lease) if `held` still holds the leader key.
-    async fn put_as_leader<T: Serialize>(
+    pub(crate) async fn put_as_leader<T: Serialize>(
         &self,
         held: &Leader,
         name: &str,
         value: &T,
     ) -> Result<bool, DcsError> {
-        let value = serde_json::to_vec(value).map_err(|source| DcsError::BadValue {
-            key: self.key(name),
-            source,
-        })?;
+        let value = self.encode(name, value)?;
         self.kv
             .txn(
                 vec![Compare {
@@ -252,13 +268,22 @@ impl<K: Kv> ClusterStore<K> {
         lsn: Lsn,
         timeline: u32,
     ) -> Result<bool, DcsError> {
-        let v = LastLeaderValue {
-            node: held.node.to_string(),
-            epoch: held.epoch.0,
-            lsn: lsn.to_string(),
+        let v = Self::last_leader_value(&LastLeader {
+            node: held.node.clone(),
+            epoch: held.epoch,
+            lsn,
             timeline,
-        };
+        });
         self.put_as_leader(held, "last_leader", &v).await
+    }
+
+    pub(crate) fn last_leader_value(l: &LastLeader) -> impl Serialize {
+        LastLeaderValue {
+            node: l.node.to_string(),
+            epoch: l.epoch.0,
+            lsn: l.lsn.to_string(),
+            timeline: l.timeline,
+        }
     }
 
     pub async fn last_leader(&self) -> Result<Option<LastLeader>, DcsError> {

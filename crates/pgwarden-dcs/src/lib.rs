@@ -11,6 +11,7 @@
 //!   demo): no consensus over the network is made here.
 //! - [`etcd`] — [`etcd::EtcdKv`], the etcd v3 store, every call bounded by a timeout.
 //! - [`cluster`] — [`ClusterStore`]: the keys and operations the agents use.
+//! - [`switchover`] — the `switchover` key: a planned change of leader and where it stands.
 //! - [`error`] — [`DcsError`].
 
 pub mod cluster;
@@ -18,7 +19,9 @@ pub mod error;
 pub mod etcd;
 pub mod kv;
 pub mod memory;
+pub mod switchover;
 
 pub use cluster::{ClusterStore, LastLeader, Leader, Member, Snapshot};
 pub use error::DcsError;
 pub use kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
+pub use switchover::{Phase as SwitchoverPhase, StoredSwitchover, Switchover};

@@ -23,6 +23,7 @@ use std::time::Duration;
 use pgwarden_core::{format_duration, Epoch, Lsn, NodeId};
 
 use crate::candidates::{self, Candidate, Excluded, Ranking};
+use crate::switchover;
 
 /// Monotonic time since an arbitrary origin (the agent's start).
 pub type Tick = Duration;
@@ -141,6 +142,8 @@ pub struct Store {
     pub synchronous_set: Option<Vec<NodeId>>,
     /// Maintenance mode: no automatic action (see [`paused`]).
     pub paused: bool,
+    /// A planned switchover, running or finished.
+    pub switchover: Option<switchover::Plan>,
 }
 
 /// Everything one decision is made from.
@@ -162,6 +165,11 @@ pub struct Observation {
     pub leader_gone: bool,
     /// The last rewind of this data directory failed.
     pub rewind_failed: bool,
+    /// The leader of a due switchover: its target, asked on its API.
+    pub switchover_target: Option<switchover::Target>,
+    /// A stopped primary's data directory that shut down cleanly: its last checkpoint (read
+    /// only when a switchover names this node its old leader).
+    pub shut_down_at: Option<Lsn>,
 }
 
 /// One step for the driver.
@@ -208,6 +216,20 @@ pub enum Action {
     },
     /// The leader's housekeeping: slots for the other members, its position in the store.
     Lead,
+    /// A switchover is due: record that it drains, so the proxies hold new transactions.
+    BeginSwitchover {
+        to: NodeId,
+    },
+    /// The drain is over: checkpoint, stop cleanly, record where, give up the key.
+    HandOver {
+        to: NodeId,
+    },
+    /// The target leads: record the switchover done.
+    FinishSwitchover,
+    /// Record the switchover failed, and why.
+    FailSwitchover {
+        why: String,
+    },
 }
 
 /// Why an agent is not acting (published with its state).
@@ -244,6 +266,20 @@ pub enum Reason {
         leader: NodeId,
         since: Duration,
     },
+    /// The leader of a switchover waits for its clients' transactions to end.
+    Draining {
+        to: NodeId,
+    },
+    /// A switchover's old leader has stopped; `to` takes over.
+    SwitchingOver {
+        from: NodeId,
+        to: NodeId,
+    },
+    /// A switchover's target waits to receive past the old leader's last position.
+    CatchingUp {
+        from: NodeId,
+        lsn: Lsn,
+    },
     /// Maintenance mode: what it would do, it does not.
     Paused {
         would: Option<Box<Reason>>,
@@ -255,6 +291,17 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::StoreUnreachable => f.write_str("the consensus store is unreachable"),
+            Reason::Draining { to } => write!(
+                f,
+                "switchover to {to}: new transactions are held while running ones finish"
+            ),
+            Reason::SwitchingOver { from, to } => {
+                write!(f, "switchover: {from} has stopped, {to} takes over")
+            }
+            Reason::CatchingUp { from, lsn } => write!(
+                f,
+                "switchover target: receiving up to {from}'s last position {lsn} before taking over"
+            ),
             Reason::Paused { would, held_back } => {
                 f.write_str("paused (pgwarden resume): no automatic action")?;
                 if *held_back > 0 {
@@ -327,7 +374,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn act(role: Role, actions: Vec<Action>) -> Self {
+    pub(crate) fn act(role: Role, actions: Vec<Action>) -> Self {
         Decision {
             actions,
             role,
@@ -335,7 +382,7 @@ impl Decision {
         }
     }
 
-    fn wait(role: Role, why: Reason) -> Self {
+    pub(crate) fn wait(role: Role, why: Reason) -> Self {
         Decision {
             actions: Vec::new(),
             role,
@@ -366,7 +413,10 @@ fn paused(o: &Observation, d: Decision) -> Decision {
         .actions
         .into_iter()
         .filter(|a| match a {
-            Action::Fence | Action::AdoptLeader => true,
+            Action::Fence
+            | Action::AdoptLeader
+            | Action::FinishSwitchover
+            | Action::FailSwitchover { .. } => true,
             Action::TakeLeader | Action::Lead => primary,
             _ => false,
         })
@@ -517,9 +567,15 @@ fn stopped(
                 }],
             );
         }
+        if let Some(d) = switchover::clean_rejoin(o, store, &leader) {
+            return d;
+        }
         return rejoin(o, s, leader);
     }
     // Nobody leads.
+    if let Some(d) = switchover::without_leader(o, store) {
+        return d;
+    }
     if !standby && may_lead_again(o, store) && !lost_the_lead(o, s) {
         return Decision::act(Role::Down, vec![Action::TakeLeader]);
     }
@@ -556,6 +612,9 @@ fn rejoin(o: &Observation, s: &Settings, leader: NodeId) -> Decision {
 
 fn running_primary(o: &Observation, store: &Store, holds: bool, other: Option<NodeId>) -> Decision {
     if holds {
+        if let Some(d) = switchover::as_leader(o, store, o.switchover_target.as_ref()) {
+            return d;
+        }
         return Decision::act(Role::Leader, vec![Action::Lead]);
     }
     debug_assert!(
@@ -607,6 +666,9 @@ fn running_standby(
                 since: waited,
             },
         );
+    }
+    if let Some(d) = switchover::without_leader(o, store) {
+        return d;
     }
     elect(o, s, store, None)
 }
@@ -736,6 +798,7 @@ mod tests {
             leader_ready: true,
             synchronous_set: None,
             paused: false,
+            switchover: None,
         }
     }
 
@@ -750,6 +813,7 @@ mod tests {
             leader_ready: false,
             synchronous_set: None,
             paused: false,
+            switchover: None,
         }
     }
 
@@ -778,6 +842,8 @@ mod tests {
             candidates: vec![cand("n2", 0), cand("n3", 0)],
             leader_gone: false,
             rewind_failed: false,
+            switchover_target: None,
+            shut_down_at: None,
         }
     }
 
@@ -791,6 +857,106 @@ mod tests {
         Vec<Action>,
         Option<&'a str>,
     );
+
+    /// A switchover from n1 to n2 at `stage`.
+    fn planned(stage: switchover::Stage) -> impl Fn(&mut Observation) {
+        move |o: &mut Observation| {
+            o.store.as_mut().expect("store").switchover = Some(switchover::Plan {
+                from: n("n1"),
+                to: n("n2"),
+                stage: stage.clone(),
+            })
+        }
+    }
+
+    fn target(f: impl Fn(&mut switchover::Target)) -> impl Fn(&mut Observation) {
+        move |o: &mut Observation| {
+            let mut t = switchover::Target {
+                node: n("n2"),
+                standby_running: true,
+                streaming: true,
+                received: Some(Lsn(99 * MB)),
+                timeline: Some(1),
+                nofailover: false,
+            };
+            f(&mut t);
+            o.switchover_target = Some(t);
+        }
+    }
+
+    #[test]
+    fn switchover_decisions() {
+        use switchover::Stage::*;
+        let s = settings();
+        let with = |fs: &[&dyn Fn(&mut Observation)], o: Observation| {
+            let mut o = o;
+            for f in fs {
+                f(&mut o);
+            }
+            o
+        };
+        let stopped = |expired| Stopped {
+            lsn: Lsn(100 * MB),
+            timeline: 1,
+            expired,
+        };
+        let past = |o: &mut Observation| {
+            if let Pg::Running(r) = &mut o.pg {
+                r.lsn = Lsn(100 * MB + 40);
+            }
+        };
+        let at_stop = |o: &mut Observation| o.shut_down_at = Some(Lsn(100 * MB));
+        let elsewhere = |o: &mut Observation| o.shut_down_at = Some(Lsn(100 * MB + 8));
+        let ok = target(|_| {});
+        let paused = |o: &mut Observation| o.store.as_mut().expect("store").paused = true;
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("scheduled: the leader just leads", with(&[&planned(Scheduled)], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], None),
+            ("due, the target fit: begin", with(&[&planned(Due), &ok], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead, BeginSwitchover { to: n("n2") }], None),
+            ("due, a lagging target is waited for (checked when asked)", with(&[&planned(Due), &target(|t| t.received = Some(Lsn(MB)))], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead, BeginSwitchover { to: n("n2") }], None),
+            ("due, the target stopped streaming: fail", with(&[&planned(Due), &target(|t| t.streaming = false)], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![FailSwitchover { why: "n2 is not streaming from the leader, so it cannot catch up".into() }, Lead], None),
+            ("due, the target did not answer: fail", with(&[&planned(Due)], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![FailSwitchover { why: "n2's PostgreSQL is not running as a standby".into() }, Lead], None),
+            ("due, the target turned nofailover: fail", with(&[&planned(Due), &target(|t| t.nofailover = true)], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![FailSwitchover { why: "n2 is tagged nofailover".into() }, Lead], None),
+            ("draining: lead and wait, saying why", with(&[&planned(Draining { done: false })], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], Some("new transactions are held")),
+            ("drained: hand over", with(&[&planned(Draining { done: true })], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![HandOver { to: n("n2") }], None),
+            ("asked of n1, n3 leads: fail", with(&[&planned(Due)], obs("n3", primary(), Some(store(Some("n3"))))), &s, vec![FailSwitchover { why: "it was asked of n1, and n3 leads now".into() }, Lead], None),
+            ("the target leads: done", with(&[&planned(stopped(false))], obs("n2", primary(), Some(store(Some("n2"))))), &s, vec![FinishSwitchover, Lead], None),
+            ("someone else leads after the stop: failed", with(&[&planned(stopped(true))], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![FailSwitchover { why: "n2 did not take over after n1 stopped; n1 leads".into() }, Lead], None),
+            ("over: nothing more", with(&[&planned(Over { stopped_at: None })], obs("n2", primary(), Some(store(Some("n2"))))), &s, vec![Lead], None),
+            // Without a leader, after the stop.
+            ("the target past the stop takes the key", with(&[&planned(stopped(false)), &past], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("the target at the checkpoint's start has not received it all: waits", with(&[&planned(stopped(false))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("receiving up to n1's last position")),
+            ("the target on another timeline waits", with(&[&planned(stopped(false)), &past, &|o: &mut Observation| if let Pg::Running(r) = &mut o.pg { r.data_timeline = 2 }], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("receiving up to")),
+            ("another standby does not run for the key", with(&[&planned(stopped(false)), &past], obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("n2 takes over")),
+            ("the old leader does not take the key back", with(&[&planned(stopped(false))], obs("n1", Pg::Stopped { standby: false }, Some(store(None)))), &s, vec![], Some("n2 takes over")),
+            ("expired: the ordinary election", with(&[&planned(stopped(true))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("expired: the old leader may lead again", with(&[&planned(stopped(true))], obs("n1", Pg::Stopped { standby: false }, Some(store(None)))), &s, vec![TakeLeader], None),
+            ("paused: the target does not take the key", with(&[&planned(stopped(false)), &past, &paused], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("held back")),
+            ("paused: no drain begins", with(&[&planned(Due), &ok, &paused], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], Some("1 held back")),
+            // The old leader's rejoin.
+            ("stopped exactly where the target took over: a standby, no rewind", with(&[&planned(stopped(false)), &at_stop], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![StartStandby { upstream: Some(n("n2")) }], None),
+            ("the same once done", with(&[&planned(Over { stopped_at: Some(Lsn(100 * MB)) }), &at_stop], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![StartStandby { upstream: Some(n("n2")) }], None),
+            ("its data moved since the stop: rewind", with(&[&planned(Over { stopped_at: Some(Lsn(100 * MB)) }), &elsewhere], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![Rewind { from: n("n2") }], None),
+            ("not shut down cleanly: rewind", with(&[&planned(Over { stopped_at: Some(Lsn(100 * MB)) })], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![Rewind { from: n("n2") }], None),
+            ("a third node leads: rewind", with(&[&planned(Over { stopped_at: Some(Lsn(100 * MB)) }), &at_stop], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n3"))))), &s, vec![Rewind { from: n("n3") }], None),
+            ("a failed one that never stopped: rewind", with(&[&planned(Over { stopped_at: None }), &at_stop], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![Rewind { from: n("n2") }], None),
+        ];
+        for (what, o, s, actions, reason) in cases {
+            let d = decide(&o, s);
+            assert_eq!(d.actions, actions, "{what}");
+            match reason {
+                Some(phrase) => {
+                    let text = d
+                        .waiting
+                        .as_ref()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default();
+                    assert!(text.contains(phrase), "{what}: {text:?} lacks {phrase:?}");
+                }
+                None => assert_eq!(d.waiting, None, "{what}"),
+            }
+        }
+    }
 
     #[test]
     fn decisions() {

@@ -6,9 +6,11 @@
 //!   why it does nothing (pure, table-tested).
 //! - [`candidates`] — who may take the leader lease when nobody holds it, and why each other
 //!   member may not (pure, table-tested).
+//! - [`switchover`] — planned switchover: the target's checks and each agent's part (pure).
 //! - [`sync`] — managed synchronous replication: who is named, and the safe order of changes.
 //! - [`agent`] — [`Agent`], the driver: owns its node's PostgreSQL, its lease and its member key.
 //! - [`member`] — [`MemberState`], what an agent publishes.
+//! - [`operate`] — operator commands on the store: switchover requests, checked first.
 //! - [`api`] — `GET /health`, `/primary`, `/replica`.
 //! - [`store`] — the etcd store from `[dcs]`, or the in-process one.
 //! - [`view`] — the proxy's cluster view from the store.
@@ -19,8 +21,10 @@ pub mod api;
 pub mod candidates;
 pub mod decide;
 pub mod member;
+pub mod operate;
 pub mod status;
 pub mod store;
+pub mod switchover;
 pub mod sync;
 pub mod view;
 

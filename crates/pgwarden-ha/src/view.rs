@@ -99,6 +99,16 @@ async fn read<K: Kv>(
     let snap = store.snapshot::<MemberState>().await?;
     let now = Instant::now();
     let mut view = view_of(&snap, now);
+    if snap
+        .switchover
+        .as_ref()
+        .is_some_and(|sw| crate::switchover::holds_writes(&sw.value, crate::switchover::unix_ms()))
+    {
+        // A switchover drains the leader: new transactions wait for the next leader, running
+        // ones finish.
+        view.writes_hold_from = Some(now);
+        return Ok(view);
+    }
     if let (Some(_), Some(lease)) = (&view.leader, snap.leader.as_ref().and_then(|l| l.lease)) {
         // Unknown (the call failed) holds nothing: a silent store makes the view stale instead.
         if let Ok(left) = store.kv().time_to_live(lease).await {
@@ -110,7 +120,8 @@ async fn read<K: Kv>(
 
 /// Follows the store: a new view on every change of the cluster's keys and at least every
 /// `refresh`; writes are held from shortly before a leader whose lease runs out unrenewed
-/// could fence itself (`fence_margin` before the lease's end).
+/// could fence itself (`fence_margin` before the lease's end), and while a switchover drains
+/// the leader.
 pub async fn spawn<K: Kv>(
     store: Arc<ClusterStore<K>>,
     refresh: Duration,
@@ -259,6 +270,7 @@ mod tests {
             initialized_by: None,
             last_leader: None,
             synchronous_set: None,
+            switchover: None,
             members,
         }
     }

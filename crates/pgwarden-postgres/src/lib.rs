@@ -10,12 +10,14 @@
 //! - [`user`] — [`RunAs`], the OS user PostgreSQL runs as, and directories created for it.
 //! - [`conf`] — [`Settings`], the generated `pgwarden.conf`, `pg_hba.conf` and standby settings.
 //! - [`instance`] — [`Instance`], one data directory: initdb, configure, clone, start.
+//! - [`control`] — [`ControlData`]: how a stopped data directory last stopped (`pg_controldata`).
 //! - [`process`] — [`Postmaster`], the running server: readiness, stop, kill, exit.
 //! - [`sql`] — connecting with `tokio-postgres`, quoting, and the role set-up statements.
 //! - [`error`] — [`PgError`].
 
 pub mod bins;
 pub mod conf;
+pub mod control;
 pub mod error;
 pub mod instance;
 pub mod process;
@@ -26,6 +28,7 @@ mod exec;
 
 pub use bins::PgBinaries;
 pub use conf::{Settings, SyncStandbys};
+pub use control::ControlData;
 pub use error::PgError;
 pub use instance::{log_tail, parent_death_signal, Endpoint, Instance, ReplicationLogin};
 pub use process::{become_subreaper, reap_orphans, Postmaster, StopMode};

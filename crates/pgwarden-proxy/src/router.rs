@@ -71,7 +71,7 @@ impl std::fmt::Display for Unavailable {
             ),
             Unavailable::LeaseEnding(n) => write!(
                 f,
-                "the primary {n} has not renewed its leader lease and may be fencing itself"
+                "the primary {n} is handing over (a switchover), or has not renewed its leader lease and may be fencing itself"
             ),
         }
     }

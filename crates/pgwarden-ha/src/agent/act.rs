@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use pgwarden_core::NodeId;
-use pgwarden_dcs::{Kv, Leader};
+use pgwarden_dcs::{Kv, LastLeader, Leader, Switchover, SwitchoverPhase};
 use pgwarden_postgres::sql;
 use pgwarden_postgres::{Endpoint, ReplicationLogin, Settings, StopMode, SyncStandbys};
 
+use super::observe::OPEN_TRANSACTIONS;
 use super::{Agent, AgentError};
 use crate::decide::{Action, SyncMode};
+use crate::switchover;
 use crate::sync::{self, Streaming, SyncStep};
 
 const CLONE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -142,6 +144,103 @@ impl<K: Kv> Agent<K> {
                 Box::pin(self.act(&Action::Clone { from: from.clone() })).await?;
             }
             Action::Lead => self.lead().await?,
+            Action::BeginSwitchover { to } => self.begin_switchover(to).await?,
+            Action::HandOver { to } => self.hand_over(to).await?,
+            Action::FinishSwitchover => {
+                let held = self.held_by(&self.id.clone())?;
+                let mut sw = self.current_switchover()?;
+                sw.phase = SwitchoverPhase::Done;
+                sw.finished_ms = Some(switchover::unix_ms());
+                sw.epoch = Some(held.epoch.0);
+                self.store.update_switchover(&held, &sw).await?;
+                tracing::info!(node = %self.id, from = %sw.from, epoch = %held.epoch, write_gap_ms = ?sw.write_gap_ms(), "switchover done");
+            }
+            Action::FailSwitchover { why } => {
+                let held = self.held_by(&self.id.clone())?;
+                let mut sw = self.current_switchover()?;
+                sw.phase = SwitchoverPhase::Failed;
+                sw.finished_ms = Some(switchover::unix_ms());
+                sw.note = Some(why.clone());
+                self.store.update_switchover(&held, &sw).await?;
+                tracing::warn!(node = %self.id, to = %sw.to, why = %why, "switchover failed");
+            }
+        }
+        Ok(())
+    }
+
+    fn current_switchover(&self) -> Result<Switchover, AgentError> {
+        self.snapshot
+            .as_ref()
+            .and_then(|s| s.switchover.as_ref())
+            .map(|s| s.value.clone())
+            .ok_or(AgentError::NotReady("the switchover key changed"))
+    }
+
+    /// The drain begins: the proxies hold new transactions from when they see it.
+    async fn begin_switchover(&mut self, to: &NodeId) -> Result<(), AgentError> {
+        let held = self.held_by(&self.id.clone())?;
+        let mut sw = self.current_switchover()?;
+        sw.phase = SwitchoverPhase::Draining;
+        sw.draining_ms = Some(switchover::unix_ms());
+        self.store.update_switchover(&held, &sw).await?;
+        self.mem.draining = true;
+        tracing::info!(node = %self.id, to = %to, drain_ms = sw.drain_ms, "switchover: holding new transactions, draining");
+        Ok(())
+    }
+
+    /// The old leader's last step: a checkpoint (so the shutdown checkpoint has little to
+    /// write), a fast shutdown (PostgreSQL sends every byte of WAL to the connected standbys
+    /// before it exits), then `stopped` at the shutdown checkpoint, `last_leader` there and
+    /// the leader key deleted, in one transaction.
+    async fn hand_over(&mut self, to: &NodeId) -> Result<(), AgentError> {
+        let held = self.held_by(&self.id.clone())?;
+        let mut sw = self.current_switchover()?;
+        let cut = match self.query(OPEN_TRANSACTIONS, &[]).await {
+            Ok(rows) => rows.first().map(|r| r.get::<_, i64>(0) as u64),
+            Err(_) => None,
+        };
+        let me = self.endpoint(&self.id.clone())?;
+        if let Err(e) = self.checkpoint_on(&me).await {
+            tracing::warn!(node = %self.id, error = %e, "switchover: the checkpoint before the stop failed; stopping anyway");
+        }
+        tracing::info!(node = %self.id, to = %to, cut = ?cut, "switchover: stopping postgres cleanly");
+        self.stop_cleanly().await;
+        let control = self.instance.control_data().await;
+        let now = switchover::unix_ms();
+        match control {
+            Ok(c) if c.shut_down => {
+                sw.phase = SwitchoverPhase::Stopped;
+                sw.stopped_ms = Some(now);
+                sw.stopped_lsn = Some(c.checkpoint.to_string());
+                sw.stopped_timeline = Some(c.timeline);
+                sw.cut_transactions = cut;
+                let last = LastLeader {
+                    node: self.id.clone(),
+                    epoch: held.epoch,
+                    lsn: c.checkpoint,
+                    timeline: c.timeline,
+                };
+                if !self.store.hand_over(&held, &sw, &last).await? {
+                    return Err(AgentError::NotReady(
+                        "the leader key changed while this leader stopped for the switchover",
+                    ));
+                }
+                tracing::info!(node = %self.id, to = %to, lsn = %c.checkpoint, "switchover: stopped cleanly, the key given up");
+            }
+            other => {
+                // It did not stop cleanly: its last position is unknown, so nobody may take
+                // over as in a switchover. Hand over as a failover would.
+                let why = match other {
+                    Ok(_) => "postgres did not shut down cleanly".to_string(),
+                    Err(e) => format!("cannot read the control file: {e}"),
+                };
+                sw.phase = SwitchoverPhase::Failed;
+                sw.finished_ms = Some(now);
+                sw.note = Some(format!("{why}; the key was released for a failover"));
+                self.store.update_switchover(&held, &sw).await?;
+                self.store.release_leader(&held).await?;
+                tracing::warn!(node = %self.id, why = %why, "switchover failed at the stop; released the key");
+            }
         }
         Ok(())
     }

@@ -80,6 +80,8 @@ struct Memory {
     start_not_before: Option<Instant>,
     /// The standby's replay as last read.
     replay: observe::Replay,
+    /// This leader drains for a switchover: rounds come quickly.
+    draining: bool,
 }
 
 pub struct Agent<K: Kv> {
@@ -102,6 +104,8 @@ pub struct Agent<K: Kv> {
 
 /// How long a peer's API may take to answer during an election.
 const PEER_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often a draining leader counts its clients' open transactions.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// How far apart the two refusals that prove a leader's processes gone must be.
 const GONE_RECHECK: Duration = Duration::from_millis(200);
 
@@ -247,6 +251,9 @@ impl<K: Kv> Agent<K> {
             }
             if self.mem.soon {
                 wait = wait.min(Duration::from_millis(100));
+            }
+            if self.mem.draining {
+                wait = wait.min(DRAIN_POLL);
             }
             self.wait(wait, &mut children, leader_changes.as_mut(), &mut stop)
                 .await;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use pgwarden_config::NodeConfig;
 use pgwarden_core::{Lsn, NodeId};
-use pgwarden_dcs::Kv;
+use pgwarden_dcs::{Kv, SwitchoverPhase};
 use pgwarden_postgres::sql;
 
 use super::{Agent, AgentError, PEER_TIMEOUT};
@@ -14,6 +14,12 @@ use crate::api;
 use crate::candidates::Candidate;
 use crate::decide::{Decision, LeaderKey, Observation, Pg, Role, Running, Store};
 use crate::member::MemberState;
+use crate::switchover::{self, Plan, Stage, Target};
+
+/// Client transactions running on this server, other than this query's.
+pub(super) const OPEN_TRANSACTIONS: &str = "\
+SELECT count(*) FROM pg_stat_activity
+ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start IS NOT NULL";
 
 /// The bound on connecting to this node's PostgreSQL, and on one query.
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -69,6 +75,7 @@ impl<K: Kv> Agent<K> {
             self.mem.pg_down_since = None;
         }
         let pg = self.observe_pg(now).await;
+        let (switchover, switchover_target, shut_down_at) = self.observe_switchover(&pg).await;
         let lease = self.lease.id();
         let store = self.snapshot.as_ref().map(|s| Store {
             leader: s.leader.as_ref().map(|l| LeaderKey {
@@ -97,6 +104,7 @@ impl<K: Kv> Agent<K> {
             }),
             synchronous_set: s.synchronous_set.clone(),
             paused: s.paused,
+            switchover,
         });
         let other_leader = store
             .as_ref()
@@ -126,7 +134,68 @@ impl<K: Kv> Agent<K> {
             candidates,
             leader_gone,
             rewind_failed: self.mem.rewind_failed,
+            switchover_target,
+            shut_down_at,
         }
+    }
+
+    /// The switchover in the store as this agent sees it: its stage (whether this leader's
+    /// drain is done is asked of its own server), the target asked on its API when it is due
+    /// here, and this data directory's clean shutdown point when it was the old leader.
+    async fn observe_switchover(&mut self, pg: &Pg) -> (Option<Plan>, Option<Target>, Option<Lsn>) {
+        self.mem.draining = false;
+        let Some(sw) = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.switchover.as_ref())
+            .map(|s| s.value.clone())
+        else {
+            return (None, None, None);
+        };
+        let mine = sw.from == self.id.as_str();
+        let leading = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.leader.as_ref())
+            .is_some_and(|l| l.node == self.id);
+        let primary = matches!(pg, Pg::Running(r) if r.primary);
+        let mut drained = false;
+        if mine && leading && primary && sw.phase == SwitchoverPhase::Draining {
+            self.mem.draining = true;
+            drained = match self.query(OPEN_TRANSACTIONS, &[]).await {
+                Ok(rows) => rows.first().is_some_and(|r| r.get::<_, i64>(0) == 0),
+                Err(e) => {
+                    tracing::debug!(node = %self.id, error = %e, "cannot count open transactions");
+                    false
+                }
+            };
+        }
+        let plan = switchover::plan_of(&sw, switchover::unix_ms(), self.rules.ttl, drained);
+        let target = if mine && leading && plan.stage == Stage::Due {
+            let to = NodeId::new(&sw.to);
+            let api = self.config.node(&sw.to).and_then(|n| n.api);
+            match api {
+                Some(addr) => api::fetch_state(&addr.to_string(), PEER_TIMEOUT)
+                    .await
+                    .map(|m| Target::of(to, &m)),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let shut_down_at = if mine && matches!(pg, Pg::Stopped { standby: false }) {
+            match self.instance.control_data().await {
+                Ok(c) if c.shut_down => Some(c.checkpoint),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(node = %self.id, error = %e, "cannot read the control file");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        (Some(plan), target, shut_down_at)
     }
 
     async fn observe_pg(&mut self, now: Instant) -> Pg {

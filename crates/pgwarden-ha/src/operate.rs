@@ -1,0 +1,328 @@
+//! Operator commands on the store: asking for a switchover (checked before anything is
+//! written) and following it to its end. Used by `pgwarden switchover` and the agents' API.
+
+use std::time::Duration;
+
+use pgwarden_config::Config;
+use pgwarden_core::NodeId;
+use pgwarden_dcs::{ClusterStore, Kv, Leader, Revision, Snapshot, Switchover, SwitchoverPhase};
+
+use crate::member::MemberState;
+use crate::switchover::{self, Leading, Refusal, Target};
+
+/// What an operator asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub to: Option<String>,
+    /// Unix milliseconds; `None`: at once.
+    pub at_ms: Option<u64>,
+    /// Skip the target's lag check (the leader waits for it to catch up, bounded).
+    pub force: bool,
+    /// How long the leader waits for running transactions before it stops anyway.
+    pub drain: Duration,
+}
+
+/// The default drain: short enough that transactions held meanwhile by a proxy with the default
+/// `server_connect_timeout` (3 s) still get a server.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperateError {
+    #[error("switchover refused: {0}")]
+    Refused(Refusal),
+    #[error("{0}")]
+    Store(String),
+    #[error("the cluster changed while the switchover was being asked for (leader or switchover key); try again")]
+    Raced,
+}
+
+/// The switchover to write for `req`, checked against `snap` (the published member states),
+/// with the leader it is asked of and the switchover key's revision it replaces.
+pub fn plan_request(
+    snap: &Snapshot<MemberState>,
+    req: &Request,
+    maximum_lag: Option<u64>,
+    ttl: Duration,
+    now_ms: u64,
+) -> Result<(Switchover, Leader, Revision), Refusal> {
+    let leader = snap.leader.clone().ok_or(Refusal::NoLeader)?;
+    if snap.paused {
+        return Err(Refusal::Paused);
+    }
+    let replaces = match &snap.switchover {
+        Some(s) if switchover::under_way(&s.value, now_ms, ttl) => {
+            return Err(Refusal::Running {
+                from: s.value.from_node(),
+                to: s.value.to_node(),
+            })
+        }
+        Some(s) => s.revision,
+        None => 0,
+    };
+    let state = |n: &NodeId| snap.members.iter().find(|m| &m.node == n).map(|m| &m.state);
+    let leading = match state(&leader.node) {
+        Some(m) if m.primary && m.state == "running" => Leading {
+            node: leader.node.clone(),
+            lsn: m.lsn.as_deref().and_then(|l| l.parse().ok()),
+            timeline: m.timeline,
+            maximum_lag,
+        },
+        _ => return Err(Refusal::NoLeader),
+    };
+    let members: Vec<Target> = snap
+        .members
+        .iter()
+        .map(|m| Target::of(m.node.clone(), &m.state))
+        .collect();
+    let to = match &req.to {
+        Some(name) => {
+            let node = NodeId::new(name);
+            let t = members
+                .iter()
+                .find(|t| t.node == node)
+                .ok_or(Refusal::UnknownMember(node.clone()))?;
+            switchover::check_target(t, &leading, req.force)?;
+            node
+        }
+        None => switchover::choose_target(&members, &leading, req.force)?,
+    };
+    let sw = Switchover {
+        requested_ms: now_ms,
+        from: leader.node.to_string(),
+        to: to.to_string(),
+        at_ms: req.at_ms,
+        drain_ms: req.drain.as_millis() as u64,
+        phase: SwitchoverPhase::Requested,
+        draining_ms: None,
+        stopped_ms: None,
+        stopped_lsn: None,
+        stopped_timeline: None,
+        cut_transactions: None,
+        finished_ms: None,
+        epoch: None,
+        note: None,
+    };
+    Ok((sw, leader, replaces))
+}
+
+/// Checks `req` against the store and writes it; returns what was written.
+pub async fn request_switchover<K: Kv>(
+    store: &ClusterStore<K>,
+    config: &Config,
+    req: &Request,
+) -> Result<Switchover, OperateError> {
+    let snap = store
+        .snapshot::<MemberState>()
+        .await
+        .map_err(|e| OperateError::Store(e.to_string()))?;
+    let maximum_lag = config.agent.maximum_lag_on_failover.map(|b| b.bytes());
+    let (sw, leader, replaces) = plan_request(
+        &snap,
+        req,
+        maximum_lag,
+        config.agent.ttl,
+        switchover::unix_ms(),
+    )
+    .map_err(OperateError::Refused)?;
+    match store.request_switchover(&sw, &leader, replaces).await {
+        Ok(true) => Ok(sw),
+        Ok(false) => Err(OperateError::Raced),
+        Err(e) => Err(OperateError::Store(e.to_string())),
+    }
+}
+
+/// Follows the switchover asked for at `requested_ms` until it is done or failed, or `bound`
+/// passes (`None`: it did not end in time, or another replaced it).
+pub async fn wait_switchover<K: Kv>(
+    store: &ClusterStore<K>,
+    requested_ms: u64,
+    bound: Duration,
+) -> Option<Switchover> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut changes = store.watch().await.ok();
+    loop {
+        if let Ok(Some(s)) = store.switchover().await {
+            if s.value.requested_ms != requested_ms {
+                return None;
+            }
+            if s.value.phase.is_over() {
+                return Some(s.value);
+            }
+        }
+        let changed = async {
+            let alive = match changes.as_mut() {
+                Some(w) => w.changed().await.is_ok(),
+                None => false,
+            };
+            if !alive {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = changed => {}
+            // A watch that a restarted store ended says nothing more: read again anyway.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwarden_core::Epoch;
+    use pgwarden_dcs::{Member, StoredSwitchover};
+
+    const MB: u64 = 1 << 20;
+
+    fn member(
+        name: &str,
+        primary: bool,
+        lsn_mb: u64,
+        f: impl Fn(&mut MemberState),
+    ) -> Member<MemberState> {
+        let mut state = MemberState {
+            role: if primary { "leader" } else { "replica" }.into(),
+            state: "running".into(),
+            primary,
+            timeline: Some(1),
+            lsn: Some(pgwarden_core::Lsn(lsn_mb * MB).to_string()),
+            streaming: !primary,
+            lag_bytes: None,
+            replay_lsn: None,
+            replay_lag_bytes: None,
+            replay_lag_ms: None,
+            epoch: primary.then_some(3),
+            ready: primary,
+            host: "127.0.0.1".into(),
+            port: 5432,
+            api: None,
+            priority: 1,
+            nofailover: false,
+            nosync: false,
+            reason: None,
+        };
+        f(&mut state);
+        Member {
+            node: NodeId::new(name),
+            state,
+        }
+    }
+
+    fn snap(members: Vec<Member<MemberState>>) -> Snapshot<MemberState> {
+        Snapshot {
+            leader: Some(Leader {
+                node: NodeId::new("n1"),
+                epoch: Epoch(3),
+                revision: 7,
+                lease: None,
+            }),
+            last_epoch: Some(Epoch(3)),
+            initialized_by: None,
+            last_leader: None,
+            synchronous_set: None,
+            paused: false,
+            switchover: None,
+            members,
+        }
+    }
+
+    fn cluster() -> Vec<Member<MemberState>> {
+        vec![
+            member("n1", true, 100, |_| {}),
+            member("n2", false, 100, |_| {}),
+            member("n3", false, 99, |_| {}),
+        ]
+    }
+
+    fn req(to: Option<&str>, force: bool) -> Request {
+        Request {
+            to: to.map(String::from),
+            at_ms: None,
+            force,
+            drain: DEFAULT_DRAIN,
+        }
+    }
+
+    fn running(phase: SwitchoverPhase, at_ms: u64) -> StoredSwitchover {
+        StoredSwitchover {
+            value: Switchover {
+                requested_ms: at_ms,
+                from: "n1".into(),
+                to: "n3".into(),
+                at_ms: None,
+                drain_ms: 2000,
+                phase,
+                draining_ms: Some(at_ms),
+                stopped_ms: Some(at_ms),
+                stopped_lsn: Some("0/10".into()),
+                stopped_timeline: Some(1),
+                cut_transactions: None,
+                finished_ms: None,
+                epoch: None,
+                note: None,
+            },
+            revision: 42,
+        }
+    }
+
+    #[test]
+    fn requests() {
+        let ttl = Duration::from_secs(7);
+        let now = 1_000_000;
+        let lag = Some(MB / 2);
+        let with = |f: &dyn Fn(&mut Snapshot<MemberState>)| {
+            let mut s = snap(cluster());
+            f(&mut s);
+            s
+        };
+        let edit = |name: &'static str, f: fn(&mut MemberState)| {
+            move |s: &mut Snapshot<MemberState>| {
+                for m in s.members.iter_mut().filter(|m| m.node.as_str() == name) {
+                    f(&mut m.state);
+                }
+            }
+        };
+        type Case<'a> = (
+            &'a str,
+            Snapshot<MemberState>,
+            Request,
+            Result<(&'a str, Revision), &'a str>,
+        );
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("named and fit", snap(cluster()), req(Some("n2"), false), Ok(("n2", 0))),
+            ("unnamed: the one furthest ahead", snap(cluster()), req(None, false), Ok(("n2", 0))),
+            ("unnamed, equal: by name", with(&edit("n3", |m| m.lsn = Some(pgwarden_core::Lsn(100 * MB).to_string()))), req(None, false), Ok(("n2", 0))),
+            ("lagging beyond maximum_lag_on_failover", snap(cluster()), req(Some("n3"), false), Err("n3 is 1.0 MiB behind the leader")),
+            ("lagging, forced", snap(cluster()), req(Some("n3"), true), Ok(("n3", 0))),
+            ("no leader", with(&|s| s.leader = None), req(Some("n2"), false), Err("no member holds the leader key")),
+            ("paused", with(&|s| s.paused = true), req(Some("n2"), false), Err("paused")),
+            ("to the leader", snap(cluster()), req(Some("n1"), false), Err("n1 already leads")),
+            ("to an unknown member", snap(cluster()), req(Some("n9"), false), Err("n9 is not a member")),
+            ("to a nofailover member", with(&edit("n2", |m| m.nofailover = true)), req(Some("n2"), false), Err("nofailover")),
+            ("to a stopped member", with(&edit("n2", |m| m.state = "stopped".into())), req(Some("n2"), false), Err("not running as a standby")),
+            ("to one that does not stream", with(&edit("n2", |m| m.streaming = false)), req(Some("n2"), false), Err("not streaming")),
+            ("to one on another timeline", with(&edit("n2", |m| m.timeline = Some(2))), req(Some("n2"), false), Err("on timeline 2, the leader on 1")),
+            ("nobody fit", with(&|s| { edit("n2", |m| m.streaming = false)(s); edit("n3", |m| m.nofailover = true)(s) }), req(None, false), Err("no member may take over: n2 is not streaming from the leader, so it cannot catch up; n3 is tagged nofailover")),
+            ("one under way", with(&|s| s.switchover = Some(running(SwitchoverPhase::Draining, now))), req(Some("n2"), false), Err("from n1 to n3 is already under way")),
+            ("a finished one is replaced", with(&|s| s.switchover = Some(running(SwitchoverPhase::Done, now))), req(Some("n2"), false), Ok(("n2", 42))),
+            ("a stop nobody took over in time is replaced", with(&|s| s.switchover = Some(running(SwitchoverPhase::Stopped, now - 8000))), req(Some("n2"), false), Ok(("n2", 42))),
+            ("a recent stop is under way", with(&|s| s.switchover = Some(running(SwitchoverPhase::Stopped, now - 1000))), req(Some("n2"), false), Err("already under way")),
+        ];
+        for (what, s, r, want) in cases {
+            match (plan_request(&s, &r, lag, ttl, now), want) {
+                (Ok((sw, leader, rev)), Ok((to, replaces))) => {
+                    assert_eq!((sw.to.as_str(), rev), (to, replaces), "{what}");
+                    assert_eq!((sw.from.as_str(), leader.revision), ("n1", 7), "{what}");
+                    assert_eq!(sw.phase, SwitchoverPhase::Requested, "{what}");
+                }
+                (Err(got), Err(phrase)) => {
+                    let got = got.to_string();
+                    assert!(got.contains(phrase), "{what}: {got:?} lacks {phrase:?}");
+                }
+                (got, want) => panic!("{what}: got {got:?}, wanted {want:?}"),
+            }
+        }
+    }
+}
