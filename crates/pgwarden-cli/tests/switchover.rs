@@ -1,0 +1,196 @@
+//! Planned switchover with real etcd, `pgwarden agent` processes and the proxy following the
+//! store: under a write load through the proxy, no client between transactions sees an error,
+//! no acknowledged write is lost, and the old leader follows the new one without a rewind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::ha::Ha;
+use pgwarden_testkit::eventually;
+
+const BOOT: Duration = Duration::from_secs(120);
+/// Loose: a test, not a benchmark (bench/failover.sh measures).
+const HEAL: Duration = Duration::from_secs(40);
+const WRITE_EVERY: Duration = Duration::from_millis(15);
+
+async fn wait_acks(w: &common::ha::Writer, more: usize) {
+    let target = w.acked() + more;
+    eventually(HEAL, "the writer makes progress", || async {
+        (w.acked() >= target).then_some(())
+    })
+    .await;
+}
+
+/// `pgwarden ARGS -c <the proxy's config>` off the runtime's threads.
+async fn pgwarden(ha: &Ha, args: &[&str]) -> common::Run {
+    let config = ha.dir.path().join("proxy.toml");
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.push("-c".into());
+    all.push(config.to_str().expect("utf-8 path").into());
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        common::run(&refs)
+    })
+    .await
+    .expect("run pgwarden")
+}
+
+/// A switchover to `to` (or the best member) that must succeed: the new leader's index and
+/// epoch once every other member streams from it.
+async fn switch(ha: &Ha, to: Option<&str>, epoch: u64) -> (usize, u64) {
+    let mut args = vec!["switchover"];
+    if let Some(to) = to {
+        args.extend(["--to", to]);
+    }
+    let r = pgwarden(ha, &args).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(": done, epoch"), "{}", r.stdout);
+    ha.settled(ha.nodes.len() - 1, epoch + 1, HEAL).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_under_writes_errors_no_client_and_loses_nothing() {
+    let ha = Ha::start(3, "", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    assert_eq!(leader, 0);
+    // An idle client of the proxy, between transactions throughout.
+    let idle = ha.proxied().await.expect("an idle client");
+    let w = ha.writer(WRITE_EVERY).await;
+    wait_acks(&w, 20).await;
+
+    let started = Instant::now();
+    let (new_leader, new_epoch) = switch(&ha, Some("n2"), epoch).await;
+    assert_eq!(
+        (new_leader, new_epoch),
+        (1, epoch + 1),
+        "n2 leads, one epoch on"
+    );
+    wait_acks(&w, 30).await;
+    // The old leader followed without a rewind: it stopped exactly where n2 took over.
+    let old = ha.agent_log(0);
+    assert!(
+        !old.contains("rewinding"),
+        "no rewind after a switchover:\n{old}"
+    );
+    let sw = ha
+        .store()
+        .await
+        .switchover()
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(
+        sw.value.phase,
+        pgwarden_dcs::SwitchoverPhase::Done,
+        "{sw:?}"
+    );
+    assert_eq!(sw.value.epoch, Some(new_epoch), "{sw:?}");
+    let gap = sw.value.write_gap_ms().expect("a write gap");
+    eprintln!(
+        "switchover n1 -> n2: writes held {gap} ms (store), longest gap between acks {:?}",
+        w.log.lock().expect("log").longest_gap_after(started)
+    );
+
+    // And back, to the best member (n1 or n3, whichever is furthest ahead).
+    let first = w.acked();
+    let (back, _) = switch(&ha, None, new_epoch).await;
+    assert_ne!(back, 1, "someone else leads");
+    wait_acks(&w, 30).await;
+
+    let log = w.stop();
+    assert_eq!(log.errors, Vec::new(), "no client saw an error");
+    assert_eq!(log.reconnects, 0, "no session was ended");
+    // One writer at a time, in each switchover (n1 may write again after the second).
+    for part in [&log.acks[..first], &log.acks[first..]] {
+        let part = common::ha::Log {
+            acks: part.to_vec(),
+            ..Default::default()
+        };
+        part.writers_in_order().expect("one writer at a time");
+    }
+    assert_eq!(
+        ha.lost(back, &log).await,
+        Vec::<i64>::new(),
+        "no acknowledged write lost"
+    );
+    let row = idle
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("the idle client goes on");
+    assert!(row.get::<_, Option<i32>>(0).is_some());
+    for i in 0..3 {
+        assert!(!ha.agent_log(i).contains("rewinding"), "n{} rewound", i + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_that_cannot_proceed_is_refused_with_its_reason_and_one_can_be_scheduled() {
+    let ha = Ha::start(3, "", &|i| {
+        if i == 2 {
+            "nofailover = true".into()
+        } else {
+            String::new()
+        }
+    })
+    .await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    assert_eq!(leader, 0);
+    let store = ha.store().await;
+    for (args, phrase) in [
+        (vec!["switchover", "--to", "n1"], "n1 already leads"),
+        (vec!["switchover", "--to", "n9"], "n9 is not a member"),
+        (vec!["switchover", "--to", "n3"], "n3 is tagged nofailover"),
+    ] {
+        let r = pgwarden(&ha, &args).await;
+        assert_ne!(r.code, 0, "{args:?}: {}", r.stdout);
+        assert!(r.stderr.contains(phrase), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+        assert_eq!(
+            store.switchover().await.expect("read"),
+            None,
+            "{args:?}: nothing written"
+        );
+    }
+    let r = pgwarden(&ha, &["switchover", "--at", "tomorrow"]).await;
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    let first = r.stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("'tomorrow'") && first.contains("RFC 3339"),
+        "{}",
+        r.stderr
+    );
+    let r = pgwarden(&ha, &["pause"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = pgwarden(&ha, &["switchover", "--to", "n2"]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stderr.contains("paused"), "{}", r.stderr);
+    let r = pgwarden(&ha, &["resume"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // Scheduled: asked for now, carried out when due, not before.
+    let asked = Instant::now();
+    let r = pgwarden(&ha, &["switchover", "--at", "+4s"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("from n1 to n2 scheduled at"),
+        "{}",
+        r.stdout
+    );
+    let r = pgwarden(&ha, &["switchover", "--to", "n2"]).await;
+    assert_eq!(r.code, 1, "one at a time: {}", r.stdout);
+    assert!(r.stderr.contains("already under way"), "{}", r.stderr);
+    let (l, e) = ha.settled(2, epoch + 1, HEAL).await;
+    assert_eq!((l, e), (1, epoch + 1));
+    assert!(
+        asked.elapsed() >= Duration::from_secs(3),
+        "not before it was due: {:?}",
+        asked.elapsed()
+    );
+    let sw = store.switchover().await.expect("read").expect("recorded");
+    assert_eq!(
+        sw.value.phase,
+        pgwarden_dcs::SwitchoverPhase::Done,
+        "{sw:?}"
+    );
+}
