@@ -9,7 +9,10 @@
 # gives up on an insert unanswered for 1 s and reconnects on any error).
 #
 #   bench/failover.sh [--runs N] [--patroni-runs M] [--only pgwarden|pgwarden-sync|patroni]
-#                     [--fault kill-postgres|kill-node|freeze|partition]
+#                     [--fault kill-postgres|kill-node|freeze|partition|switchover]
+#
+# `switchover` is no fault: a planned switchover to the next member (pgwarden switchover --to;
+# patronictl switchover --candidate --force), its "RTO" the write gap from the command's start.
 #
 # Prints per system and fault: RTO p50 / p99 / max (fault -> first acknowledged write from a
 # server that could not have taken it before), failed writes (in flight at the fault; "errors":

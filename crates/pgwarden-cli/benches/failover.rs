@@ -16,7 +16,11 @@
 //! = runs in which a server acknowledged a write after another had taken over.
 //!
 //! Usage: `cargo bench -p pgwarden-cli --bench failover -- [--runs N] [--patroni-runs M]
-//! [--only pgwarden|pgwarden-sync|patroni] [--fault kill-postgres|kill-node|freeze|partition]`.
+//! [--only pgwarden|pgwarden-sync|patroni] [--fault kill-postgres|kill-node|freeze|partition|switchover]`.
+//!
+//! `switchover` is no fault: a planned switchover to the next member (`pgwarden switchover
+//! --to`, `patronictl switchover --candidate --force`); its RTO is the write gap, from the
+//! command's start to the first write the new leader acknowledged.
 //! `pgwarden (sync on)` is pgwarden with `synchronous_mode = "on"`, where no acknowledged write
 //! may be lost.
 
@@ -44,13 +48,17 @@ enum Kind {
     KillNode,
     Freeze,
     Partition,
+    /// Not a fault: a planned switchover to the next member (`pgwarden switchover --to`,
+    /// `patronictl switchover --candidate --force`).
+    Switchover,
 }
 
-const KINDS: [Kind; 4] = [
+const KINDS: [Kind; 5] = [
     Kind::KillPostgres,
     Kind::KillNode,
     Kind::Freeze,
     Kind::Partition,
+    Kind::Switchover,
 ];
 
 impl Kind {
@@ -60,6 +68,7 @@ impl Kind {
             Kind::KillNode => "kill-node",
             Kind::Freeze => "freeze",
             Kind::Partition => "partition",
+            Kind::Switchover => "switchover",
         }
     }
 }
@@ -93,7 +102,31 @@ trait Cluster {
     fn loop_wait(&self) -> Duration;
 }
 
-struct PgwardenCluster(Ha);
+struct PgwardenCluster(Ha, Option<Child>);
+
+/// Waits for a switchover command started by `inject` and says how it ended if it failed.
+fn finish_command(child: Option<Child>, what: &str) {
+    if let Some(c) = child {
+        match c.wait_with_output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "  {what} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("  {what}: {e}"),
+        }
+    }
+}
+
+/// A command run in the background, its output kept for [`finish_command`].
+fn background(cmd: &mut std::process::Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the switchover command")
+}
 
 impl Cluster for PgwardenCluster {
     async fn leader(&self) -> (usize, u16) {
@@ -115,6 +148,15 @@ impl Cluster for PgwardenCluster {
             }
             Kind::Freeze => self.0.signal_tree(i, Signal::SIGSTOP),
             Kind::Partition => self.0.link(i, Fault::Blackhole),
+            Kind::Switchover => {
+                let to = format!("n{}", (i + 1) % self.0.nodes.len() + 1);
+                let config = self.0.dir.path().join("proxy.toml");
+                self.1 = Some(background(
+                    common::pgwarden()
+                        .args(["switchover", "--to", &to, "-c"])
+                        .arg(&config),
+                ));
+            }
         }
     }
     async fn heal(&mut self, kind: Kind, i: usize) {
@@ -123,6 +165,12 @@ impl Cluster for PgwardenCluster {
             Kind::KillNode => self.0.start_agent(i),
             Kind::Freeze => self.0.signal_tree(i, Signal::SIGCONT),
             Kind::Partition => self.0.link(i, Fault::Pass),
+            Kind::Switchover => {
+                let child = self.1.take();
+                tokio::task::spawn_blocking(move || finish_command(child, "pgwarden switchover"))
+                    .await
+                    .expect("wait");
+            }
         }
     }
     async fn settled(&self) -> bool {
@@ -153,6 +201,8 @@ struct Patroni {
     api_ports: Vec<u16>,
     agents: Vec<Option<Child>>,
     timing: (u64, u64, u64),
+    /// A running `patronictl switchover`.
+    command: Option<Child>,
 }
 
 impl Patroni {
@@ -173,6 +223,7 @@ impl Patroni {
             api_ports: ports[3..].to_vec(),
             agents: vec![None, None, None],
             timing,
+            command: None,
         };
         for _ in 0..3 {
             p.links.push(FaultProxy::start(p._etcd.client_addr()).await);
@@ -226,11 +277,6 @@ impl Patroni {
     }
 
     fn start_agent(&mut self, i: usize) {
-        use std::os::unix::process::CommandExt;
-        let pg = nix::unistd::User::from_name("postgres")
-            .ok()
-            .flatten()
-            .expect("the postgres user");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -242,9 +288,7 @@ impl Patroni {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        if nix::unistd::geteuid().is_root() {
-            cmd.uid(pg.uid.as_raw()).gid(pg.gid.as_raw());
-        }
+        as_postgres(&mut cmd);
         self.agents[i] = Some(cmd.spawn().expect("start patroni (Debian package patroni)"));
     }
 
@@ -320,6 +364,21 @@ impl Cluster for Patroni {
                 }
             }
             Kind::Partition => self.links[i].set(Fault::Blackhole),
+            Kind::Switchover => {
+                let config = self.dir.path().join("n1.yml");
+                let (from, to) = (format!("n{}", i + 1), format!("n{}", (i + 1) % 3 + 1));
+                let mut cmd = std::process::Command::new("patronictl");
+                cmd.arg("-c").arg(&config).args([
+                    "switchover",
+                    "--leader",
+                    &from,
+                    "--candidate",
+                    &to,
+                    "--force",
+                ]);
+                as_postgres(&mut cmd);
+                self.command = Some(background(&mut cmd));
+            }
         }
     }
     async fn heal(&mut self, kind: Kind, i: usize) {
@@ -336,6 +395,12 @@ impl Cluster for Patroni {
                 }
             }
             Kind::Partition => self.links[i].set(Fault::Pass),
+            Kind::Switchover => {
+                let child = self.command.take();
+                tokio::task::spawn_blocking(move || finish_command(child, "patronictl switchover"))
+                    .await
+                    .expect("wait");
+            }
         }
     }
     async fn settled(&self) -> bool {
@@ -383,6 +448,19 @@ impl Cluster for Patroni {
     }
     fn loop_wait(&self) -> Duration {
         Duration::from_secs(self.timing.1)
+    }
+}
+
+/// Runs `cmd` as the `postgres` OS user when root (Patroni's files are that user's).
+fn as_postgres(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let pg = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("the postgres user");
+    cmd.current_dir("/");
+    if nix::unistd::geteuid().is_root() {
+        cmd.uid(pg.uid.as_raw()).gid(pg.gid.as_raw());
     }
 }
 
@@ -740,7 +818,7 @@ fn main() {
             }
             for &kind in &kinds {
                 eprintln!("{name}, {}:", kind.name());
-                let mut c = PgwardenCluster(Ha::start(3, agent, &|_| String::new()).await);
+                let mut c = PgwardenCluster(Ha::start(3, agent, &|_| String::new()).await, None);
                 let row = scenario(&mut c, kind, runs).await;
                 eprintln!("{}", row_line(name, kind, &row));
                 rows.push((name.to_string(), kind, row));

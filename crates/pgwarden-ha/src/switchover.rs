@@ -413,8 +413,10 @@ pub(crate) fn without_leader(o: &Observation, store: &Store) -> Option<Decision>
         ));
     }
     match &o.pg {
-        // Past the shutdown checkpoint on its timeline: it holds every byte the leader wrote.
-        Pg::Running(r) if !r.primary && r.data_timeline == *timeline && r.lsn > *lsn => {
+        // Past the shutdown checkpoint, on its timeline: it holds every byte the leader wrote.
+        // (The timeline counts the history files it fetched: the one its WAL is on may still
+        // read older in its control file until its next restartpoint.)
+        Pg::Running(r) if !r.primary && r.timeline == *timeline && r.lsn > *lsn => {
             Some(Decision::act(Role::Replica, vec![Action::TakeLeader]))
         }
         _ => Some(Decision::wait(
