@@ -199,6 +199,13 @@ impl<K: Kv> ClusterStore<K> {
             .await
     }
 
+    /// Changes to the switchover key (asked for, moved on, withdrawn).
+    pub async fn watch_switchover(
+        &self,
+    ) -> Result<tokio::sync::watch::Receiver<Revision>, DcsError> {
+        self.kv().watch(&self.key("switchover")).await
+    }
+
     pub async fn switchover(&self) -> Result<Option<StoredSwitchover>, DcsError> {
         match self.kv().get(&self.key("switchover")).await? {
             Some(e) => Ok(Some(StoredSwitchover {

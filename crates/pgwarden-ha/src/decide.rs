@@ -924,10 +924,10 @@ mod tests {
             ("someone else leads after the stop: failed", with(&[&planned(stopped(true))], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![FailSwitchover { why: "n2 did not take over after n1 stopped; n1 leads".into() }, Lead], None),
             ("over: nothing more", with(&[&planned(Over { stopped_at: None })], obs("n2", primary(), Some(store(Some("n2"))))), &s, vec![Lead], None),
             // Without a leader, after the stop.
-            ("the target past the stop takes the key", with(&[&planned(stopped(false)), &past], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("the target past the stop takes the key and promotes", with(&[&planned(stopped(false)), &past], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader, Promote], None),
             ("the target at the checkpoint's start has not received it all: waits", with(&[&planned(stopped(false))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("receiving up to n1's last position")),
             ("the target on another timeline waits", with(&[&planned(stopped(false)), &past, &|o: &mut Observation| if let Pg::Running(r) = &mut o.pg { r.timeline = 2 }], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("receiving up to")),
-            ("the target's control file still on the old timeline: it takes the key", with(&[&planned(stopped(false)), &past, &|o: &mut Observation| if let Pg::Running(r) = &mut o.pg { r.data_timeline = 0 }], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("the target's control file still on the old timeline: it takes the key", with(&[&planned(stopped(false)), &past, &|o: &mut Observation| if let Pg::Running(r) = &mut o.pg { r.data_timeline = 0 }], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader, Promote], None),
             ("another standby does not run for the key", with(&[&planned(stopped(false)), &past], obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("n2 takes over")),
             ("the old leader does not take the key back", with(&[&planned(stopped(false))], obs("n1", Pg::Stopped { standby: false }, Some(store(None)))), &s, vec![], Some("n2 takes over")),
             ("expired: the ordinary election", with(&[&planned(stopped(true))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),

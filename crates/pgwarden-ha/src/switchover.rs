@@ -416,9 +416,10 @@ pub(crate) fn without_leader(o: &Observation, store: &Store) -> Option<Decision>
         // Past the shutdown checkpoint, on its timeline: it holds every byte the leader wrote.
         // (The timeline counts the history files it fetched: the one its WAL is on may still
         // read older in its control file until its next restartpoint.)
-        Pg::Running(r) if !r.primary && r.timeline == *timeline && r.lsn > *lsn => {
-            Some(Decision::act(Role::Replica, vec![Action::TakeLeader]))
-        }
+        // It promotes in the same round, once the key is taken (a lost take stops there).
+        Pg::Running(r) if !r.primary && r.timeline == *timeline && r.lsn > *lsn => Some(
+            Decision::act(Role::Replica, vec![Action::TakeLeader, Action::Promote]),
+        ),
         _ => Some(Decision::wait(
             role,
             Reason::CatchingUp {

@@ -15,7 +15,8 @@ use crate::sync::{self, Streaming, SyncStep};
 
 const CLONE_TIMEOUT: Duration = Duration::from_secs(3600);
 const REWIND_TIMEOUT: Duration = Duration::from_secs(600);
-const PROMOTE_WAIT_SECONDS: i32 = 30;
+const PROMOTE_WAIT: Duration = Duration::from_secs(30);
+const PROMOTE_POLL: Duration = Duration::from_millis(5);
 
 impl<K: Kv> Agent<K> {
     pub(super) async fn act(&mut self, a: &Action) -> Result<(), AgentError> {
@@ -53,10 +54,16 @@ impl<K: Kv> Agent<K> {
                 let lease = self.lease_id()?;
                 match self.store.take_leader(&self.id, lease).await? {
                     Some(l) => {
-                        tracing::info!(node = %self.id, epoch = %l.epoch, "took the leader key")
+                        tracing::info!(node = %self.id, epoch = %l.epoch, "took the leader key");
+                        self.took = Some(l);
                     }
                     None => {
-                        tracing::info!(node = %self.id, "another node took the leader key first")
+                        // Not an error to log loudly, but what follows it (a promotion) must
+                        // not run.
+                        tracing::info!(node = %self.id, "another node took the leader key first");
+                        return Err(AgentError::NotReady(
+                            "another node took the leader key first",
+                        ));
                     }
                 }
             }
@@ -332,20 +339,28 @@ impl<K: Kv> Agent<K> {
                 .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
             self.query("SELECT pg_reload_conf()", &[]).await?;
         }
-        let rows = self
-            .query("SELECT pg_promote(true, $1)", &[&PROMOTE_WAIT_SECONDS])
-            .await?;
-        let done: bool = rows.first().map(|r| r.get(0)).unwrap_or(false);
-        if !done {
-            return Err(AgentError::Sql(format!(
-                "pg_promote did not finish within {PROMOTE_WAIT_SECONDS}s"
-            )));
+        // pg_promote(wait) checks every 100 ms; asked without waiting, the end of recovery is
+        // seen within PROMOTE_POLL.
+        self.query("SELECT pg_promote(false)", &[]).await?;
+        let deadline = std::time::Instant::now() + PROMOTE_WAIT;
+        loop {
+            let rows = self.query("SELECT pg_is_in_recovery()", &[]).await?;
+            if rows.first().is_some_and(|r| !r.get::<_, bool>(0)) {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(AgentError::Sql(format!(
+                    "the promotion did not finish within {}",
+                    pgwarden_core::format_duration(PROMOTE_WAIT)
+                )));
+            }
+            tokio::time::sleep(PROMOTE_POLL).await;
         }
         self.mem.upstream = None;
         let epoch = self
-            .snapshot
+            .took
             .as_ref()
-            .and_then(|s| s.leader.as_ref())
+            .or(self.snapshot.as_ref().and_then(|s| s.leader.as_ref()))
             .map(|l| l.epoch);
         tracing::info!(node = %self.id, epoch = ?epoch, "promoted");
         Ok(())

@@ -100,6 +100,8 @@ pub struct Agent<K: Kv> {
     origin: Instant,
     mem: Memory,
     snapshot: Option<Snapshot<MemberState>>,
+    /// The key this agent took in this round (the snapshot predates it).
+    took: Option<pgwarden_dcs::Leader>,
 }
 
 /// How long a peer's API may take to answer during an election.
@@ -180,6 +182,7 @@ impl<K: Kv> Agent<K> {
             origin: Instant::now(),
             mem,
             snapshot: None,
+            took: None,
         })
     }
 
@@ -198,11 +201,13 @@ impl<K: Kv> Agent<K> {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), AgentError> {
         let mut children = signal(SignalKind::child()).map_err(AgentError::Signals)?;
         let mut leader_changes = self.store.watch_leader().await.ok();
+        let mut switchover_changes = self.store.watch_switchover().await.ok();
         tracing::info!(node = %self.id, "agent started");
         loop {
             if *stop.borrow() {
                 break;
             }
+            self.took = None;
             let o = self.observe().await;
             let keep: Vec<u32> = self.postmaster.iter().map(|p| p.pid()).collect();
             pgwarden_postgres::reap_orphans(&keep);
@@ -234,8 +239,13 @@ impl<K: Kv> Agent<K> {
             {
                 // Its last starts failed at once (a port or lock in use, a bad setting):
                 // back off rather than spin.
-                self.wait(wait, &mut children, leader_changes.as_mut(), &mut stop)
-                    .await;
+                self.wait(
+                    wait,
+                    &mut children,
+                    [leader_changes.as_mut(), switchover_changes.as_mut()],
+                    &mut stop,
+                )
+                .await;
                 continue;
             }
             for a in &d.actions {
@@ -255,37 +265,37 @@ impl<K: Kv> Agent<K> {
             if self.mem.draining {
                 wait = wait.min(DRAIN_POLL);
             }
-            self.wait(wait, &mut children, leader_changes.as_mut(), &mut stop)
-                .await;
+            self.wait(
+                wait,
+                &mut children,
+                [leader_changes.as_mut(), switchover_changes.as_mut()],
+                &mut stop,
+            )
+            .await;
         }
         self.shut_down().await;
         Ok(())
     }
 
-    /// Until `wait` has passed, the leader key changed, the postmaster exited or `stop`.
-    /// Other children's exits (a pg_basebackup's) do not end the wait.
+    /// Until `wait` has passed, a watched key (the leader's, the switchover's) changed, the
+    /// postmaster exited or `stop`. Other children's exits (a pg_basebackup's) do not end the
+    /// wait.
     async fn wait(
         &mut self,
         wait: Duration,
         children: &mut tokio::signal::unix::Signal,
-        mut leader_changes: Option<&mut watch::Receiver<pgwarden_dcs::Revision>>,
+        mut keys: [Option<&mut watch::Receiver<pgwarden_dcs::Revision>>; 2],
         stop: &mut watch::Receiver<bool>,
     ) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let leader_changed = async {
-                match leader_changes.as_mut() {
-                    Some(w) => {
-                        if w.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
+            let [a, b] = &mut keys;
+            let key_changed = async {
+                tokio::select! { _ = changed(a) => {}, _ = changed(b) => {} }
             };
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return,
-                _ = leader_changed => return,
+                _ = key_changed => return,
                 _ = stop.changed() => return,
                 _ = children.recv() => {
                     if self.postmaster.as_mut().is_some_and(|p| p.try_wait().is_some()) {
@@ -367,6 +377,18 @@ impl<K: Kv> Agent<K> {
                 true
             }
         });
+    }
+}
+
+/// A change of a watched key; never, for a watch that could not be made or has ended.
+async fn changed(w: &mut Option<&mut watch::Receiver<pgwarden_dcs::Revision>>) {
+    match w.as_mut() {
+        Some(w) => {
+            if w.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 
