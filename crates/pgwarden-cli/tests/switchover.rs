@@ -87,6 +87,11 @@ async fn a_switchover_under_writes_errors_no_client_and_loses_nothing() {
     );
     assert_eq!(sw.value.epoch, Some(new_epoch), "{sw:?}");
     let gap = sw.value.write_gap_ms().expect("a write gap");
+    let r = pgwarden(&ha, &["list", "--json"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&r.stdout).expect("list --json");
+    assert_eq!(listed["switchover"]["phase"], "done", "{listed}");
+    assert_eq!(listed["switchover"]["to"], "n2", "{listed}");
+    assert_eq!(listed["switchover"]["write_gap_ms"], gap, "{listed}");
     eprintln!(
         "switchover n1 -> n2: writes held {gap} ms (store), longest gap between acks {:?}",
         w.log.lock().expect("log").longest_gap_after(started)

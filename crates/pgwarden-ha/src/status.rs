@@ -20,9 +20,49 @@ pub struct HaStatus {
     pub synchronous_set: Option<Vec<String>>,
     /// Maintenance mode (`pgwarden pause`): the agents take no automatic action.
     pub paused: bool,
+    /// The last switchover asked for, running or finished.
+    pub switchover: Option<SwitchoverStatus>,
     pub members: Vec<HaMember>,
     /// Why the store could not be read.
     pub error: Option<String>,
+}
+
+/// A switchover as `list` and `/cluster` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SwitchoverStatus {
+    pub from: String,
+    pub to: String,
+    /// `requested`, `draining`, `stopped`, `done` or `failed`.
+    pub phase: String,
+    /// Unix milliseconds: when it was asked for, and when it is due (`null`: at once).
+    pub requested_ms: u64,
+    pub at_ms: Option<u64>,
+    /// Done: how long new transactions were held (from the drain to the new leader).
+    pub write_gap_ms: Option<u64>,
+    /// Client transactions still running when the old leader stopped.
+    pub cut_transactions: Option<u64>,
+    pub epoch: Option<u64>,
+    /// Why it failed.
+    pub note: Option<String>,
+}
+
+impl SwitchoverStatus {
+    fn of(sw: &pgwarden_dcs::Switchover) -> SwitchoverStatus {
+        SwitchoverStatus {
+            from: sw.from.clone(),
+            to: sw.to.clone(),
+            phase: serde_json::to_value(sw.phase)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            requested_ms: sw.requested_ms,
+            at_ms: sw.at_ms,
+            write_gap_ms: sw.write_gap_ms(),
+            cut_transactions: sw.cut_transactions,
+            epoch: sw.epoch,
+            note: sw.note.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -51,6 +91,10 @@ impl HaStatus {
                 .as_ref()
                 .map(|set| set.iter().map(|n| n.to_string()).collect()),
             paused: s.paused,
+            switchover: s
+                .switchover
+                .as_ref()
+                .map(|x| SwitchoverStatus::of(&x.value)),
             members: s
                 .members
                 .iter()
@@ -125,6 +169,7 @@ impl HaStatus {
             epoch: None,
             synchronous_set: None,
             paused: false,
+            switchover: None,
             members: Vec::new(),
             error: Some(error),
         }
@@ -187,6 +232,20 @@ impl HaStatus {
                     set.join(", ")
                 ))
         );
+        if let Some(sw) = &self.switchover {
+            let _ = writeln!(
+                s,
+                "  switchover {} -> {}: {}{}{}",
+                sw.from,
+                sw.to,
+                sw.phase,
+                sw.write_gap_ms
+                    .map_or(String::new(), |ms| format!(", writes held {ms} ms")),
+                sw.note
+                    .as_ref()
+                    .map_or(String::new(), |n| format!(" ({n})"))
+            );
+        }
         let _ = writeln!(
             s,
             "  {:<8} {:<8} {:<9} {:>3} {:>12} {:>10} {:>16}  reason",
