@@ -79,6 +79,32 @@ pub struct Switchover {
 }
 
 impl Switchover {
+    /// A new request, not begun.
+    pub fn requested(
+        requested_ms: u64,
+        from: &NodeId,
+        to: &NodeId,
+        at_ms: Option<u64>,
+        drain_ms: u64,
+    ) -> Switchover {
+        Switchover {
+            requested_ms,
+            from: from.to_string(),
+            to: to.to_string(),
+            at_ms,
+            drain_ms,
+            phase: Phase::Requested,
+            draining_ms: None,
+            stopped_ms: None,
+            stopped_lsn: None,
+            stopped_timeline: None,
+            cut_transactions: None,
+            finished_ms: None,
+            epoch: None,
+            note: None,
+        }
+    }
+
     pub fn from_node(&self) -> NodeId {
         NodeId::new(&self.from)
     }
@@ -225,22 +251,7 @@ mod tests {
     use std::time::Duration;
 
     fn request(from: &str, to: &str) -> Switchover {
-        Switchover {
-            requested_ms: 1,
-            from: from.into(),
-            to: to.into(),
-            at_ms: None,
-            drain_ms: 5000,
-            phase: Phase::Requested,
-            draining_ms: None,
-            stopped_ms: None,
-            stopped_lsn: None,
-            stopped_timeline: None,
-            cut_transactions: None,
-            finished_ms: None,
-            epoch: None,
-            note: None,
-        }
+        Switchover::requested(1, &NodeId::new(from), &NodeId::new(to), None, 5000)
     }
 
     #[tokio::test(start_paused = true)]

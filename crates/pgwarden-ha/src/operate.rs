@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pgwarden_config::Config;
 use pgwarden_core::NodeId;
-use pgwarden_dcs::{ClusterStore, Kv, Leader, Revision, Snapshot, Switchover, SwitchoverPhase};
+use pgwarden_dcs::{ClusterStore, Kv, Leader, Revision, Snapshot, Switchover};
 
 use crate::member::MemberState;
 use crate::switchover::{self, Leading, Refusal, Target};
@@ -86,22 +86,13 @@ pub fn plan_request(
         }
         None => switchover::choose_target(&members, &leading, req.force)?,
     };
-    let sw = Switchover {
-        requested_ms: now_ms,
-        from: leader.node.to_string(),
-        to: to.to_string(),
-        at_ms: req.at_ms,
-        drain_ms: req.drain.as_millis() as u64,
-        phase: SwitchoverPhase::Requested,
-        draining_ms: None,
-        stopped_ms: None,
-        stopped_lsn: None,
-        stopped_timeline: None,
-        cut_transactions: None,
-        finished_ms: None,
-        epoch: None,
-        note: None,
-    };
+    let sw = Switchover::requested(
+        now_ms,
+        &leader.node,
+        &to,
+        req.at_ms,
+        req.drain.as_millis() as u64,
+    );
     Ok((sw, leader, replaces))
 }
 
@@ -171,7 +162,7 @@ pub async fn wait_switchover<K: Kv>(
 mod tests {
     use super::*;
     use pgwarden_core::Epoch;
-    use pgwarden_dcs::{Member, StoredSwitchover};
+    use pgwarden_dcs::{Member, StoredSwitchover, SwitchoverPhase};
 
     const MB: u64 = 1 << 20;
 
@@ -245,23 +236,15 @@ mod tests {
     }
 
     fn running(phase: SwitchoverPhase, at_ms: u64) -> StoredSwitchover {
+        let mut value =
+            Switchover::requested(at_ms, &NodeId::new("n1"), &NodeId::new("n3"), None, 2000);
+        value.phase = phase;
+        value.draining_ms = Some(at_ms);
+        value.stopped_ms = Some(at_ms);
+        value.stopped_lsn = Some("0/10".into());
+        value.stopped_timeline = Some(1);
         StoredSwitchover {
-            value: Switchover {
-                requested_ms: at_ms,
-                from: "n1".into(),
-                to: "n3".into(),
-                at_ms: None,
-                drain_ms: 2000,
-                phase,
-                draining_ms: Some(at_ms),
-                stopped_ms: Some(at_ms),
-                stopped_lsn: Some("0/10".into()),
-                stopped_timeline: Some(1),
-                cut_transactions: None,
-                finished_ms: None,
-                epoch: None,
-                note: None,
-            },
+            value,
             revision: 42,
         }
     }
