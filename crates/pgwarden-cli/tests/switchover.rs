@@ -204,8 +204,18 @@ async fn a_switchover_that_cannot_proceed_is_refused_with_its_reason_and_one_can
 /// each one done, no client error, nothing lost, never two writers, never a rewind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchovers_in_a_loop_error_no_client() {
-    const ROUNDS: usize = 9;
-    let ha = Ha::start(3, "", &|_| String::new()).await;
+    switchovers_in_a_loop("", 9).await;
+}
+
+/// The same in synchronous mode, where the target names its synchronous standbys while the
+/// leader drains (a reload just before the promotion could delay it by up to a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchovers_in_synchronous_mode_error_no_client() {
+    switchovers_in_a_loop("synchronous_mode = \"on\"", 4).await;
+}
+
+async fn switchovers_in_a_loop(agent_toml: &str, rounds: usize) {
+    let ha = Ha::start(3, agent_toml, &|_| String::new()).await;
     let (mut leader, mut epoch) = ha.settled(2, 1, BOOT).await;
     let w = ha.writer(WRITE_EVERY).await;
     wait_acks(&w, 10).await;
@@ -229,7 +239,7 @@ async fn switchovers_in_a_loop_error_no_client() {
     };
     let mut bounds = vec![0];
     let mut gaps = Vec::new();
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         let to = format!("n{}", (leader + 1) % 3 + 1);
         let (l, e) = switch(&ha, Some(&to), epoch).await;
         assert_eq!(ha.nodes[l].name, to);

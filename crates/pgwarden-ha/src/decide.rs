@@ -224,6 +224,9 @@ pub enum Action {
     HandOver {
         to: NodeId,
     },
+    /// A switchover's target, while the leader drains (synchronous mode): name the
+    /// synchronous standbys it will have now, so its promotion needs no reload.
+    PrepareTakeOver,
     /// The target leads: record the switchover done.
     FinishSwitchover,
     /// Record the switchover failed, and why.
@@ -647,6 +650,9 @@ fn running_standby(
         if r.upstream.as_ref() != Some(&leader) {
             return Decision::act(Role::Replica, vec![Action::Follow { upstream: leader }]);
         }
+        if s.synchronous_mode != SyncMode::Off && switchover::is_draining_to(o, store) {
+            return Decision::act(Role::Replica, vec![Action::PrepareTakeOver]);
+        }
         let Some(since) = r.not_streaming_since else {
             return Decision::act(Role::Replica, Vec::new());
         };
@@ -888,6 +894,10 @@ mod tests {
     fn switchover_decisions() {
         use switchover::Stage::*;
         let s = settings();
+        let synchronous = Settings {
+            synchronous_mode: SyncMode::On,
+            ..settings()
+        };
         let with = |fs: &[&dyn Fn(&mut Observation)], o: Observation| {
             let mut o = o;
             for f in fs {
@@ -920,6 +930,9 @@ mod tests {
             ("draining: lead and wait, saying why", with(&[&planned(Draining { done: false })], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], Some("new transactions are held")),
             ("drained: hand over", with(&[&planned(Draining { done: true })], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![HandOver { to: n("n2") }], None),
             ("asked of n1, n3 leads: fail", with(&[&planned(Due)], obs("n3", primary(), Some(store(Some("n3"))))), &s, vec![FailSwitchover { why: "it was asked of n1, and n3 leads now".into() }, Lead], None),
+            ("synchronous: the target prepares while the leader drains", with(&[&planned(Draining { done: false })], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &synchronous, vec![PrepareTakeOver], None),
+            ("asynchronous: nothing to prepare", with(&[&planned(Draining { done: false })], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![], None),
+            ("synchronous: another standby does not prepare", with(&[&planned(Draining { done: false })], obs("n3", standby(Some("n1")), Some(store(Some("n1"))))), &synchronous, vec![], None),
             ("the target leads: done", with(&[&planned(stopped(false))], obs("n2", primary(), Some(store(Some("n2"))))), &s, vec![FinishSwitchover, Lead], None),
             ("someone else leads after the stop: failed", with(&[&planned(stopped(true))], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![FailSwitchover { why: "n2 did not take over after n1 stopped; n1 leads".into() }, Lead], None),
             ("over: nothing more", with(&[&planned(Over { stopped_at: None })], obs("n2", primary(), Some(store(Some("n2"))))), &s, vec![Lead], None),

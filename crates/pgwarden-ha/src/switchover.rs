@@ -387,6 +387,14 @@ pub(crate) fn as_leader(
     }
 }
 
+/// This node is the target of a switchover whose leader drains.
+pub(crate) fn is_draining_to(o: &Observation, store: &Store) -> bool {
+    store
+        .switchover
+        .as_ref()
+        .is_some_and(|p| p.to == o.node && matches!(p.stage, Stage::Draining { .. }))
+}
+
 /// Nobody holds the key while a switchover's old leader has stopped: the target takes it once
 /// it has received past the stop; the others (the old leader too) wait for it until `expired`.
 pub(crate) fn without_leader(o: &Observation, store: &Store) -> Option<Decision> {

@@ -92,7 +92,10 @@ impl<K: Kv> Agent<K> {
             Action::StartPrimary => self.start()?,
             Action::StartStandby { upstream } => {
                 match upstream {
-                    Some(u) => self.follow(u)?,
+                    Some(u) => {
+                        self.follow(u)?;
+                        self.name_sync_standbys_as_standby_of(u);
+                    }
                     None => {
                         let signal = self.instance.data_dir.join("standby.signal");
                         self.instance.env().run_as.write_file(&signal, "", 0o600)?;
@@ -103,6 +106,9 @@ impl<K: Kv> Agent<K> {
             Action::Promote => self.promote().await?,
             Action::Follow { upstream } => {
                 self.follow(upstream)?;
+                self.name_sync_standbys_as_standby_of(upstream);
+                self.instance
+                    .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
                 self.query("SELECT pg_reload_conf()", &[]).await?;
                 self.mem.not_streaming_since = Some(std::time::Instant::now());
                 tracing::info!(node = %self.id, upstream = %upstream, "following a new leader");
@@ -153,6 +159,7 @@ impl<K: Kv> Agent<K> {
             Action::Lead => self.lead().await?,
             Action::BeginSwitchover { to } => self.begin_switchover(to).await?,
             Action::HandOver { to } => self.hand_over(to).await?,
+            Action::PrepareTakeOver => self.name_sync_standbys().await?,
             Action::FinishSwitchover => {
                 let held = self.held_by(&self.id.clone())?;
                 let mut sw = self.current_switchover()?;
@@ -333,12 +340,7 @@ impl<K: Kv> Agent<K> {
     /// synchronous standbys named before the first write in synchronous mode, then promote.
     async fn promote(&mut self) -> Result<(), AgentError> {
         self.ensure_slots().await?;
-        if self.rules.synchronous_mode != SyncMode::Off {
-            self.mem.sync_applied = self.configured_sync_standbys();
-            self.instance
-                .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
-            self.query("SELECT pg_reload_conf()", &[]).await?;
-        }
+        self.name_sync_standbys().await?;
         // pg_promote(wait) checks every 100 ms; asked without waiting, the end of recovery is
         // seen within PROMOTE_POLL.
         self.query("SELECT pg_promote(false)", &[]).await?;
@@ -364,6 +366,46 @@ impl<K: Kv> Agent<K> {
             .map(|l| l.epoch);
         tracing::info!(node = %self.id, epoch = ?epoch, "promoted");
         Ok(())
+    }
+
+    /// Synchronous mode, before a promotion: the standbys it will wait for from its first
+    /// write, in effect (reloaded) unless they already are. A reload right before the promotion
+    /// can cost it up to `wal_retrieve_retry_interval` (the startup process, woken by the
+    /// reload, sleeps again before it sees the promotion), so a switchover's target does it
+    /// while the leader drains.
+    async fn name_sync_standbys(&mut self) -> Result<(), AgentError> {
+        if self.rules.synchronous_mode == SyncMode::Off {
+            return Ok(());
+        }
+        let previous = self
+            .snapshot
+            .as_ref()
+            .and_then(|s| s.last_leader.as_ref())
+            .map(|l| l.node.clone());
+        let want = self.configured_sync_standbys(previous.as_ref());
+        if want == self.mem.sync_applied {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut self.mem.sync_applied, want);
+        let applied = async {
+            self.instance
+                .configure(&self.pg_settings(), &self.config.postgres.replication_user)?;
+            self.query("SELECT pg_reload_conf()", &[]).await.map(|_| ())
+        }
+        .await;
+        if applied.is_err() {
+            self.mem.sync_applied = before;
+        }
+        applied
+    }
+
+    /// Synchronous mode: a standby of `leader` names, in advance, the standbys it would wait
+    /// for if it were promoted when `leader` is gone (a standby ignores the setting). Its
+    /// promotion then needs no reload. Takes effect at the caller's start or reload.
+    fn name_sync_standbys_as_standby_of(&mut self, leader: &NodeId) {
+        if self.rules.synchronous_mode != SyncMode::Off {
+            self.mem.sync_applied = self.configured_sync_standbys(Some(leader));
+        }
     }
 
     /// The leader's round: roles and slots once, its position every round, synchronous
@@ -505,8 +547,13 @@ impl<K: Kv> Agent<K> {
 
     /// Before the first promotion's write: the best `sync_count` other members by priority
     /// (no member has reported yet; strict mode must not take a write unprotected).
-    fn configured_sync_standbys(&self) -> Vec<NodeId> {
+    /// `previous` (the leader before this node's promotion) comes last: it is stopped (a
+    /// switchover) or gone (a failover), so naming it would hold the first commits until it
+    /// is back as a standby.
+    fn configured_sync_standbys(&self, previous: Option<&NodeId>) -> Vec<NodeId> {
         let mut all = self.configured_sync_standbys_all();
+        // A stable sort: the others keep their order by priority and name.
+        all.sort_by_key(|n| Some(n) == previous);
         all.truncate(self.config.replication.sync_count as usize);
         all
     }
