@@ -246,6 +246,7 @@ async fn run(command: Command) -> ExitCode {
             drain,
         } => {
             let request = pgwarden_ha::operate::Request {
+                leader: None,
                 to,
                 at_ms: at,
                 force,
@@ -528,7 +529,7 @@ async fn switchover(config: Option<PathBuf>, request: pgwarden_ha::operate::Requ
         return ExitCode::SUCCESS;
     }
     println!("switchover from {} to {}: asked", sw.from, sw.to);
-    let bound = sw_bound(&config, &request);
+    let bound = pgwarden_ha::operate::follow_bound(&config, request.drain);
     match operate::wait_switchover(&store, sw.requested_ms, bound).await {
         Some(done) if done.phase == pgwarden_dcs::SwitchoverPhase::Done => {
             let secs = |ms: Option<u64>| ms.map_or("?".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
@@ -561,12 +562,6 @@ async fn switchover(config: Option<PathBuf>, request: pgwarden_ha::operate::Requ
             1,
         ),
     }
-}
-
-/// How long `pgwarden switchover` follows one: the drain, then room for the stop, the
-/// catch-up and the promotion (the agents give up on the target after `ttl`).
-fn sw_bound(config: &Config, request: &pgwarden_ha::operate::Request) -> std::time::Duration {
-    request.drain + config.agent.ttl * 2 + std::time::Duration::from_secs(30)
 }
 
 /// `pgwarden list`: the store's members. Exit 0 when the store was read and a leader holds

@@ -281,3 +281,99 @@ async fn switchovers_in_a_loop(agent_toml: &str, rounds: usize) {
         assert!(!ha.agent_log(i).contains("rewinding"), "n{} rewound", i + 1);
     }
 }
+
+/// `POST /switchover` on any agent's API: refused without the credentials of `[agent.api]`,
+/// refused with its reason when it cannot proceed, carried out and answered when it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_switches_over_with_credentials_and_refuses_without() {
+    use base64::Engine;
+    let ha = Ha::start(
+        3,
+        "[agent.api]\nusername = \"ops\"\npassword = \"pw\"",
+        &|_| String::new(),
+    )
+    .await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    assert_eq!(leader, 0);
+    let api = format!("127.0.0.1:{}", ha.nodes[2].api_port);
+    let basic = |user: &str, pw: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+        )
+    };
+    let post = |target: &'static str, auth: Option<String>, body: &'static str| {
+        let api = api.clone();
+        async move {
+            pgwarden_ha::api::call(
+                &api,
+                "POST",
+                target,
+                auth.as_deref(),
+                body,
+                Duration::from_secs(90),
+            )
+            .await
+            .expect("an answer")
+        }
+    };
+    let store = ha.store().await;
+    let (status, body) = post("/switchover", None, r#"{"candidate": "n2"}"#).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post(
+        "/switchover",
+        Some(basic("ops", "wrong")),
+        r#"{"candidate": "n2"}"#,
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        store.switchover().await.expect("read"),
+        None,
+        "nothing written"
+    );
+    // Reads stay open (no auth_reads): a load balancer's checks need no credentials.
+    let (status, _) = pgwarden_ha::api::get(
+        &format!("127.0.0.1:{}", ha.nodes[0].api_port),
+        "/primary",
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("GET /primary");
+    assert_eq!(status, 200);
+    let ops = || Some(basic("ops", "pw"));
+    let (status, body) = post(
+        "/switchover",
+        ops(),
+        r#"{"leader": "n2", "candidate": "n3"}"#,
+    )
+    .await;
+    assert_eq!(status, 412, "{body}");
+    assert!(
+        body.contains("it was asked of n2, and n1 leads now"),
+        "{body}"
+    );
+    let (status, body) = post("/switchover", ops(), r#"{"candidat": "n3"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post("/failover", ops(), "{}").await;
+    assert_eq!(status, 501, "{body}");
+    assert_eq!(
+        store.switchover().await.expect("read"),
+        None,
+        "nothing written"
+    );
+
+    let (status, body) = post(
+        "/switchover",
+        ops(),
+        r#"{"leader": "n1", "candidate": "n2"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let done: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(done["phase"], "done", "{done}");
+    assert_eq!(done["to"], "n2", "{done}");
+    assert_eq!(done["epoch"], epoch + 1, "{done}");
+    let (l, e) = ha.settled(2, epoch + 1, HEAL).await;
+    assert_eq!((l, e), (1, epoch + 1));
+}

@@ -54,6 +54,17 @@ pub struct FileAgent {
     pub maximum_lag_on_failover: Option<Field<String>>,
     pub synchronous_mode: Option<Field<String>>,
     pub rejoin: Option<Field<String>>,
+    pub api: FileAgentApi,
+}
+
+/// `[agent.api]`: who may call the agents' HTTP API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileAgentApi {
+    pub username: Option<Field<String>>,
+    pub password: Option<Field<String>>,
+    pub password_file: Option<Field<String>>,
+    pub auth_reads: Option<Field<bool>>,
 }
 
 /// `[dcs]`: the consensus store.

@@ -464,6 +464,16 @@ pub struct AgentConfig {
     pub maximum_lag_on_failover: Option<ByteSize>,
     pub synchronous_mode: SynchronousMode,
     pub rejoin: RejoinMode,
+    pub api: AgentApiConfig,
+}
+
+/// `[agent.api]`: HTTP basic authentication for the agents' API. Mutating calls
+/// (`POST /switchover`) need the credentials and are refused when none are configured; reads
+/// (health checks, `/cluster`) need them only with `auth_reads`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentApiConfig {
+    pub credentials: Option<(String, Secret)>,
+    pub auth_reads: bool,
 }
 
 impl Default for AgentConfig {
@@ -478,6 +488,7 @@ impl Default for AgentConfig {
             maximum_lag_on_failover: Some(ByteSize::mib(1)),
             synchronous_mode: SynchronousMode::Off,
             rejoin: RejoinMode::Rewind,
+            api: AgentApiConfig::default(),
         }
     }
 }

@@ -134,7 +134,7 @@ pub fn validate(
     let monitor = monitor(&mut e, file.monitor);
     let users = users(&mut e, std::mem::take(&mut file.proxy.users));
     let proxy = crate::validate_proxy::proxy(&mut e, file.proxy, base_dir, &users, &monitor);
-    let agent = crate::validate_agent::agent(&mut e, file.agent);
+    let agent = crate::validate_agent::agent(&mut e, file.agent, base_dir);
     let dcs = file
         .dcs
         .map(|d| crate::validate_agent::dcs(&mut e, d, base_dir, &agent));

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use pgwarden_core::{format_duration, ByteSize};
 
-use crate::file::{FileAgent, FileDcs};
+use crate::file::{FileAgent, FileAgentApi, FileDcs};
 use crate::model::*;
 use crate::validate::{password, resolve, Errors};
 
-pub(crate) fn agent(e: &mut Errors, f: FileAgent) -> AgentConfig {
+pub(crate) fn agent(e: &mut Errors, f: FileAgent, base: &Path) -> AgentConfig {
     let d = AgentConfig::default();
     let positive = |e: &mut Errors, key: &str, field, default: Duration| {
         let path = format!("agent.{key}");
@@ -97,6 +97,45 @@ pub(crate) fn agent(e: &mut Errors, f: FileAgent) -> AgentConfig {
         maximum_lag_on_failover,
         synchronous_mode,
         rejoin,
+        api: agent_api(e, f.api, base),
+    }
+}
+
+fn agent_api(e: &mut Errors, f: FileAgentApi, base: &Path) -> AgentApiConfig {
+    let username = e.get("agent.api.username", f.username);
+    let password = password(e, "agent.api.password", f.password, f.password_file, base);
+    let auth_reads = e.get("agent.api.auth_reads", f.auth_reads).unwrap_or(false);
+    let credentials = match (username, password) {
+        (Some(u), Some(p)) if !u.is_empty() && !u.contains(':') => Some((u, p)),
+        (Some(_), Some(_)) => {
+            e.push("agent.api.username", "must be non-empty and contain no ':'");
+            None
+        }
+        (Some(_), None) => {
+            e.push(
+                "agent.api.password",
+                "is required with agent.api.username (or agent.api.password_file)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            e.push("agent.api.username", "is required with agent.api.password");
+            None
+        }
+        (None, None) => None,
+    };
+    if auth_reads
+        && credentials.is_none()
+        && !e.list.iter().any(|x| x.path.starts_with("agent.api."))
+    {
+        e.push(
+            "agent.api.auth_reads",
+            "needs agent.api.username and agent.api.password",
+        );
+    }
+    AgentApiConfig {
+        credentials,
+        auth_reads,
     }
 }
 

@@ -406,6 +406,7 @@ fn agent_and_dcs_sections_validate() {
         "{GOOD}api = \"127.0.0.1:8009\"\npriority = 5\nnofailover = true\nnosync = true\n\
          [agent]\nttl = \"10s\"\nloop_wait = \"2s\"\nsynchronous_mode = \"strict\"\nrejoin = \"clone\"\n\
          maximum_lag_on_failover = \"unlimited\"\non_postgres_crash = \"failover\"\n\
+         [agent.api]\nusername = \"ops\"\npassword = \"s3cret\"\nauth_reads = true\n\
          [dcs]\nendpoints = [\"127.0.0.1:2379\", \"http://10.0.0.2:2379\"]\nnamespace = \"prod\"\n"
     );
     let c = Config::from_toml(&text, Path::new("/etc/pgwarden")).expect("valid");
@@ -419,6 +420,9 @@ fn agent_and_dcs_sections_validate() {
     );
     assert_eq!(c.agent.rejoin, pgwarden_config::RejoinMode::Clone);
     assert_eq!(c.agent.maximum_lag_on_failover, None);
+    let (user, password) = c.agent.api.credentials.clone().expect("credentials");
+    assert_eq!((user.as_str(), password.expose()), ("ops", "s3cret"));
+    assert!(c.agent.api.auth_reads);
     let dcs = c.dcs.expect("dcs");
     assert_eq!(dcs.endpoints.len(), 2);
     assert_eq!(dcs.namespace, "prod");
@@ -450,6 +454,46 @@ fn agent_and_dcs_mistakes_are_all_reported() {
         assert!(
             got.iter().any(|l| l.starts_with(want)),
             "missing {want:?} in {got:#?}"
+        );
+    }
+}
+
+#[test]
+fn agent_api_credentials_come_in_pairs() {
+    let c = Config::from_toml(GOOD, Path::new("/etc/pgwarden")).expect("valid");
+    assert_eq!(
+        c.agent.api.credentials, None,
+        "none: mutating calls are refused"
+    );
+    assert!(!c.agent.api.auth_reads);
+    for (section, want) in [
+        (
+            "username = \"ops\"",
+            "agent.api.password: is required with agent.api.username",
+        ),
+        (
+            "password = \"x\"",
+            "agent.api.username: is required with agent.api.password",
+        ),
+        (
+            "username = \"a:b\"\npassword = \"x\"",
+            "agent.api.username: must be non-empty and contain no ':'",
+        ),
+        (
+            "auth_reads = true",
+            "agent.api.auth_reads: needs agent.api.username and agent.api.password",
+        ),
+        ("auth_reads = \"yes\"", "agent.api.auth_reads:"),
+        (
+            "password = \"x\"\npassword_file = \"/p\"\nusername = \"u\"",
+            "agent.api.password: give either",
+        ),
+        ("token = 1", "agent.api.token: unknown key"),
+    ] {
+        let got = errors(&format!("{GOOD}[agent.api]\n{section}\n"));
+        assert!(
+            got.iter().any(|l| l.starts_with(want)),
+            "{section}: missing {want:?} in {got:#?}"
         );
     }
 }

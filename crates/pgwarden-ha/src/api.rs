@@ -16,6 +16,9 @@
 //!   `pgwarden list --json` prints ([`crate::status::HaStatus`]); 503 when it could not read it.
 //!
 //! A `lag` that is not a size is 400. Anything else is 404.
+//!
+//! `POST /switchover` (and the authentication every mutating call needs, and reads with
+//! `[agent.api] auth_reads`) are in [`crate::api_write`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use pgwarden_dcs::Kv;
+
+use crate::api_write::{self, authorize, is_mutating, Operator};
 use crate::member::MemberState;
 
 /// What the API answers from, published by the agent's loop.
@@ -44,58 +50,139 @@ pub struct ApiView {
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST: usize = 8192;
 
-/// Serves `view` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, view: watch::Receiver<Arc<ApiView>>) {
+/// Serves `view` on `listener` until the task is dropped; mutating calls act through `op`.
+pub async fn serve<K: Kv>(
+    listener: TcpListener,
+    view: watch::Receiver<Arc<ApiView>>,
+    op: Arc<Operator<K>>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let view = view.borrow().clone();
+        let op = op.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &view).await {
+            if let Err(e) = answer(stream, &view, &op).await {
                 tracing::debug!(error = %e, "API request failed");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, view: &ApiView) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
+/// One request: its line, the headers the API reads, and its body.
+struct HttpRequest {
+    method: String,
+    target: String,
+    authorization: Option<String>,
+    body: String,
+}
+
+/// Reads a request within [`READ_TIMEOUT`] (`None`: it did not come whole, or was too large).
+async fn read_request(stream: &mut TcpStream) -> Option<HttpRequest> {
+    let read = async {
+        let mut buf = Vec::with_capacity(512);
         let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await?;
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > MAX_REQUEST {
+                return None;
+            }
+            let n = stream.read(&mut chunk).await.ok()?;
             if n == 0 {
-                break;
+                // HTTP/1.0 without a blank line: what came is the head.
+                break buf.len();
             }
             buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > MAX_REQUEST {
-                break;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.lines();
+        let mut words = lines.next().unwrap_or("").split_whitespace();
+        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
+        let (mut length, mut authorization) = (0usize, None);
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().ok()?,
+                "authorization" => authorization = Some(value.trim().to_string()),
+                _ => {}
             }
         }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if head.is_err() {
+        if length > MAX_REQUEST {
+            return None;
+        }
+        while buf.len() < head_end + length {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = (head_end + length).min(buf.len());
+        Some(HttpRequest {
+            method: method.to_string(),
+            target: target.to_string(),
+            authorization,
+            body: String::from_utf8_lossy(&buf[head_end..end]).into_owned(),
+        })
+    };
+    tokio::time::timeout(READ_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn answer<K: Kv>(
+    mut stream: TcpStream,
+    view: &ApiView,
+    op: &Operator<K>,
+) -> std::io::Result<()> {
+    let Some(req) = read_request(&mut stream).await else {
         return Ok(());
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let mut words = text.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
-    let (status, body) = respond(target, view, std::time::Instant::now());
+    };
+    let path = req
+        .target
+        .split_once('?')
+        .map_or(req.target.as_str(), |(p, _)| p);
+    let auth = &op.config.agent.api;
+    let mutating = req.method != "GET" && req.method != "HEAD" && is_mutating(path);
+    let (status, body) = if mutating || auth.auth_reads {
+        match authorize(req.authorization.as_deref(), auth.credentials.as_ref()) {
+            Err(refused) => refused,
+            Ok(()) if mutating => api_write::handle(&req.method, path, &req.body, op).await,
+            Ok(()) => respond(&req.target, view, std::time::Instant::now()),
+        }
+    } else {
+        respond(&req.target, view, std::time::Instant::now())
+    };
     let reason = match status {
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        412 => "Precondition Failed",
+        501 => "Not Implemented",
         _ => "Service Unavailable",
     };
-    let body = if method == "HEAD" {
+    let body = if req.method == "HEAD" {
         String::new()
     } else {
         body
     };
+    let challenge = if status == 401 {
+        "WWW-Authenticate: Basic realm=\"pgwarden\"\r\n"
+    } else {
+        ""
+    };
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{challenge}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;
@@ -156,11 +243,27 @@ pub async fn fetch_state(addr: &str, timeout: Duration) -> Option<MemberState> {
 
 /// `GET target` of the agent at `addr` within `timeout`: the status and the body.
 pub async fn get(addr: &str, target: &str, timeout: Duration) -> Option<(u16, String)> {
+    call(addr, "GET", target, None, "", timeout).await
+}
+
+/// `method target` of the agent at `addr` with an `Authorization` header and a JSON body, within
+/// `timeout`: the status and the body.
+pub async fn call(
+    addr: &str,
+    method: &str,
+    target: &str,
+    authorization: Option<&str>,
+    body: &str,
+    timeout: Duration,
+) -> Option<(u16, String)> {
     let fetch = async {
         let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
+        let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        let request = format!(
+            "{method} {target} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).await.ok()?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.ok()?;
         let text = String::from_utf8(out).ok()?;
@@ -275,7 +378,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let (_tx, rx) = watch::channel(Arc::new(view("running", false, true, false)));
-        let server = tokio::spawn(serve(listener, rx));
+        let server = tokio::spawn(serve(listener, rx, operator("")));
         let got = fetch_state(&addr, Duration::from_secs(2))
             .await
             .expect("state");
@@ -287,6 +390,69 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.expect("read");
         assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        // A mutating call without credentials configured: refused before any store call.
+        let (status, body) = call(
+            &addr,
+            "POST",
+            "/switchover",
+            None,
+            "{}",
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("answer");
+        assert_eq!(status, 403, "{body}");
+        server.abort();
+    }
+
+    /// An operator over an in-process store, with `api` as the `[agent.api]` section.
+    fn operator(api: &str) -> Arc<Operator<pgwarden_dcs::memory::MemoryKv>> {
+        let text = format!(
+            "[postgres]\nsuperuser_password = \"x\"\n[[nodes]]\nname = \"n1\"\nhost = \"127.0.0.1\"\nport = 5432\n[agent.api]\n{api}\n"
+        );
+        let config = pgwarden_config::Config::from_toml(&text, std::path::Path::new("/"))
+            .unwrap_or_else(|e| panic!("config: {e}"));
+        Arc::new(Operator {
+            store: Arc::new(pgwarden_dcs::ClusterStore::new(
+                pgwarden_dcs::memory::MemoryKv::new(),
+                "t",
+                "main",
+            )),
+            config: Arc::new(config),
+        })
+    }
+
+    #[tokio::test]
+    async fn reads_need_the_credentials_only_with_auth_reads() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (_tx, rx) = watch::channel(Arc::new(view("running", false, true, false)));
+        let op = operator("username = \"ops\"\npassword = \"pw\"\nauth_reads = true");
+        let server = tokio::spawn(serve(listener, rx, op));
+        let t = Duration::from_secs(2);
+        let (status, _) = call(&addr, "GET", "/replica", None, "", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 401);
+        let good = "Basic b3BzOnB3"; // ops:pw
+        let (status, _) = call(&addr, "GET", "/replica", Some(good), "", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 200);
+        let (status, body) = call(&addr, "POST", "/restart", Some(good), "{}", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 501, "{body}");
+        let (status, body) = call(&addr, "POST", "/switchover", Some(good), "{\"to\": 1}", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 400, "{body}");
+        // An empty store: nobody leads, so the request is refused with the reason.
+        let (status, body) = call(&addr, "POST", "/switchover", Some(good), "{}", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 412, "{body}");
+        assert!(body.contains("no member holds the leader key"), "{body}");
         server.abort();
     }
 }

@@ -11,6 +11,7 @@
 //! - [`agent`] — [`Agent`], the driver: owns its node's PostgreSQL, its lease and its member key.
 //! - [`member`] — [`MemberState`], what an agent publishes.
 //! - [`operate`] — operator commands on the store: switchover requests, checked first.
+//! - [`api_write`] — the API's mutating calls (`POST /switchover`) and its authentication.
 //! - [`api`] — `GET /health`, `/primary`, `/replica`.
 //! - [`store`] — the etcd store from `[dcs]`, or the in-process one.
 //! - [`view`] — the proxy's cluster view from the store.
@@ -18,6 +19,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_write;
 pub mod candidates;
 pub mod decide;
 pub mod member;

@@ -13,6 +13,8 @@ use crate::switchover::{self, Leading, Refusal, Target};
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// Refuse unless this member leads (what the caller believes).
+    pub leader: Option<String>,
     pub to: Option<String>,
     /// Unix milliseconds; `None`: at once.
     pub at_ms: Option<u64>,
@@ -46,6 +48,12 @@ pub fn plan_request(
     now_ms: u64,
 ) -> Result<(Switchover, Leader, Revision), Refusal> {
     let leader = snap.leader.clone().ok_or(Refusal::NoLeader)?;
+    if let Some(asked) = req.leader.as_deref().filter(|l| *l != leader.node.as_str()) {
+        return Err(Refusal::LeaderChanged {
+            asked: NodeId::new(asked),
+            now: Some(leader.node.clone()),
+        });
+    }
     if snap.paused {
         return Err(Refusal::Paused);
     }
@@ -120,6 +128,12 @@ pub async fn request_switchover<K: Kv>(
         Ok(false) => Err(OperateError::Raced),
         Err(e) => Err(OperateError::Store(e.to_string())),
     }
+}
+
+/// How long a caller follows a switchover: the drain, then room for the stop, the catch-up and
+/// the promotion (the agents give up on the target after `ttl`).
+pub fn follow_bound(config: &Config, drain: Duration) -> Duration {
+    drain + config.agent.ttl * 2 + Duration::from_secs(30)
 }
 
 /// Follows the switchover asked for at `requested_ms` until it is done or failed, or `bound`
@@ -228,6 +242,7 @@ mod tests {
 
     fn req(to: Option<&str>, force: bool) -> Request {
         Request {
+            leader: None,
             to: to.map(String::from),
             at_ms: None,
             force,
@@ -287,6 +302,8 @@ mod tests {
             ("to a stopped member", with(&edit("n2", |m| m.state = "stopped".into())), req(Some("n2"), false), Err("not running as a standby")),
             ("to one that does not stream", with(&edit("n2", |m| m.streaming = false)), req(Some("n2"), false), Err("not streaming")),
             ("to one on another timeline", with(&edit("n2", |m| m.timeline = Some(2))), req(Some("n2"), false), Err("on timeline 2, the leader on 1")),
+            ("the named leader leads", snap(cluster()), Request { leader: Some("n1".into()), ..req(Some("n2"), false) }, Ok(("n2", 0))),
+            ("another leads than the one named", snap(cluster()), Request { leader: Some("n3".into()), ..req(Some("n2"), false) }, Err("it was asked of n3, and n1 leads now")),
             ("nobody fit", with(&|s| { edit("n2", |m| m.streaming = false)(s); edit("n3", |m| m.nofailover = true)(s) }), req(None, false), Err("no member may take over: n2 is not streaming from the leader, so it cannot catch up; n3 is tagged nofailover")),
             ("one under way", with(&|s| s.switchover = Some(running(SwitchoverPhase::Draining, now))), req(Some("n2"), false), Err("from n1 to n3 is already under way")),
             ("a finished one is replaced", with(&|s| s.switchover = Some(running(SwitchoverPhase::Done, now))), req(Some("n2"), false), Ok(("n2", 42))),

@@ -47,7 +47,7 @@ pub struct SwitchoverStatus {
 }
 
 impl SwitchoverStatus {
-    fn of(sw: &pgwarden_dcs::Switchover) -> SwitchoverStatus {
+    pub fn of(sw: &pgwarden_dcs::Switchover) -> SwitchoverStatus {
         SwitchoverStatus {
             from: sw.from.clone(),
             to: sw.to.clone(),

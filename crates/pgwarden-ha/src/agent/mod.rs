@@ -155,7 +155,11 @@ impl<K: Kv> Agent<K> {
             live_for: rules.loop_wait * 3,
             cluster: crate::status::HaStatus::unreadable("not read yet".into()),
         }));
-        let api_task = tokio::spawn(crate::api::serve(listener, view_rx));
+        let operator = Arc::new(crate::api_write::Operator {
+            store: store.clone(),
+            config: config.clone(),
+        });
+        let api_task = tokio::spawn(crate::api::serve(listener, view_rx, operator));
         let mem = Memory {
             upstream: instance.upstream().and_then(|(host, port)| {
                 config

@@ -1,0 +1,285 @@
+//! The agent API's mutating calls and its authentication.
+//!
+//! - `POST /switchover` — body `{"leader": "n1", "candidate": "n2", "scheduled_at":
+//!   "2026-12-05T14:00:00Z", "force": false, "drain": "2s"}`, every field optional (`to` is
+//!   taken for `candidate` too; `leader`, if given, must be the leader). Checked exactly as
+//!   `pgwarden switchover` checks it (412 with the reason when refused, nothing written), then
+//!   followed to its end: 200 and the switchover's JSON when done, 503 when it failed or did not
+//!   end in time, 202 when scheduled for later. 400 for a body that does not parse.
+//! - `POST /failover`, `/restart`, `/reinit` — 501: not built yet.
+//!
+//! Mutating calls need HTTP basic authentication with `[agent.api] username/password` (401
+//! without or with wrong ones); with none configured they are refused (403). Reads need it only
+//! with `auth_reads`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use pgwarden_config::{Config, Secret};
+use pgwarden_dcs::{ClusterStore, Kv, SwitchoverPhase};
+use serde::Deserialize;
+
+use crate::operate::{self, OperateError, Request};
+use crate::status::SwitchoverStatus;
+
+/// What the mutating calls act through.
+pub struct Operator<K: Kv> {
+    pub store: Arc<ClusterStore<K>>,
+    pub config: Arc<Config>,
+}
+
+/// A path that changes the cluster when posted to.
+pub fn is_mutating(path: &str) -> bool {
+    matches!(
+        path.trim_end_matches('/'),
+        "/switchover" | "/failover" | "/restart" | "/reinit"
+    )
+}
+
+/// Whether the `Authorization` header carries `credentials` (HTTP basic). `Err` is the
+/// status and JSON body to answer.
+pub fn authorize(
+    authorization: Option<&str>,
+    credentials: Option<&(String, Secret)>,
+) -> Result<(), (u16, String)> {
+    let error =
+        |status: u16, text: &str| Err((status, serde_json::json!({ "error": text }).to_string()));
+    let Some((user, password)) = credentials else {
+        return error(
+            403,
+            "mutating calls need credentials: set [agent.api] username and password",
+        );
+    };
+    let given = authorization
+        .and_then(|h| h.trim().strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok());
+    let ok = given
+        .as_deref()
+        .and_then(|g| g.split_once(':'))
+        .is_some_and(|(u, p)| {
+            // Both compared in full, whatever the first mismatch.
+            let user_ok = same(u.as_bytes(), user.as_bytes());
+            let password_ok = same(p.as_bytes(), password.expose().as_bytes());
+            user_ok & password_ok
+        });
+    if ok {
+        Ok(())
+    } else {
+        error(
+            401,
+            "authentication required (HTTP basic, [agent.api] credentials)",
+        )
+    }
+}
+
+/// Equality that takes the same time wherever the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SwitchoverBody {
+    leader: Option<String>,
+    candidate: Option<String>,
+    to: Option<String>,
+    scheduled_at: Option<String>,
+    force: bool,
+    drain: Option<String>,
+}
+
+/// `POST /switchover`'s body as a request (`now`: for a relative time, none here).
+pub fn parse_switchover(body: &str) -> Result<Request, String> {
+    let b: SwitchoverBody = if body.trim().is_empty() {
+        SwitchoverBody::default()
+    } else {
+        serde_json::from_str(body).map_err(|e| format!("the body: {e}"))?
+    };
+    let to = match (b.candidate, b.to) {
+        (Some(c), Some(t)) if c != t => {
+            return Err("candidate and to name different members".into())
+        }
+        (c, t) => c.or(t),
+    };
+    let at_ms = match b.scheduled_at {
+        None => None,
+        Some(s) => {
+            let t = humantime::parse_rfc3339_weak(&s)
+                .map_err(|e| format!("scheduled_at: {e} (an RFC 3339 time)"))?;
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| "scheduled_at: before 1970".to_string())?;
+            Some(ms.as_millis() as u64)
+        }
+    };
+    let drain = match b.drain {
+        None => operate::DEFAULT_DRAIN,
+        Some(d) => pgwarden_core::parse_duration(&d).map_err(|e| format!("drain: {e}"))?,
+    };
+    Ok(Request {
+        leader: b.leader,
+        to,
+        at_ms,
+        force: b.force,
+        drain,
+    })
+}
+
+/// Answers a mutating call (already authorised).
+pub async fn handle<K: Kv>(
+    method: &str,
+    path: &str,
+    body: &str,
+    op: &Operator<K>,
+) -> (u16, String) {
+    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
+    if method != "POST" {
+        return json(
+            405,
+            serde_json::json!({ "error": format!("{path} takes POST") }),
+        );
+    }
+    if path.trim_end_matches('/') != "/switchover" {
+        return json(
+            501,
+            serde_json::json!({ "error": format!("{path} is not built yet") }),
+        );
+    }
+    let req = match parse_switchover(body) {
+        Ok(r) => r,
+        Err(e) => return json(400, serde_json::json!({ "error": e })),
+    };
+    let sw = match operate::request_switchover(&op.store, &op.config, &req).await {
+        Ok(sw) => sw,
+        Err(OperateError::Store(e)) => {
+            return json(
+                503,
+                serde_json::json!({ "error": format!("the store: {e}") }),
+            )
+        }
+        Err(e) => return json(412, serde_json::json!({ "error": e.to_string() })),
+    };
+    let body = |sw: &pgwarden_dcs::Switchover| {
+        serde_json::to_string(&SwitchoverStatus::of(sw)).expect("a switchover serialises")
+    };
+    if sw.at_ms.is_some_and(|at| at > crate::switchover::unix_ms()) {
+        return (202, body(&sw));
+    }
+    let bound = operate::follow_bound(&op.config, req.drain);
+    match operate::wait_switchover(&op.store, sw.requested_ms, bound).await {
+        Some(done) if done.phase == SwitchoverPhase::Done => (200, body(&done)),
+        Some(failed) => (503, body(&failed)),
+        None => json(
+            503,
+            serde_json::json!({ "error": format!(
+                "the switchover did not end within {}",
+                pgwarden_core::format_duration(bound)
+            ) }),
+        ),
+    }
+}
+
+/// The bound on reading a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, password: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        )
+    }
+
+    #[test]
+    fn authorization() {
+        let creds = ("ops".to_string(), Secret::new("s3cret"));
+        let good = basic("ops", "s3cret");
+        let (wrong, longer, user) = (
+            basic("ops", "s3creT"),
+            basic("ops", "s3cret!"),
+            basic("root", "s3cret"),
+        );
+        #[rustfmt::skip]
+        type Case<'a> = (&'a str, Option<&'a str>, Option<&'a (String, Secret)>, Result<(), u16>);
+        let cases: Vec<Case> = vec![
+            ("the right pair", Some(&good), Some(&creds), Ok(())),
+            ("no header", None, Some(&creds), Err(401)),
+            ("a wrong password", Some(&wrong), Some(&creds), Err(401)),
+            ("a longer password", Some(&longer), Some(&creds), Err(401)),
+            ("a wrong user", Some(&user), Some(&creds), Err(401)),
+            ("not basic", Some("Bearer x"), Some(&creds), Err(401)),
+            ("not base64", Some("Basic !!!"), Some(&creds), Err(401)),
+            (
+                "nothing configured: refused whatever is sent",
+                Some(&good),
+                None,
+                Err(403),
+            ),
+        ];
+        for (what, header, c, want) in cases {
+            assert_eq!(authorize(header, c).map_err(|(s, _)| s), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn switchover_bodies() {
+        let r = parse_switchover(
+            r#"{"leader": "n1", "candidate": "n2", "scheduled_at": "2026-12-05T14:00:00Z", "force": true, "drain": "5s"}"#,
+        )
+        .expect("parses");
+        assert_eq!(r.leader.as_deref(), Some("n1"));
+        assert_eq!(r.to.as_deref(), Some("n2"));
+        assert_eq!(r.at_ms, Some(1_796_479_200_000));
+        assert!(r.force);
+        assert_eq!(r.drain, Duration::from_secs(5));
+        let empty = parse_switchover("").expect("an empty body");
+        assert_eq!((empty.to, empty.at_ms, empty.force), (None, None, false));
+        assert_eq!(empty.drain, operate::DEFAULT_DRAIN);
+        assert_eq!(
+            parse_switchover(r#"{"to": "n3"}"#)
+                .expect("to")
+                .to
+                .as_deref(),
+            Some("n3")
+        );
+        for (body, phrase) in [
+            ("{", "the body"),
+            (r#"{"candidate": "n2", "to": "n3"}"#, "different members"),
+            (r#"{"scheduled_at": "soon"}"#, "scheduled_at"),
+            (r#"{"drain": "forever"}"#, "drain"),
+            (r#"{"master": "n1"}"#, "unknown field"),
+        ] {
+            let e = parse_switchover(body).expect_err(body);
+            assert!(e.contains(phrase), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn which_calls_mutate() {
+        for p in [
+            "/switchover",
+            "/switchover/",
+            "/failover",
+            "/restart",
+            "/reinit",
+        ] {
+            assert!(is_mutating(p), "{p}");
+        }
+        for p in ["/primary", "/cluster", "/health", "/"] {
+            assert!(!is_mutating(p), "{p}");
+        }
+    }
+}
