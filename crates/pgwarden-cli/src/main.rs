@@ -83,6 +83,19 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         drain: std::time::Duration,
     },
+    /// The history of outages of the cluster's writes (failovers, switchovers, restarts in
+    /// place) from the store, and availability, MTTR and MTBF over a window. Needs [dcs].
+    History {
+        /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the events (and the report) as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Availability, MTTR and MTBF over this window back from now (e.g. 30d).
+        #[arg(long, value_parser = parse_duration)]
+        availability: Option<std::time::Duration>,
+    },
     /// Run the connection pooler in front of the cluster's primary.
     Proxy {
         /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
@@ -238,6 +251,11 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Pause { config } => pause_or_resume(config, true).await,
         Command::Resume { config } => pause_or_resume(config, false).await,
+        Command::History {
+            config,
+            json,
+            availability,
+        } => history(config, json, availability).await,
         Command::Switchover {
             config,
             to,
@@ -562,6 +580,49 @@ async fn switchover(config: Option<PathBuf>, request: pgwarden_ha::operate::Requ
             1,
         ),
     }
+}
+
+/// `pgwarden history`: the store's events, and the report over a window.
+async fn history(
+    config: Option<PathBuf>,
+    json: bool,
+    window: Option<std::time::Duration>,
+) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.dcs.is_none() {
+        return fail(
+            "history is kept by the HA agents in their store, and this config has no [dcs]",
+            2,
+        );
+    }
+    let store = match pgwarden_ha::store::connect(&config).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string(), 2),
+    };
+    let events = match store.history().await {
+        Ok(e) => e,
+        Err(e) => return fail(&format!("cannot read the history: {e}"), 2),
+    };
+    let now = pgwarden_ha::switchover::unix_ms();
+    let report = window.map(|w| {
+        pgwarden_ha::history::report(&events, now.saturating_sub(w.as_millis() as u64), now)
+    });
+    if json {
+        let doc = serde_json::json!({ "events": events, "availability": report });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("history serialises")
+        );
+    } else {
+        print!("{}", pgwarden_ha::history::render(&events));
+        if let Some(r) = report {
+            print!("{}", r.render());
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `pgwarden list`: the store's members. Exit 0 when the store was read and a leader holds

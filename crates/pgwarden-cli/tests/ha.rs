@@ -81,6 +81,36 @@ async fn a_crashed_primary_restarts_in_place() {
         log.errors
     );
     one_error_and_the_same_session(&log);
+    // The restart is an outage in the history, and counts in the availability.
+    let history = history(&ha);
+    let restarts: Vec<_> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "restart")
+        .collect();
+    assert_eq!(restarts.len(), 1, "{history}");
+    assert_eq!(restarts[0]["to"], "n1", "{history}");
+    assert_eq!(history["availability"]["unplanned"], 1, "{history}");
+    assert!(
+        history["availability"]["mttr_ms"].as_u64().is_some(),
+        "{history}"
+    );
+}
+
+/// `pgwarden history --json --availability 1h`.
+fn history(ha: &Ha) -> serde_json::Value {
+    let config = ha.dir.path().join("proxy.toml");
+    let r = common::run(&[
+        "history",
+        "-c",
+        config.to_str().expect("path"),
+        "--json",
+        "--availability",
+        "1h",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    serde_json::from_str(&r.stdout).expect("history --json")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +160,32 @@ async fn a_dead_node_fails_over_and_comes_back_as_a_replica() {
         log.errors
     );
     one_error_and_the_same_session(&log);
+    let history = history(&ha);
+    let failovers: Vec<_> = history["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "failover")
+        .collect();
+    assert_eq!(failovers.len(), 1, "{history}");
+    assert_eq!(
+        failovers[0]["from"],
+        ha.nodes[leader].name.as_str(),
+        "{history}"
+    );
+    assert_eq!(
+        failovers[0]["to"],
+        ha.nodes[new_leader].name.as_str(),
+        "{history}"
+    );
+    assert_eq!(failovers[0]["epoch"], new_epoch, "{history}");
+    assert!(failovers[0]["lost_bytes"].is_u64(), "{history}");
+    let down =
+        failovers[0]["up_ms"].as_u64().unwrap_or(0) - failovers[0]["down_ms"].as_u64().unwrap_or(0);
+    assert!(
+        down > 0 && down < 20_000,
+        "writes unavailable {down} ms: {history}"
+    );
 }
 
 /// An old primary that cannot be rewound (its WAL is gone, so pg_rewind cannot even finish its

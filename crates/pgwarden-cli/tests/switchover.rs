@@ -119,6 +119,30 @@ async fn a_switchover_under_writes_errors_no_client_and_loses_nothing() {
         Vec::<i64>::new(),
         "no acknowledged write lost"
     );
+    // Both are in the history, with the write gap each recorded.
+    let r = pgwarden(&ha, &["history", "--json", "--availability", "1h"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let h: serde_json::Value = serde_json::from_str(&r.stdout).expect("history --json");
+    let events = h["events"].as_array().expect("events");
+    let switchovers: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "switchover")
+        .collect();
+    assert_eq!(switchovers.len(), 2, "{h}");
+    assert_eq!(switchovers[0]["from"], "n1", "{h}");
+    assert_eq!(switchovers[0]["to"], "n2", "{h}");
+    assert_eq!(
+        switchovers[0]["up_ms"].as_u64().unwrap_or(0)
+            - switchovers[0]["down_ms"].as_u64().unwrap_or(0),
+        gap,
+        "{h}"
+    );
+    assert_eq!(h["availability"]["outages"], 2, "{h}");
+    assert_eq!(h["availability"]["unplanned"], 0, "{h}");
+    assert!(
+        h["availability"]["mttr_ms"].is_null(),
+        "no unplanned outage: {h}"
+    );
     let row = idle
         .query_one("SELECT inet_server_port()", &[])
         .await

@@ -43,6 +43,8 @@ struct LastLeaderValue {
     lsn: String,
     #[serde(default)]
     timeline: u32,
+    #[serde(default)]
+    at_ms: u64,
 }
 
 /// The leader's last recorded position (`last_leader`).
@@ -53,6 +55,8 @@ pub struct LastLeader {
     pub lsn: Lsn,
     /// 0 when a leader of an earlier version recorded it.
     pub timeline: u32,
+    /// When it was recorded (Unix milliseconds; 0 when unknown).
+    pub at_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -273,6 +277,9 @@ impl<K: Kv> ClusterStore<K> {
             epoch: held.epoch,
             lsn,
             timeline,
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         });
         self.put_as_leader(held, "last_leader", &v).await
     }
@@ -283,6 +290,7 @@ impl<K: Kv> ClusterStore<K> {
             epoch: l.epoch.0,
             lsn: l.lsn.to_string(),
             timeline: l.timeline,
+            at_ms: l.at_ms,
         }
     }
 
@@ -300,6 +308,7 @@ impl<K: Kv> ClusterStore<K> {
             source: serde::de::Error::custom(format!("bad lsn {}", v.lsn)),
         })?;
         Ok(LastLeader {
+            at_ms: v.at_ms,
             node: NodeId::new(&v.node),
             epoch: Epoch(v.epoch),
             lsn,
@@ -684,8 +693,12 @@ mod tests {
         assert!(!s.put_synchronous_set(&adopted, &[]).await.expect("put"));
         assert!(!s.adopt_leader(&adopted, l1b).await.expect("adopt"));
         assert_eq!(
-            s.last_leader().await.expect("last"),
+            s.last_leader()
+                .await
+                .expect("last")
+                .map(|l| LastLeader { at_ms: 0, ..l }),
             Some(LastLeader {
+                at_ms: 0,
                 node: n1.clone(),
                 epoch: Epoch(1),
                 lsn: Lsn(42),

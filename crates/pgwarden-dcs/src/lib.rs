@@ -11,17 +11,20 @@
 //!   demo): no consensus over the network is made here.
 //! - [`etcd`] — [`etcd::EtcdKv`], the etcd v3 store, every call bounded by a timeout.
 //! - [`cluster`] — [`ClusterStore`]: the keys and operations the agents use.
+//! - [`history`] — the cluster's history of outages (failovers, switchovers, restarts).
 //! - [`switchover`] — the `switchover` key: a planned change of leader and where it stands.
 //! - [`error`] — [`DcsError`].
 
 pub mod cluster;
 pub mod error;
 pub mod etcd;
+pub mod history;
 pub mod kv;
 pub mod memory;
 pub mod switchover;
 
 pub use cluster::{ClusterStore, LastLeader, Leader, Member, Snapshot};
 pub use error::DcsError;
+pub use history::{Event, EventKind};
 pub use kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
 pub use switchover::{Phase as SwitchoverPhase, StoredSwitchover, Switchover};

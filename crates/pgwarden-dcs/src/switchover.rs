@@ -286,6 +286,7 @@ mod tests {
             ..sw.clone()
         };
         let last = LastLeader {
+            at_ms: 0,
             node: n1.clone(),
             epoch: held.epoch,
             lsn: "0/3000028".parse().expect("lsn"),

@@ -17,6 +17,8 @@
 //!
 //! A `lag` that is not a size is 400. Anything else is 404.
 //!
+//! `/history` is the store's history of outages (JSON, oldest first: [`pgwarden_dcs::Event`]).
+//!
 //! `POST /switchover` (and the authentication every mutating call needs, and reads with
 //! `[agent.api] auth_reads`) are in [`crate::api_write`].
 
@@ -150,14 +152,30 @@ async fn answer<K: Kv>(
         .map_or(req.target.as_str(), |(p, _)| p);
     let auth = &op.config.agent.api;
     let mutating = req.method != "GET" && req.method != "HEAD" && is_mutating(path);
+    let read = || async {
+        if path.trim_end_matches('/') == "/history" {
+            match op.store.history().await {
+                Ok(events) => (
+                    200,
+                    serde_json::to_string(&events).expect("events serialise"),
+                ),
+                Err(e) => (
+                    503,
+                    serde_json::json!({ "error": e.to_string() }).to_string(),
+                ),
+            }
+        } else {
+            respond(&req.target, view, std::time::Instant::now())
+        }
+    };
     let (status, body) = if mutating || auth.auth_reads {
         match authorize(req.authorization.as_deref(), auth.credentials.as_ref()) {
             Err(refused) => refused,
             Ok(()) if mutating => api_write::handle(&req.method, path, &req.body, op).await,
-            Ok(()) => respond(&req.target, view, std::time::Instant::now()),
+            Ok(()) => read().await,
         }
     } else {
-        respond(&req.target, view, std::time::Instant::now())
+        read().await
     };
     let reason = match status {
         200 => "OK",

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use pgwarden_core::NodeId;
-use pgwarden_dcs::{Kv, LastLeader, Leader, Switchover, SwitchoverPhase};
+use pgwarden_dcs::{Event, EventKind, Kv, LastLeader, Leader, Switchover, SwitchoverPhase};
 use pgwarden_postgres::sql;
 use pgwarden_postgres::{Endpoint, ReplicationLogin, Settings, StopMode, SyncStandbys};
 
@@ -168,6 +168,19 @@ impl<K: Kv> Agent<K> {
                 sw.epoch = Some(held.epoch.0);
                 self.store.update_switchover(&held, &sw).await?;
                 tracing::info!(node = %self.id, from = %sw.from, epoch = %held.epoch, write_gap_ms = ?sw.write_gap_ms(), "switchover done");
+                let event = Event {
+                    kind: EventKind::Switchover,
+                    down_ms: sw.draining_ms.unwrap_or_default(),
+                    up_ms: sw.finished_ms.unwrap_or_default(),
+                    from: Some(sw.from.clone()),
+                    to: sw.to.clone(),
+                    epoch: held.epoch.0,
+                    timeline: sw.stopped_timeline.map(|t| t + 1),
+                    lost_bytes: Some(0),
+                };
+                if let Err(err) = self.store.put_event(&held, &event).await {
+                    tracing::warn!(node = %self.id, error = %err, "cannot record the switchover in the history");
+                }
             }
             Action::FailSwitchover { why } => {
                 let held = self.held_by(&self.id.clone())?;
@@ -229,6 +242,7 @@ impl<K: Kv> Agent<K> {
                 sw.stopped_timeline = Some(c.timeline);
                 sw.cut_transactions = cut;
                 let last = LastLeader {
+                    at_ms: now,
                     node: self.id.clone(),
                     epoch: held.epoch,
                     lsn: c.checkpoint,
@@ -341,6 +355,15 @@ impl<K: Kv> Agent<K> {
     async fn promote(&mut self) -> Result<(), AgentError> {
         self.ensure_slots().await?;
         self.name_sync_standbys().await?;
+        let received = self
+            .query(
+                "SELECT greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text",
+                &[],
+            )
+            .await?
+            .first()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|l| l.parse().ok());
         // pg_promote(wait) checks every 100 ms; asked without waiting, the end of recovery is
         // seen within PROMOTE_POLL.
         self.query("SELECT pg_promote(false)", &[]).await?;
@@ -359,6 +382,9 @@ impl<K: Kv> Agent<K> {
             tokio::time::sleep(PROMOTE_POLL).await;
         }
         self.mem.upstream = None;
+        self.mem.promoted = Some((switchover::unix_ms(), received));
+        // A restart of it as a standby earlier is no outage of the leader's.
+        self.mem.recovered = None;
         let epoch = self
             .took
             .as_ref()
@@ -412,6 +438,7 @@ impl<K: Kv> Agent<K> {
     /// standbys kept in step with the healthy members.
     async fn lead(&mut self) -> Result<(), AgentError> {
         let held = self.held_by(&self.id.clone())?;
+        self.record_outage(&held).await;
         if self.mem.slots_for != Some(held.epoch) {
             self.ensure_slots().await?;
             self.mem.slots_for = Some(held.epoch);
@@ -443,6 +470,58 @@ impl<K: Kv> Agent<K> {
             self.manage_sync(&held).await?;
         }
         Ok(())
+    }
+
+    /// History: a promotion that was not a switchover's is a failover from the last leader
+    /// the store recorded; a restart of this leader's PostgreSQL under the same epoch is a
+    /// restart. (A switchover is recorded when it is finished.) A failed write of the event is
+    /// logged, not retried: history is not worth a round.
+    async fn record_outage(&mut self, held: &Leader) {
+        let now = switchover::unix_ms();
+        let snap = self.snapshot.as_ref();
+        let event = if let Some((at, received)) = self.mem.promoted.take() {
+            let switching = snap
+                .and_then(|s| s.switchover.as_ref())
+                .is_some_and(|s| s.value.to == self.id.as_str() && !s.value.phase.is_over());
+            let last = snap
+                .and_then(|s| s.last_leader.clone())
+                .filter(|l| l.node != self.id);
+            (!switching).then(|| Event {
+                kind: EventKind::Failover,
+                down_ms: last
+                    .as_ref()
+                    .map_or(at, |l| if l.at_ms > 0 { l.at_ms } else { at }),
+                up_ms: now,
+                from: last.as_ref().map(|l| l.node.to_string()),
+                to: self.id.to_string(),
+                epoch: held.epoch.0,
+                timeline: None,
+                lost_bytes: last
+                    .as_ref()
+                    .zip(received)
+                    .map(|(l, r)| l.lsn.bytes_since(r)),
+            })
+        } else if let Some(since) = self.mem.recovered.take() {
+            // Only a leader that led under this epoch before (not a first start).
+            (self.mem.slots_for == Some(held.epoch)).then(|| Event {
+                kind: EventKind::Restart,
+                down_ms: now.saturating_sub(since.elapsed().as_millis() as u64),
+                up_ms: now,
+                from: Some(self.id.to_string()),
+                to: self.id.to_string(),
+                epoch: held.epoch.0,
+                timeline: None,
+                lost_bytes: Some(0),
+            })
+        } else {
+            None
+        };
+        if let Some(e) = event {
+            tracing::info!(node = %self.id, kind = ?e.kind, down_ms = e.duration_ms(), "recording the outage in the history");
+            if let Err(err) = self.store.put_event(held, &e).await {
+                tracing::warn!(node = %self.id, error = %err, "cannot record the outage in the history");
+            }
+        }
     }
 
     /// Every node's name but this one's.

@@ -82,6 +82,10 @@ struct Memory {
     replay: observe::Replay,
     /// This leader drains for a switchover: rounds come quickly.
     draining: bool,
+    /// Its PostgreSQL answers again after being down since then (a restart, for history).
+    recovered: Option<Instant>,
+    /// This node was promoted (for history): when, and the WAL it had received.
+    promoted: Option<(u64, Option<pgwarden_core::Lsn>)>,
 }
 
 pub struct Agent<K: Kv> {

@@ -231,7 +231,9 @@ impl<K: Kv> Agent<K> {
         match self.query_state().await {
             Ok((mut r, streaming, replay)) => {
                 self.mem.replay = replay;
-                self.mem.pg_down_since = None;
+                if let Some(since) = self.mem.pg_down_since.take() {
+                    self.mem.recovered = Some(since);
+                }
                 self.mem.starting = false;
                 self.mem.failed_starts = 0;
                 self.mem.start_not_before = None;
