@@ -96,6 +96,29 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         availability: Option<std::time::Duration>,
     },
+    /// Manual failover, for when no member leads (the leader is gone and the election's rules
+    /// let nobody take over): promote NODE, a running standby, whatever its lag. Refused while a
+    /// leader holds the key (use switchover). Needs [dcs].
+    Failover {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// The standby to promote.
+        #[arg(long)]
+        to: String,
+    },
+    /// Restart NODE's PostgreSQL (a clean stop and a start, in the same role). Needs [dcs].
+    Restart {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        node: String,
+    },
+    /// Re-clone NODE from the leader (its data directory is emptied). Not the leader. Needs
+    /// [dcs].
+    Reinit {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        node: String,
+    },
     /// Run the connection pooler in front of the cluster's primary.
     Proxy {
         /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
@@ -251,6 +274,13 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Pause { config } => pause_or_resume(config, true).await,
         Command::Resume { config } => pause_or_resume(config, false).await,
+        Command::Failover { config, to } => failover(config, &to).await,
+        Command::Restart { config, node } => {
+            node_request(config, &node, pgwarden_dcs::NodeAction::Restart).await
+        }
+        Command::Reinit { config, node } => {
+            node_request(config, &node, pgwarden_dcs::NodeAction::Reinit).await
+        }
         Command::History {
             config,
             json,
@@ -575,6 +605,99 @@ async fn switchover(config: Option<PathBuf>, request: pgwarden_ha::operate::Requ
                 "switchover from {} to {} did not finish within {} (pgwarden list shows where it stands)",
                 sw.from,
                 sw.to,
+                pgwarden_core::format_duration(bound)
+            ),
+            1,
+        ),
+    }
+}
+
+/// The config and a connection to its store, for the operator commands (`what` names the
+/// command in the error).
+async fn operator_store(
+    config: Option<PathBuf>,
+    what: &str,
+) -> Result<
+    (
+        Config,
+        pgwarden_dcs::ClusterStore<pgwarden_dcs::etcd::EtcdKv>,
+    ),
+    ExitCode,
+> {
+    let config = load(config)?;
+    if config.dcs.is_none() {
+        return Err(fail(
+            &format!("{what} is carried out by the HA agents through their store, and this config has no [dcs]"),
+            2,
+        ));
+    }
+    match pgwarden_ha::store::connect(&config).await {
+        Ok(s) => Ok((config, s)),
+        Err(e) => Err(fail(&e.to_string(), 2)),
+    }
+}
+
+/// `pgwarden failover --to NODE`: exit 0 once NODE leads, 1 when refused or not done in time.
+async fn failover(config: Option<PathBuf>, to: &str) -> ExitCode {
+    use pgwarden_ha::operate::{self, OperateError};
+    let (_config, store) = match operator_store(config, "failover").await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match operate::request_failover(&store, to).await {
+        Ok(_) => {}
+        Err(e @ OperateError::Store(_)) => return fail(&format!("cannot use the store: {e}"), 2),
+        Err(OperateError::Refused(r)) => return fail(&format!("failover refused: {r}"), 1),
+        Err(e) => return fail(&e.to_string(), 1),
+    }
+    println!("failover to {to}: asked");
+    let bound = std::time::Duration::from_secs(60);
+    match operate::wait_until(&store, bound, |s| operate::leads(s, to)).await {
+        Some(epoch) => {
+            println!("failover to {to}: done, epoch {epoch}");
+            ExitCode::SUCCESS
+        }
+        None => fail(
+            &format!("{to} did not lead within 60s (pgwarden list shows why)"),
+            1,
+        ),
+    }
+}
+
+/// `pgwarden restart NODE` / `pgwarden reinit NODE`: exit 0 once carried out.
+async fn node_request(
+    config: Option<PathBuf>,
+    node: &str,
+    action: pgwarden_dcs::NodeAction,
+) -> ExitCode {
+    use pgwarden_ha::operate::{self, OperateError};
+    let what = match action {
+        pgwarden_dcs::NodeAction::Restart => "restart",
+        pgwarden_dcs::NodeAction::Reinit => "reinit",
+    };
+    let (config, store) = match operator_store(config, what).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match operate::request_node(&store, &config, node, action).await {
+        Ok(_) => {}
+        Err(e @ OperateError::Store(_)) => return fail(&format!("cannot use the store: {e}"), 2),
+        Err(OperateError::Refused(r)) => return fail(&format!("{what} refused: {r}"), 1),
+        Err(e) => return fail(&e.to_string(), 1),
+    }
+    println!("{what} of {node}: asked");
+    let bound = std::time::Duration::from_secs(match action {
+        pgwarden_dcs::NodeAction::Restart => 120,
+        pgwarden_dcs::NodeAction::Reinit => 3600,
+    });
+    match operate::wait_until(&store, bound, |s| operate::request_done(s, node, action)).await {
+        Some(m) => {
+            println!("{what} of {node}: done, {} {}", m.role, m.state);
+            ExitCode::SUCCESS
+        }
+        None => fail(
+            &format!(
+                "{what} of {node} did not finish within {} (pgwarden list shows why)",
                 pgwarden_core::format_duration(bound)
             ),
             1,

@@ -379,8 +379,9 @@ async fn the_api_switches_over_with_credentials_and_refuses_without() {
     );
     let (status, body) = post("/switchover", ops(), r#"{"candidat": "n3"}"#).await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = post("/failover", ops(), "{}").await;
-    assert_eq!(status, 501, "{body}");
+    let (status, body) = post("/failover", ops(), r#"{"candidate": "n3"}"#).await;
+    assert_eq!(status, 412, "{body}");
+    assert!(body.contains("n1 holds the leader key"), "{body}");
     assert_eq!(
         store.switchover().await.expect("read"),
         None,

@@ -13,6 +13,7 @@
 //!   candidates are. Written only while the writer holds the leader key.
 //! - `sync` — the synchronous set: the members that may be promoted in synchronous mode.
 //!   Written only while the writer holds the leader key.
+//! - `requests/<node>`, `failover` — operators' requests (see [`crate::requests`]).
 //! - `switchover` — a planned change of leader and where it stands (see
 //!   [`crate::switchover`]).
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
+use crate::requests::{ManualFailover, NodeRequest, Stored};
 use crate::switchover::StoredSwitchover;
 use crate::DcsError;
 
@@ -84,6 +86,10 @@ pub struct Snapshot<T> {
     pub paused: bool,
     /// The last switchover asked for, running or finished.
     pub switchover: Option<StoredSwitchover>,
+    /// Operators' requests to single members, not yet carried out.
+    pub requests: Vec<(NodeId, Stored<NodeRequest>)>,
+    /// A manual failover asked for while nobody led.
+    pub failover: Option<Stored<ManualFailover>>,
     pub members: Vec<Member<T>>,
 }
 
@@ -156,6 +162,8 @@ impl<K: Kv> ClusterStore<K> {
             synchronous_set: None,
             paused: false,
             switchover: None,
+            requests: Vec::new(),
+            failover: None,
             members: Vec::new(),
         };
         for e in self.kv.list(&self.prefix).await? {
@@ -173,6 +181,25 @@ impl<K: Kv> ClusterStore<K> {
                         value: Self::parse(&e)?,
                         revision: e.mod_revision,
                     })
+                }
+                "failover" => {
+                    snap.failover = Some(Stored {
+                        value: Self::parse(&e)?,
+                        revision: e.mod_revision,
+                    })
+                }
+                _ if name.starts_with("requests/") => {
+                    // A request an agent of another version wrote is left to it.
+                    if let Ok(value) = Self::parse(&e) {
+                        let node = NodeId::new(&name["requests/".len()..]);
+                        snap.requests.push((
+                            node,
+                            Stored {
+                                value,
+                                revision: e.mod_revision,
+                            },
+                        ));
+                    }
                 }
                 "sync" => {
                     let names: Vec<String> = Self::parse(&e)?;

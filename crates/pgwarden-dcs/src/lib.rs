@@ -12,6 +12,7 @@
 //! - [`etcd`] — [`etcd::EtcdKv`], the etcd v3 store, every call bounded by a timeout.
 //! - [`cluster`] — [`ClusterStore`]: the keys and operations the agents use.
 //! - [`history`] — the cluster's history of outages (failovers, switchovers, restarts).
+//! - [`requests`] — restart and re-clone requests to one member, and manual failover.
 //! - [`switchover`] — the `switchover` key: a planned change of leader and where it stands.
 //! - [`error`] — [`DcsError`].
 
@@ -21,10 +22,12 @@ pub mod etcd;
 pub mod history;
 pub mod kv;
 pub mod memory;
+pub mod requests;
 pub mod switchover;
 
 pub use cluster::{ClusterStore, LastLeader, Leader, Member, Snapshot};
 pub use error::DcsError;
 pub use history::{Event, EventKind};
 pub use kv::{Compare, Entry, Kv, LeaseId, Op, Revision};
+pub use requests::{ManualFailover, NodeAction, NodeRequest, Stored};
 pub use switchover::{Phase as SwitchoverPhase, StoredSwitchover, Switchover};

@@ -437,6 +437,7 @@ mod tests {
                 "main",
             )),
             config: Arc::new(config),
+            node: "n1".into(),
         })
     }
 
@@ -457,10 +458,18 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(status, 200);
-        let (status, body) = call(&addr, "POST", "/restart", Some(good), "{}", t)
+        let (status, body) = call(&addr, "POST", "/nothing", Some(good), "{}", t)
             .await
             .expect("answer");
-        assert_eq!(status, 501, "{body}");
+        assert_eq!(status, 404, "{body}");
+        let (status, body) = call(&addr, "POST", "/reinit", Some(good), "", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 412, "no leader to clone from: {body}");
+        let (status, body) = call(&addr, "POST", "/failover", Some(good), "{}", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 400, "{body}");
         let (status, body) = call(&addr, "POST", "/switchover", Some(good), "{\"to\": 1}", t)
             .await
             .expect("answer");

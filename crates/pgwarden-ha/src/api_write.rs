@@ -6,7 +6,10 @@
 //!   `pgwarden switchover` checks it (412 with the reason when refused, nothing written), then
 //!   followed to its end: 200 and the switchover's JSON when done, 503 when it failed or did not
 //!   end in time, 202 when scheduled for later. 400 for a body that does not parse.
-//! - `POST /failover`, `/restart`, `/reinit` — 501: not built yet.
+//! - `POST /failover` — body `{"candidate": "n2"}`: a manual failover while nobody leads (412
+//!   while a leader holds the key), followed until the candidate leads.
+//! - `POST /restart`, `/reinit` — of this agent's node (a re-clone never of the leader),
+//!   followed until carried out: 200 and the member state.
 //!
 //! Mutating calls need HTTP basic authentication with `[agent.api] username/password` (401
 //! without or with wrong ones); with none configured they are refused (403). Reads need it only
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use pgwarden_config::{Config, Secret};
-use pgwarden_dcs::{ClusterStore, Kv, SwitchoverPhase};
+use pgwarden_dcs::{ClusterStore, Kv, NodeAction, SwitchoverPhase};
 use serde::Deserialize;
 
 use crate::operate::{self, OperateError, Request};
@@ -27,6 +30,8 @@ use crate::status::SwitchoverStatus;
 pub struct Operator<K: Kv> {
     pub store: Arc<ClusterStore<K>>,
     pub config: Arc<Config>,
+    /// The node whose agent serves the API (`/restart` and `/reinit` act on it).
+    pub node: String,
 }
 
 /// A path that changes the cluster when posted to.
@@ -149,11 +154,12 @@ pub async fn handle<K: Kv>(
             serde_json::json!({ "error": format!("{path} takes POST") }),
         );
     }
-    if path.trim_end_matches('/') != "/switchover" {
-        return json(
-            501,
-            serde_json::json!({ "error": format!("{path} is not built yet") }),
-        );
+    match path.trim_end_matches('/') {
+        "/switchover" => {}
+        "/failover" => return failover(body, op).await,
+        "/restart" => return node_request(NodeAction::Restart, op).await,
+        "/reinit" => return node_request(NodeAction::Reinit, op).await,
+        _ => return json(404, serde_json::json!({ "error": "not found" })),
     }
     let req = match parse_switchover(body) {
         Ok(r) => r,
@@ -188,6 +194,83 @@ pub async fn handle<K: Kv>(
         ),
     }
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FailoverBody {
+    candidate: Option<String>,
+    to: Option<String>,
+}
+
+/// `POST /failover`: a manual failover to `candidate` (or `to`), followed until it leads.
+async fn failover<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
+    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
+    let b: FailoverBody = match serde_json::from_str(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return json(
+                400,
+                serde_json::json!({ "error": format!("the body: {e}") }),
+            )
+        }
+    };
+    let Some(to) = b.candidate.or(b.to) else {
+        return json(400, serde_json::json!({ "error": "candidate: required" }));
+    };
+    match operate::request_failover(&op.store, &to).await {
+        Ok(_) => {}
+        Err(OperateError::Store(e)) => {
+            return json(
+                503,
+                serde_json::json!({ "error": format!("the store: {e}") }),
+            )
+        }
+        Err(e) => return json(412, serde_json::json!({ "error": e.to_string() })),
+    }
+    match operate::wait_until(&op.store, FOLLOW, |s| operate::leads(s, &to)).await {
+        Some(epoch) => json(200, serde_json::json!({ "leader": to, "epoch": epoch })),
+        None => json(
+            503,
+            serde_json::json!({ "error": format!("{to} did not lead in time") }),
+        ),
+    }
+}
+
+/// `POST /restart`, `/reinit`: of this agent's node, followed until carried out.
+async fn node_request<K: Kv>(action: NodeAction, op: &Operator<K>) -> (u16, String) {
+    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
+    match operate::request_node(&op.store, &op.config, &op.node, action).await {
+        Ok(_) => {}
+        Err(OperateError::Store(e)) => {
+            return json(
+                503,
+                serde_json::json!({ "error": format!("the store: {e}") }),
+            )
+        }
+        Err(e) => return json(412, serde_json::json!({ "error": e.to_string() })),
+    }
+    let bound = match action {
+        NodeAction::Restart => FOLLOW,
+        NodeAction::Reinit => Duration::from_secs(3600),
+    };
+    match operate::wait_until(&op.store, bound, |s| {
+        operate::request_done(s, &op.node, action)
+    })
+    .await
+    {
+        Some(m) => (
+            200,
+            serde_json::to_string(&m).expect("a member state serialises"),
+        ),
+        None => json(
+            503,
+            serde_json::json!({ "error": "not carried out in time" }),
+        ),
+    }
+}
+
+/// How long a call follows what it asked for.
+const FOLLOW: Duration = Duration::from_secs(60);
 
 /// The bound on reading a request's body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);

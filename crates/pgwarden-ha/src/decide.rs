@@ -144,6 +144,11 @@ pub struct Store {
     pub paused: bool,
     /// A planned switchover, running or finished.
     pub switchover: Option<switchover::Plan>,
+    /// An operator's request to this node (`pgwarden restart` / `reinit`).
+    pub request: Option<pgwarden_dcs::NodeAction>,
+    /// A manual failover (`pgwarden failover --to`): the member to promote while nobody
+    /// leads, and whether it has waited past its bound (then the ordinary rules apply).
+    pub failover: Option<(NodeId, bool)>,
 }
 
 /// Everything one decision is made from.
@@ -233,6 +238,16 @@ pub enum Action {
     FailSwitchover {
         why: String,
     },
+    /// Stop PostgreSQL cleanly and start it again in the same role (an operator's request).
+    Restart,
+    /// Empty the data directory and clone again (an operator's request: kept while paused).
+    Reinit {
+        from: NodeId,
+    },
+    /// Delete this node's request, carried out (or moot).
+    DoneWithRequest,
+    /// Delete the manual failover request: a leader leads.
+    DoneWithFailover,
 }
 
 /// Why an agent is not acting (published with its state).
@@ -273,6 +288,12 @@ pub enum Reason {
     Draining {
         to: NodeId,
     },
+    /// A manual failover names another member.
+    FailoverTo {
+        to: NodeId,
+    },
+    /// A re-clone was asked for and there is no leader to clone from.
+    ReinitWaits,
     /// A switchover's old leader has stopped; `to` takes over.
     SwitchingOver {
         from: NodeId,
@@ -298,6 +319,10 @@ impl fmt::Display for Reason {
                 f,
                 "switchover to {to}: new transactions are held while running ones finish"
             ),
+            Reason::FailoverTo { to } => write!(f, "manual failover: {to} takes over"),
+            Reason::ReinitWaits => {
+                f.write_str("asked to re-clone: waiting for a leader to clone from")
+            }
             Reason::SwitchingOver { from, to } => {
                 write!(f, "switchover: {from} has stopped, {to} takes over")
             }
@@ -411,6 +436,13 @@ pub fn decide(o: &Observation, s: &Settings) -> Decision {
 /// crashed PostgreSQL stays down, reported.
 fn paused(o: &Observation, d: Decision) -> Decision {
     let primary = matches!(&o.pg, Pg::Running(r) if r.primary);
+    // A manual failover is an operator's act, the one way out of a paused cluster whose
+    // leader is gone.
+    let asked = o
+        .store
+        .as_ref()
+        .and_then(|s| s.failover.as_ref())
+        .is_some_and(|(to, expired)| to == &o.node && !expired);
     let total = d.actions.len();
     let actions: Vec<Action> = d
         .actions
@@ -419,8 +451,13 @@ fn paused(o: &Observation, d: Decision) -> Decision {
             Action::Fence
             | Action::AdoptLeader
             | Action::FinishSwitchover
-            | Action::FailSwitchover { .. } => true,
-            Action::TakeLeader | Action::Lead => primary,
+            | Action::FailSwitchover { .. }
+            | Action::Restart
+            | Action::Reinit { .. }
+            | Action::DoneWithRequest
+            | Action::DoneWithFailover => true,
+            Action::TakeLeader | Action::Lead => primary || asked,
+            Action::Promote => asked,
             _ => false,
         })
         .collect();
@@ -464,6 +501,9 @@ fn decide_active(o: &Observation, s: &Settings) -> Decision {
         // An earlier run of this agent led: bind the key to this run's lease, keeping the epoch.
         return Decision::act(Role::Down, vec![Action::AdoptLeader]);
     }
+    if let Some(d) = requested(o, store, holds, other.clone()) {
+        return d;
+    }
     match &o.pg {
         Pg::Missing if holds => Decision::act(Role::Down, vec![Action::ReleaseLeader]),
         Pg::Missing => missing(o, store, other),
@@ -475,6 +515,54 @@ fn decide_active(o: &Observation, s: &Settings) -> Decision {
         Pg::Running(r) if r.primary => running_primary(o, store, holds, other),
         Pg::Running(r) => running_standby(o, s, store, r, holds, other),
     }
+}
+
+/// An operator's request to this node: the request is deleted first, so that one that fails
+/// (a clone that breaks off) is not retried forever; the ordinary decisions then repair what
+/// is left (a missing data directory is cloned).
+fn requested(
+    o: &Observation,
+    store: &Store,
+    holds: bool,
+    other: Option<NodeId>,
+) -> Option<Decision> {
+    use pgwarden_dcs::NodeAction;
+    let action = store.request?;
+    let done = Action::DoneWithRequest;
+    Some(match (action, &o.pg) {
+        (NodeAction::Restart, Pg::Running(r)) => {
+            let role = match (holds, r.primary) {
+                (true, true) => Role::Leader,
+                (_, false) => Role::Replica,
+                (false, true) => Role::Down,
+            };
+            Decision::act(role, vec![done, Action::Restart])
+        }
+        // Nothing runs to restart: the ordinary decisions start it.
+        (NodeAction::Restart, _) => Decision::act(Role::Down, vec![done]),
+        // The leader's data is the cluster's: never emptied (the command refuses it too).
+        (NodeAction::Reinit, _) if holds => Decision::act(Role::Down, vec![done]),
+        (NodeAction::Reinit, _) => match other {
+            Some(from) if store.leader_ready => {
+                Decision::act(Role::Down, vec![done, Action::Reinit { from }])
+            }
+            _ => Decision::wait(Role::Down, Reason::ReinitWaits),
+        },
+    })
+}
+
+/// A manual failover while nobody leads: its target takes the key and promotes whatever the
+/// election's rules say (the operator chose it); the others wait for it.
+fn manual_failover(o: &Observation, store: &Store, role: Role) -> Option<Decision> {
+    let (to, false) = store.failover.clone()? else {
+        return None;
+    };
+    Some(match &o.pg {
+        Pg::Running(r) if !r.primary && to == o.node => {
+            Decision::act(role, vec![Action::TakeLeader, Action::Promote])
+        }
+        _ => Decision::wait(role, Reason::FailoverTo { to }),
+    })
 }
 
 /// Rule 1: a server that is or may become writable stops when its lease may be gone.
@@ -576,6 +664,9 @@ fn stopped(
         return rejoin(o, s, leader);
     }
     // Nobody leads.
+    if let Some(d) = manual_failover(o, store, Role::Down) {
+        return d;
+    }
     if let Some(d) = switchover::without_leader(o, store) {
         return d;
     }
@@ -615,6 +706,9 @@ fn rejoin(o: &Observation, s: &Settings, leader: NodeId) -> Decision {
 
 fn running_primary(o: &Observation, store: &Store, holds: bool, other: Option<NodeId>) -> Decision {
     if holds {
+        if store.failover.is_some() {
+            return Decision::act(Role::Leader, vec![Action::DoneWithFailover, Action::Lead]);
+        }
         if let Some(d) = switchover::as_leader(o, store, o.switchover_target.as_ref()) {
             return d;
         }
@@ -672,6 +766,9 @@ fn running_standby(
                 since: waited,
             },
         );
+    }
+    if let Some(d) = manual_failover(o, store, Role::Replica) {
+        return d;
     }
     if let Some(d) = switchover::without_leader(o, store) {
         return d;
@@ -805,6 +902,8 @@ mod tests {
             synchronous_set: None,
             paused: false,
             switchover: None,
+            request: None,
+            failover: None,
         }
     }
 
@@ -820,6 +919,8 @@ mod tests {
             synchronous_set: None,
             paused: false,
             switchover: None,
+            request: None,
+            failover: None,
         }
     }
 
@@ -947,6 +1048,22 @@ mod tests {
             ("expired: the old leader may lead again", with(&[&planned(stopped(true))], obs("n1", Pg::Stopped { standby: false }, Some(store(None)))), &s, vec![TakeLeader], None),
             ("paused: the target does not take the key", with(&[&planned(stopped(false)), &past, &paused], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("held back")),
             ("paused: no drain begins", with(&[&planned(Due), &ok, &paused], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![Lead], Some("1 held back")),
+            // Operators' requests.
+            ("restart asked of a replica", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Restart)], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![DoneWithRequest, Restart], None),
+            ("restart asked of the leader: in place", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Restart)], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![DoneWithRequest, Restart], None),
+            ("restart asked of a stopped node: the ordinary start", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Restart)], obs("n2", Pg::Stopped { standby: true }, Some(store(Some("n1"))))), &s, vec![DoneWithRequest], None),
+            ("reinit of a replica: clone again from the leader", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Reinit)], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![DoneWithRequest, Reinit { from: n("n1") }], None),
+            ("reinit of the leader: never", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Reinit)], obs("n1", primary(), Some(store(Some("n1"))))), &s, vec![DoneWithRequest], None),
+            ("reinit without a leader waits", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Reinit)], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("waiting for a leader to clone from")),
+            ("paused: a reinit is still carried out", with(&[&paused, &|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Reinit)], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![DoneWithRequest, Reinit { from: n("n1") }], Some("paused")),
+            ("a fenced leader is fenced before any request", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Restart)], obs("n2", primary(), Some(store(Some("n1"))))), &s, vec![Fence], None),
+            // Manual failover.
+            ("manual failover: its target promotes, whatever the election says", with(&[&|o: &mut Observation| { o.store.as_mut().expect("store").failover = Some((n("n3"), false)); o.candidates = vec![cand("n2", 0), cand("n3", 5)]; }], obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader, Promote], None),
+            ("paused: a manual failover is still carried out", with(&[&paused, &|o: &mut Observation| o.store.as_mut().expect("store").failover = Some((n("n3"), false))], obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader, Promote], Some("paused")),
+            ("manual failover: the others wait", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").failover = Some((n("n3"), false))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("manual failover: n3 takes over")),
+            ("manual failover: the old primary does not take the key back", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").failover = Some((n("n3"), false))], obs("n1", Pg::Stopped { standby: false }, Some(store(None)))), &s, vec![], Some("n3 takes over")),
+            ("manual failover past its bound: the ordinary election", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").failover = Some((n("n3"), true))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader], None),
+            ("a leader deletes the manual failover", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").failover = Some((n("n3"), false))], obs("n3", primary(), Some(store(Some("n3"))))), &s, vec![DoneWithFailover, Lead], None),
             // The old leader's rejoin.
             ("stopped exactly where the target took over: a standby, no rewind", with(&[&planned(stopped(false)), &at_stop], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![StartStandby { upstream: Some(n("n2")) }], None),
             ("the same once done", with(&[&planned(Over { stopped_at: Some(Lsn(100 * MB)) }), &at_stop], obs("n1", Pg::Stopped { standby: false }, Some(store(Some("n2"))))), &s, vec![StartStandby { upstream: Some(n("n2")) }], None),

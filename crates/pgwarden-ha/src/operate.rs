@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use pgwarden_config::Config;
 use pgwarden_core::NodeId;
-use pgwarden_dcs::{ClusterStore, Kv, Leader, Revision, Snapshot, Switchover};
+use pgwarden_dcs::{
+    ClusterStore, Kv, Leader, ManualFailover, NodeAction, NodeRequest, Revision, Snapshot,
+    Switchover,
+};
 
 use crate::member::MemberState;
 use crate::switchover::{self, Leading, Refusal, Target};
@@ -172,6 +175,128 @@ pub async fn wait_switchover<K: Kv>(
     }
 }
 
+/// Checks and writes a restart or re-clone request for `node`.
+pub async fn request_node<K: Kv>(
+    store: &ClusterStore<K>,
+    config: &Config,
+    node: &str,
+    action: NodeAction,
+) -> Result<NodeRequest, OperateError> {
+    if config.node(node).is_none() {
+        return Err(OperateError::Refused(Refusal::UnknownMember(NodeId::new(
+            node,
+        ))));
+    }
+    let snap = store
+        .snapshot::<MemberState>()
+        .await
+        .map_err(|e| OperateError::Store(e.to_string()))?;
+    if action == NodeAction::Reinit {
+        match &snap.leader {
+            None => return Err(OperateError::Refused(Refusal::NoLeader)),
+            Some(l) if l.node.as_str() == node => {
+                return Err(OperateError::Refused(Refusal::LeaderData(l.node.clone())))
+            }
+            Some(_) => {}
+        }
+    }
+    let req = NodeRequest {
+        action,
+        requested_ms: switchover::unix_ms(),
+    };
+    store
+        .request(node, &req)
+        .await
+        .map_err(|e| OperateError::Store(e.to_string()))?;
+    Ok(req)
+}
+
+/// The manual failover to write: only while nobody holds the leader key, to a member that
+/// runs as a standby.
+pub fn plan_failover(
+    snap: &Snapshot<MemberState>,
+    to: &str,
+    now_ms: u64,
+) -> Result<ManualFailover, Refusal> {
+    if let Some(l) = &snap.leader {
+        return Err(Refusal::LeaderHolds(l.node.clone()));
+    }
+    let node = NodeId::new(to);
+    let m = snap
+        .members
+        .iter()
+        .find(|m| m.node == node)
+        .ok_or_else(|| Refusal::UnknownMember(node.clone()))?;
+    if m.state.state != "running" || m.state.primary {
+        return Err(Refusal::NotStandby(node));
+    }
+    if m.state.nofailover {
+        return Err(Refusal::NoFailover(node));
+    }
+    Ok(ManualFailover {
+        to: to.to_string(),
+        requested_ms: now_ms,
+    })
+}
+
+/// Checks and writes a manual failover to `to`.
+pub async fn request_failover<K: Kv>(
+    store: &ClusterStore<K>,
+    to: &str,
+) -> Result<ManualFailover, OperateError> {
+    let snap = store
+        .snapshot::<MemberState>()
+        .await
+        .map_err(|e| OperateError::Store(e.to_string()))?;
+    let f = plan_failover(&snap, to, switchover::unix_ms()).map_err(OperateError::Refused)?;
+    match store.request_failover(&f).await {
+        Ok(true) => Ok(f),
+        Ok(false) => Err(OperateError::Raced),
+        Err(e) => Err(OperateError::Store(e.to_string())),
+    }
+}
+
+/// Waits until `check` holds of the store's snapshot, or `bound` passes.
+pub async fn wait_until<K: Kv, T>(
+    store: &ClusterStore<K>,
+    bound: Duration,
+    check: impl Fn(&Snapshot<MemberState>) -> Option<T>,
+) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if let Ok(s) = store.snapshot::<MemberState>().await {
+            if let Some(t) = check(&s) {
+                return Some(t);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Carried out: `node`'s request is gone and it runs again (a re-clone: and streams).
+pub fn request_done(
+    s: &Snapshot<MemberState>,
+    node: &str,
+    action: NodeAction,
+) -> Option<MemberState> {
+    if s.requests.iter().any(|(n, _)| n.as_str() == node) {
+        return None;
+    }
+    let m = s.members.iter().find(|m| m.node.as_str() == node)?;
+    let up = m.state.state == "running" && (action == NodeAction::Restart || m.state.streaming);
+    up.then(|| m.state.clone())
+}
+
+/// `to` leads: it holds the key and runs as a primary under its epoch.
+pub fn leads(s: &Snapshot<MemberState>, to: &str) -> Option<u64> {
+    let l = s.leader.as_ref().filter(|l| l.node.as_str() == to)?;
+    let m = s.members.iter().find(|m| m.node.as_str() == to)?;
+    (m.state.primary && m.state.epoch == Some(l.epoch.0)).then_some(l.epoch.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +353,8 @@ mod tests {
             synchronous_set: None,
             paused: false,
             switchover: None,
+            requests: Vec::new(),
+            failover: None,
             members,
         }
     }
@@ -262,6 +389,24 @@ mod tests {
             value,
             revision: 42,
         }
+    }
+
+    #[test]
+    fn manual_failovers() {
+        let mut no_leader = snap(cluster());
+        no_leader.leader = None;
+        assert_eq!(
+            plan_failover(&no_leader, "n3", 9).map(|f| f.to),
+            Ok("n3".to_string())
+        );
+        let refused =
+            |s: &Snapshot<MemberState>, to| plan_failover(s, to, 9).expect_err(to).to_string();
+        assert!(refused(&snap(cluster()), "n2")
+            .contains("n1 holds the leader key: use pgwarden switchover"));
+        assert!(refused(&no_leader, "n9").contains("n9 is not a member"));
+        assert!(refused(&no_leader, "n1").contains("n1's PostgreSQL is not running as a standby"));
+        no_leader.members[2].state.state = "stopped".into();
+        assert!(refused(&no_leader, "n3").contains("not running as a standby"));
     }
 
     #[test]

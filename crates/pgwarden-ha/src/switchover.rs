@@ -194,6 +194,10 @@ pub enum Refusal {
     },
     /// No `--to`, and no member may be the target: each one's reason.
     NoTarget(Vec<Refusal>),
+    /// A re-clone of the leader (its data is the cluster's).
+    LeaderData(NodeId),
+    /// A manual failover while a leader holds the key.
+    LeaderHolds(NodeId),
     /// The leader named in the request no longer leads.
     LeaderChanged {
         asked: NodeId,
@@ -246,6 +250,14 @@ impl fmt::Display for Refusal {
                 }
                 Ok(())
             }
+            Refusal::LeaderData(n) => write!(
+                f,
+                "{n} leads and its data is the cluster's: switch over first, then re-clone it"
+            ),
+            Refusal::LeaderHolds(n) => write!(
+                f,
+                "{n} holds the leader key: use pgwarden switchover (a manual failover is for when nobody leads)"
+            ),
             Refusal::LeaderChanged { asked, now } => write!(
                 f,
                 "it was asked of {asked}, and {} leads now",

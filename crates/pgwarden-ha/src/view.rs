@@ -271,6 +271,8 @@ mod tests {
             last_leader: None,
             synchronous_set: None,
             switchover: None,
+            requests: Vec::new(),
+            failover: None,
             members,
         }
     }

@@ -160,6 +160,31 @@ impl<K: Kv> Agent<K> {
             Action::BeginSwitchover { to } => self.begin_switchover(to).await?,
             Action::HandOver { to } => self.hand_over(to).await?,
             Action::PrepareTakeOver => self.name_sync_standbys().await?,
+            Action::Restart => {
+                tracing::info!(node = %self.id, "restarting postgres, as asked");
+                self.stop_cleanly().await;
+                self.start()?;
+            }
+            Action::Reinit { from } => {
+                tracing::info!(node = %self.id, from = %from, "re-cloning, as asked");
+                Box::pin(self.act(&Action::Reclone { from: from.clone() })).await?;
+            }
+            Action::DoneWithRequest => {
+                let stored = self
+                    .snapshot
+                    .as_ref()
+                    .and_then(|s| s.requests.iter().find(|(n, _)| n == &self.id))
+                    .map(|(_, r)| r.revision);
+                if let Some(revision) = stored {
+                    let name = format!("requests/{}", self.id);
+                    self.store.done_with(&name, revision).await?;
+                }
+            }
+            Action::DoneWithFailover => {
+                if let Some(f) = self.snapshot.as_ref().and_then(|s| s.failover.as_ref()) {
+                    self.store.done_with("failover", f.revision).await?;
+                }
+            }
             Action::FinishSwitchover => {
                 let held = self.held_by(&self.id.clone())?;
                 let mut sw = self.current_switchover()?;

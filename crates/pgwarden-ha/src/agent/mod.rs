@@ -162,6 +162,7 @@ impl<K: Kv> Agent<K> {
         let operator = Arc::new(crate::api_write::Operator {
             store: store.clone(),
             config: config.clone(),
+            node: me.name.clone(),
         });
         let api_task = tokio::spawn(crate::api::serve(listener, view_rx, operator));
         let mem = Memory {

@@ -21,6 +21,9 @@ pub(super) const OPEN_TRANSACTIONS: &str = "\
 SELECT count(*) FROM pg_stat_activity
  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start IS NOT NULL";
 
+/// How long the members wait for a manual failover's target before the ordinary rules apply.
+pub(crate) const FAILOVER_WAIT: Duration = Duration::from_secs(30);
+
 /// The bound on connecting to this node's PostgreSQL, and on one query.
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -105,6 +108,18 @@ impl<K: Kv> Agent<K> {
             synchronous_set: s.synchronous_set.clone(),
             paused: s.paused,
             switchover,
+            request: s
+                .requests
+                .iter()
+                .find(|(n, _)| n == &self.id)
+                .map(|(_, r)| r.value.action),
+            failover: s.failover.as_ref().map(|f| {
+                let waited = switchover::unix_ms().saturating_sub(f.value.requested_ms);
+                (
+                    NodeId::new(&f.value.to),
+                    Duration::from_millis(waited) >= FAILOVER_WAIT,
+                )
+            }),
         });
         let other_leader = store
             .as_ref()

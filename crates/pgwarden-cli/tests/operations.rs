@@ -1,0 +1,119 @@
+//! Operator commands with real etcd and `pgwarden agent` processes: a manual failover out of
+//! a paused cluster whose leader died, `restart` and `reinit` of a member.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ha::Ha;
+use pgwarden_testkit::eventually;
+
+const BOOT: Duration = Duration::from_secs(120);
+const HEAL: Duration = Duration::from_secs(40);
+
+/// `pgwarden ARGS -c <the proxy's config>` off the runtime's threads.
+async fn pgwarden(ha: &Ha, args: &[&str]) -> common::Run {
+    let config = ha.dir.path().join("proxy.toml");
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.push("-c".into());
+    all.push(config.to_str().expect("utf-8 path").into());
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        common::run(&refs)
+    })
+    .await
+    .expect("run pgwarden")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_out_of_a_paused_cluster_then_restart_and_reinit() {
+    let mut ha = Ha::start(3, "", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    assert_eq!(leader, 0);
+    let store = ha.store().await;
+
+    // Paused, the leader's node dies: nobody takes over by themselves.
+    let r = pgwarden(&ha, &["pause"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = pgwarden(&ha, &["failover", "--to", "n3"]).await;
+    assert_eq!(r.code, 1, "refused while n1 leads: {}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("n1 holds the leader key: use pgwarden switchover"),
+        "{}",
+        r.stderr
+    );
+    ha.kill_agent_and_postgres(0).await;
+    eventually(HEAL, "the dead leader's key expires", || async {
+        store.leader().await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.leader().await.expect("read"),
+        None,
+        "paused: nobody took over"
+    );
+    let r = pgwarden(&ha, &["failover", "--to", "n9"]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stderr.contains("n9 is not a member"), "{}", r.stderr);
+
+    // The operator picks n3.
+    let r = pgwarden(&ha, &["failover", "--to", "n3"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("failover to n3: done"), "{}", r.stdout);
+    // Still paused, nobody follows it yet; it leads under the next epoch.
+    let (l, e) = ha.settled(0, epoch + 1, HEAL).await;
+    assert_eq!(l, 2, "n3 leads");
+    eventually(HEAL, "the request is cleared by the new leader", || async {
+        let s = store.snapshot::<pgwarden_ha::MemberState>().await.ok()?;
+        s.failover.is_none().then_some(())
+    })
+    .await;
+    let r = pgwarden(&ha, &["resume"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    ha.start_agent(0);
+    let (l, e) = ha.settled(2, e, HEAL).await;
+    assert_eq!(l, 2);
+
+    // restart: the same node, a new postmaster, the same role.
+    let before = ha.postmaster_pid(1).expect("n2 runs");
+    let r = pgwarden(&ha, &["restart", "n2"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("restart of n2: done, replica running"),
+        "{}",
+        r.stdout
+    );
+    assert_ne!(ha.postmaster_pid(1), Some(before), "a new postmaster");
+    ha.settled(2, e, HEAL).await;
+
+    // reinit: a new clone of a replica; never of the leader.
+    let r = pgwarden(&ha, &["reinit", "n3"]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("n3 leads and its data is the cluster's"),
+        "{}",
+        r.stderr
+    );
+    let r = pgwarden(&ha, &["reinit", "n2"]).await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(ha.agent_log(1).contains("re-cloning, as asked"));
+    let (l, _) = ha.settled(2, e, HEAL).await;
+    assert_eq!(l, 2, "n3 still leads");
+
+    // The history has the manual failover.
+    let r = pgwarden(&ha, &["history", "--json"]).await;
+    let h: serde_json::Value = serde_json::from_str(&r.stdout).expect("history --json");
+    let failovers: Vec<_> = h["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "failover")
+        .collect();
+    assert_eq!(failovers.len(), 1, "{h}");
+    assert_eq!(
+        (&failovers[0]["from"], &failovers[0]["to"]),
+        (&"n1".into(), &"n3".into()),
+        "{h}"
+    );
+}
