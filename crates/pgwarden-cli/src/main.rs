@@ -679,18 +679,22 @@ async fn node_request(
         Ok(x) => x,
         Err(code) => return code,
     };
-    match operate::request_node(&store, &config, node, action).await {
-        Ok(_) => {}
+    let before = match operate::request_node(&store, &config, node, action).await {
+        Ok(before) => before,
         Err(e @ OperateError::Store(_)) => return fail(&format!("cannot use the store: {e}"), 2),
         Err(OperateError::Refused(r)) => return fail(&format!("{what} refused: {r}"), 1),
         Err(e) => return fail(&e.to_string(), 1),
-    }
+    };
     println!("{what} of {node}: asked");
     let bound = std::time::Duration::from_secs(match action {
         pgwarden_dcs::NodeAction::Restart => 120,
         pgwarden_dcs::NodeAction::Reinit => 3600,
     });
-    match operate::wait_until(&store, bound, |s| operate::request_done(s, node, action)).await {
+    match operate::wait_until(&store, bound, |s| {
+        operate::request_done(s, node, action, before)
+    })
+    .await
+    {
         Some(m) => {
             println!("{what} of {node}: done, {} {}", m.role, m.state);
             ExitCode::SUCCESS

@@ -668,6 +668,7 @@ async fn paused_agents_leave_a_crashed_primary_down_until_resumed() {
             m["reason"]
                 .as_str()
                 .is_some_and(|r| r.starts_with("paused"))
+                && m["reason_code"] == "paused"
         });
         (v["paused"] == true && all).then_some(())
     })

@@ -318,6 +318,8 @@ mod tests {
                 nofailover: false,
                 nosync: false,
                 reason: None,
+                reason_code: None,
+                started_ms: None,
             },
             writable_leader,
             synchronous: false,

@@ -239,8 +239,8 @@ async fn failover<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
 /// `POST /restart`, `/reinit`: of this agent's node, followed until carried out.
 async fn node_request<K: Kv>(action: NodeAction, op: &Operator<K>) -> (u16, String) {
     let json = |status: u16, v: serde_json::Value| (status, v.to_string());
-    match operate::request_node(&op.store, &op.config, &op.node, action).await {
-        Ok(_) => {}
+    let before = match operate::request_node(&op.store, &op.config, &op.node, action).await {
+        Ok(before) => before,
         Err(OperateError::Store(e)) => {
             return json(
                 503,
@@ -248,13 +248,13 @@ async fn node_request<K: Kv>(action: NodeAction, op: &Operator<K>) -> (u16, Stri
             )
         }
         Err(e) => return json(412, serde_json::json!({ "error": e.to_string() })),
-    }
+    };
     let bound = match action {
         NodeAction::Restart => FOLLOW,
         NodeAction::Reinit => Duration::from_secs(3600),
     };
     match operate::wait_until(&op.store, bound, |s| {
-        operate::request_done(s, &op.node, action)
+        operate::request_done(s, &op.node, action, before)
     })
     .await
     {

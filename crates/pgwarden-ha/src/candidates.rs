@@ -76,6 +76,22 @@ pub enum Excluded {
     },
 }
 
+impl Excluded {
+    /// A stable, machine-readable code (see [`crate::decide::Reason::code`]).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Excluded::NoFailover => "nofailover",
+            Excluded::Stale { .. } => "stale",
+            Excluded::NotRunning => "not_running",
+            Excluded::NoPosition => "no_position",
+            Excluded::Lagging { .. } => "lagging",
+            Excluded::NotSynchronous => "not_synchronous",
+            Excluded::OlderTimeline { .. } => "older_timeline",
+            Excluded::Behind { .. } => "behind",
+        }
+    }
+}
+
 impl fmt::Display for Excluded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -311,6 +311,34 @@ pub enum Reason {
     },
 }
 
+impl Reason {
+    /// A stable, machine-readable code for the reason (the text is for people and may change):
+    /// `snake_case`, with the election's cause after a dot (`not_elected.lagging`).
+    pub fn code(&self) -> String {
+        let simple = match self {
+            Reason::StoreUnreachable => "store_unreachable",
+            Reason::LeaseStale => "lease_stale",
+            Reason::FencingIn { .. } => "fencing_in",
+            Reason::WaitingForInitialize { .. } => "waiting_for_initialize",
+            Reason::NoLeader => "no_leader",
+            Reason::LeaderNotReady { .. } => "leader_not_ready",
+            Reason::NeverInitdbAgain => "never_initdb_again",
+            Reason::Starting => "starting",
+            Reason::NotElected(why) => return format!("not_elected.{}", why.code()),
+            Reason::NoCandidate(_) => "no_candidate",
+            Reason::RejoinIsManual { .. } => "rejoin_is_manual",
+            Reason::NotStreaming { .. } => "not_streaming",
+            Reason::Draining { .. } => "switchover_draining",
+            Reason::FailoverTo { .. } => "manual_failover",
+            Reason::ReinitWaits => "reinit_waits",
+            Reason::SwitchingOver { .. } => "switchover_in_progress",
+            Reason::CatchingUp { .. } => "switchover_catching_up",
+            Reason::Paused { .. } => "paused",
+        };
+        simple.to_string()
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -988,6 +1016,27 @@ mod tests {
             };
             f(&mut t);
             o.switchover_target = Some(t);
+        }
+    }
+
+    #[test]
+    fn reason_codes_are_stable() {
+        let lagging = Excluded::Lagging {
+            behind: 2,
+            maximum: 1,
+        };
+        #[rustfmt::skip]
+        let cases = [
+            (Reason::NotElected(lagging), "not_elected.lagging"),
+            (Reason::NotElected(Excluded::NotSynchronous), "not_elected.not_synchronous"),
+            (Reason::NoCandidate(Vec::new()), "no_candidate"),
+            (Reason::Paused { would: None, held_back: 1 }, "paused"),
+            (Reason::Draining { to: n("n2") }, "switchover_draining"),
+            (Reason::CatchingUp { from: n("n1"), lsn: Lsn(1) }, "switchover_catching_up"),
+            (Reason::FailoverTo { to: n("n3") }, "manual_failover"),
+        ];
+        for (reason, code) in cases {
+            assert_eq!(reason.code(), code, "{reason}");
         }
     }
 

@@ -43,4 +43,10 @@ pub struct MemberState {
     pub nosync: bool,
     /// Why it does not act, when it does not.
     pub reason: Option<String>,
+    /// The same as a stable code (`paused`, `not_elected.lagging`, ...).
+    #[serde(default)]
+    pub reason_code: Option<String>,
+    /// When its running PostgreSQL started (Unix milliseconds).
+    #[serde(default)]
+    pub started_ms: Option<u64>,
 }

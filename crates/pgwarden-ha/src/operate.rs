@@ -113,25 +113,39 @@ pub async fn request_switchover<K: Kv>(
     config: &Config,
     req: &Request,
 ) -> Result<Switchover, OperateError> {
-    let snap = store
-        .snapshot::<MemberState>()
-        .await
-        .map_err(|e| OperateError::Store(e.to_string()))?;
     let maximum_lag = config.agent.maximum_lag_on_failover.map(|b| b.bytes());
-    let (sw, leader, replaces) = plan_request(
-        &snap,
-        req,
-        maximum_lag,
-        config.agent.ttl,
-        switchover::unix_ms(),
-    )
-    .map_err(OperateError::Refused)?;
+    // Positions are published once a round, so a target may look behind by a WAL segment the
+    // leader just switched to: a lag refusal is confirmed on later rounds' states.
+    let mut looks_behind = 0;
+    let (sw, leader, replaces) = loop {
+        let snap = store
+            .snapshot::<MemberState>()
+            .await
+            .map_err(|e| OperateError::Store(e.to_string()))?;
+        match plan_request(
+            &snap,
+            req,
+            maximum_lag,
+            config.agent.ttl,
+            switchover::unix_ms(),
+        ) {
+            Ok(planned) => break planned,
+            Err(Refusal::Lagging { .. }) if looks_behind < LAG_CONFIRMATIONS => {
+                looks_behind += 1;
+                tokio::time::sleep(config.agent.loop_wait).await;
+            }
+            Err(r) => return Err(OperateError::Refused(r)),
+        }
+    };
     match store.request_switchover(&sw, &leader, replaces).await {
         Ok(true) => Ok(sw),
         Ok(false) => Err(OperateError::Raced),
         Err(e) => Err(OperateError::Store(e.to_string())),
     }
 }
+
+/// How many more rounds a target that looks too far behind is looked at again.
+const LAG_CONFIRMATIONS: u32 = 2;
 
 /// How long a caller follows a switchover: the drain, then room for the stop, the catch-up and
 /// the promotion (the agents give up on the target after `ttl`).
@@ -175,13 +189,14 @@ pub async fn wait_switchover<K: Kv>(
     }
 }
 
-/// Checks and writes a restart or re-clone request for `node`.
+/// Checks and writes a restart or re-clone request for `node`; returns when its PostgreSQL
+/// had started before (for [`request_done`]).
 pub async fn request_node<K: Kv>(
     store: &ClusterStore<K>,
     config: &Config,
     node: &str,
     action: NodeAction,
-) -> Result<NodeRequest, OperateError> {
+) -> Result<Option<u64>, OperateError> {
     if config.node(node).is_none() {
         return Err(OperateError::Refused(Refusal::UnknownMember(NodeId::new(
             node,
@@ -191,6 +206,7 @@ pub async fn request_node<K: Kv>(
         .snapshot::<MemberState>()
         .await
         .map_err(|e| OperateError::Store(e.to_string()))?;
+    let before = started(&snap, node);
     if action == NodeAction::Reinit {
         match &snap.leader {
             None => return Err(OperateError::Refused(Refusal::NoLeader)),
@@ -208,7 +224,7 @@ pub async fn request_node<K: Kv>(
         .request(node, &req)
         .await
         .map_err(|e| OperateError::Store(e.to_string()))?;
-    Ok(req)
+    Ok(before)
 }
 
 /// The manual failover to write: only while nobody holds the leader key, to a member that
@@ -276,18 +292,32 @@ pub async fn wait_until<K: Kv, T>(
     }
 }
 
-/// Carried out: `node`'s request is gone and it runs again (a re-clone: and streams).
+/// Carried out: `node`'s request is gone and its PostgreSQL runs again, started anew (its
+/// start time differs from `before`, read before the request: no clocks compared), and for a
+/// re-clone, streams.
 pub fn request_done(
     s: &Snapshot<MemberState>,
     node: &str,
     action: NodeAction,
+    before: Option<u64>,
 ) -> Option<MemberState> {
     if s.requests.iter().any(|(n, _)| n.as_str() == node) {
         return None;
     }
     let m = s.members.iter().find(|m| m.node.as_str() == node)?;
-    let up = m.state.state == "running" && (action == NodeAction::Restart || m.state.streaming);
+    let up = m.state.state == "running"
+        && m.state.started_ms.is_some()
+        && m.state.started_ms != before
+        && (action == NodeAction::Restart || m.state.streaming);
     up.then(|| m.state.clone())
+}
+
+/// When `node`'s PostgreSQL started, as it last published.
+pub fn started(s: &Snapshot<MemberState>, node: &str) -> Option<u64> {
+    s.members
+        .iter()
+        .find(|m| m.node.as_str() == node)
+        .and_then(|m| m.state.started_ms)
 }
 
 /// `to` leads: it holds the key and runs as a primary under its epoch.
@@ -331,6 +361,8 @@ mod tests {
             nofailover: false,
             nosync: false,
             reason: None,
+            reason_code: None,
+            started_ms: None,
         };
         f(&mut state);
         Member {

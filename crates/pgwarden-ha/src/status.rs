@@ -79,6 +79,8 @@ pub struct HaMember {
     /// Its agent's API address.
     pub api: Option<String>,
     pub reason: Option<String>,
+    /// The reason as a stable code (`paused`, `not_elected.lagging`, ...).
+    pub reason_code: Option<String>,
 }
 
 impl HaStatus {
@@ -110,6 +112,7 @@ impl HaStatus {
                     replay_lag_ms: m.state.replay_lag_ms,
                     api: m.state.api.clone(),
                     reason: m.state.reason.clone(),
+                    reason_code: m.state.reason_code.clone(),
                 })
                 .collect(),
             error: None,

@@ -250,6 +250,8 @@ mod tests {
                 nofailover: false,
                 nosync: false,
                 reason: None,
+                reason_code: None,
+                started_ms: None,
             },
         }
     }

@@ -50,7 +50,8 @@ SELECT pg_is_in_recovery(),
             WHEN pg_last_wal_receive_lsn() IS NOT NULL
                  AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
             ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
-       END::float8";
+       END::float8,
+       (extract(epoch FROM pg_postmaster_start_time()) * 1000)::int8";
 
 /// A standby's replay, as its server reports it (published for the proxy's read routing). Its
 /// lag in time is 0 when it has replayed all it received, else the age of the last transaction
@@ -59,6 +60,9 @@ SELECT pg_is_in_recovery(),
 pub(super) struct Replay {
     pub lsn: Option<Lsn>,
     pub lag_seconds: Option<f64>,
+    /// When the running server's postmaster started (Unix milliseconds): published with the
+    /// replay so that a restart can be told from the state before it.
+    pub started_ms: Option<i64>,
 }
 
 impl<K: Kv> Agent<K> {
@@ -324,6 +328,7 @@ impl<K: Kv> Agent<K> {
         let replay = Replay {
             lsn: row.get::<_, Option<String>>(5).and_then(|s| s.parse().ok()),
             lag_seconds: row.get(6),
+            started_ms: row.get(7),
         };
         Ok((
             Running {
@@ -461,6 +466,8 @@ pub(super) fn blank_state(me: &NodeConfig) -> MemberState {
         nofailover: me.nofailover,
         nosync: me.nosync,
         reason: None,
+        reason_code: None,
+        started_ms: None,
     }
 }
 
@@ -488,6 +495,7 @@ pub(super) fn member_state(
     }
     .into();
     if let Pg::Running(r) = &o.pg {
+        s.started_ms = replay.started_ms.map(|t| t.max(0) as u64);
         s.primary = r.primary;
         s.timeline = Some(r.timeline);
         s.lsn = Some(r.lsn.to_string());
@@ -510,5 +518,6 @@ pub(super) fn member_state(
         s.ready = roles_ready && s.primary;
     }
     s.reason = d.waiting.as_ref().map(|r| r.to_string());
+    s.reason_code = d.waiting.as_ref().map(|r| r.code());
     s
 }
