@@ -732,3 +732,69 @@ async fn paused_agents_leave_a_crashed_primary_down_until_resumed() {
     );
     assert_eq!(listed(&ha)["paused"], false);
 }
+
+/// Failsafe mode: etcd stops answering everybody (frozen) for twice the lease under a write
+/// load. The members confirm to each other over their APIs that none reaches the store, so the
+/// leader keeps its primary, and the proxy, asking the leader, keeps writing to it: no client
+/// error, one writer, and the same epoch when etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_keeps_a_healthy_leader_writing_while_etcd_is_stopped() {
+    let ha = Ha::start(3, "failsafe = true", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let w = ha.writer(WRITE_EVERY).await;
+    wait_acks(&w, 20).await;
+    let etcd = nix::unistd::Pid::from_raw(ha.etcd.pid() as i32);
+    nix::sys::signal::kill(etcd, Signal::SIGSTOP).expect("stop etcd");
+    let stopped = Instant::now();
+    // The outage lasts twice the lease (7 s): without failsafe the leader would fence at 5 s.
+    let before = w.acked();
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    let during = w.acked() - before;
+    nix::sys::signal::kill(etcd, Signal::SIGCONT).expect("continue etcd");
+    let confirmed = ha
+        .agent_log(leader)
+        .matches("every member confirmed this leader")
+        .count();
+    assert!(
+        confirmed >= 3,
+        "the leader was confirmed each round: {confirmed}"
+    );
+    assert!(
+        during as f64 >= 0.5 * stopped.elapsed().as_secs_f64() / WRITE_EVERY.as_secs_f64(),
+        "writes went on while etcd was stopped: {during}"
+    );
+    let (l, e) = ha.settled(2, epoch, HEAL).await;
+    assert_eq!(
+        (l, e),
+        (leader, epoch),
+        "the same leader under the same epoch"
+    );
+    wait_acks(&w, 20).await;
+    let log = w.stop();
+    assert_eq!(log.errors, Vec::new(), "no client saw an error");
+    assert_eq!(log.reconnects, 0);
+    log.writers_in_order().expect("one writer");
+    assert_eq!(ha.lost(leader, &log).await, Vec::<i64>::new());
+}
+
+/// Failsafe mode, any doubt: the leader alone is cut from etcd while the others reach it.
+/// They refuse to confirm, so it fences itself at its deadline as without failsafe, and one of
+/// them takes over: never two writers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_fences_a_leader_the_others_do_not_confirm() {
+    let ha = Ha::start(3, "failsafe = true", &|_| String::new()).await;
+    let (leader, epoch) = ha.settled(2, 1, BOOT).await;
+    let w = ha.writer(WRITE_EVERY).await;
+    wait_acks(&w, 20).await;
+    ha.link(leader, Fault::Blackhole);
+    let (new_leader, _) = ha.settled(1, epoch + 1, HEAL).await;
+    assert_ne!(new_leader, leader);
+    wait_acks(&w, 20).await;
+    assert!(
+        ha.agent_log(leader).contains("not every member confirmed"),
+        "the others refused"
+    );
+    ha.link(leader, Fault::Pass);
+    ha.settled(2, epoch + 1, HEAL).await;
+    w.stop().writers_in_order().expect("one writer at a time");
+}

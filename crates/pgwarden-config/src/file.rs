@@ -54,6 +54,7 @@ pub struct FileAgent {
     pub maximum_lag_on_failover: Option<Field<String>>,
     pub synchronous_mode: Option<Field<String>>,
     pub rejoin: Option<Field<String>>,
+    pub failsafe: Option<Field<bool>>,
     pub api: FileAgentApi,
 }
 

@@ -464,6 +464,9 @@ pub struct AgentConfig {
     pub maximum_lag_on_failover: Option<ByteSize>,
     pub synchronous_mode: SynchronousMode,
     pub rejoin: RejoinMode,
+    /// Failsafe mode: a leader that cannot reach the store keeps its primary while every other
+    /// member confirms over the API that it cannot reach the store either and does not lead.
+    pub failsafe: bool,
     pub api: AgentApiConfig,
 }
 
@@ -488,6 +491,7 @@ impl Default for AgentConfig {
             maximum_lag_on_failover: Some(ByteSize::mib(1)),
             synchronous_mode: SynchronousMode::Off,
             rejoin: RejoinMode::Rewind,
+            failsafe: false,
             api: AgentApiConfig::default(),
         }
     }

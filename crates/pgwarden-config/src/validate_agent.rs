@@ -97,6 +97,7 @@ pub(crate) fn agent(e: &mut Errors, f: FileAgent, base: &Path) -> AgentConfig {
         maximum_lag_on_failover,
         synchronous_mode,
         rejoin,
+        failsafe: e.get("agent.failsafe", f.failsafe).unwrap_or(d.failsafe),
         api: agent_api(e, f.api, base),
     }
 }

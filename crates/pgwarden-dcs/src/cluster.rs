@@ -388,6 +388,56 @@ impl<K: Kv> ClusterStore<K> {
         self.take(node, lease, 0).await
     }
 
+    /// Takes the absent key again for `node` under `epoch`, the last epoch granted, when
+    /// `node` held it last: a primary that went on writing under it (failsafe mode, while the
+    /// store was unreachable and its lease lapsed) keeps its epoch, so the proxies need not cut
+    /// its connections. Nobody else can have led since: the epoch counter has not moved.
+    /// `None`: the key is held, or another epoch was granted.
+    pub async fn retake_leader(
+        &self,
+        node: &NodeId,
+        lease: LeaseId,
+        epoch: Epoch,
+    ) -> Result<Option<Leader>, DcsError> {
+        let (leader_key, epoch_key) = (self.key("leader"), self.key("epoch"));
+        let Some(counter) = self.kv.get(&epoch_key).await? else {
+            return Ok(None);
+        };
+        if Self::parse::<u64>(&counter)? != epoch.0 {
+            return Ok(None);
+        }
+        let value = serde_json::to_vec(&LeaderValue {
+            node: node.to_string(),
+            epoch: epoch.0,
+        })
+        .expect("a leader value serialises");
+        let taken = self
+            .kv
+            .txn(
+                vec![
+                    Compare {
+                        key: leader_key.clone(),
+                        mod_revision: 0,
+                    },
+                    Compare {
+                        key: epoch_key,
+                        mod_revision: counter.mod_revision,
+                    },
+                ],
+                vec![Op::Put {
+                    key: leader_key,
+                    value,
+                    lease: Some(lease),
+                }],
+            )
+            .await?;
+        if !taken {
+            return Ok(None);
+        }
+        let held = self.leader().await?;
+        Ok(held.filter(|l| &l.node == node && l.epoch == epoch))
+    }
+
     /// Takes the key if its modification revision is `expect` (0: absent).
     async fn take(
         &self,

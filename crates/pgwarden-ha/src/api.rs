@@ -47,6 +47,11 @@ pub struct ApiView {
     pub live_for: Duration,
     /// The cluster as this agent last read it from the store (`GET /cluster`).
     pub cluster: crate::status::HaStatus,
+    /// Its last round read the store.
+    pub store_reachable: bool,
+    /// Failsafe mode: it leads without the store, every other member having confirmed; its
+    /// epoch, and when it fences unless confirmed again.
+    pub failsafe: Option<(u64, std::time::Instant)>,
 }
 
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -151,6 +156,17 @@ async fn answer<K: Kv>(
         .split_once('?')
         .map_or(req.target.as_str(), |(p, _)| p);
     let auth = &op.config.agent.api;
+    if path.trim_end_matches('/') == "/failsafe" {
+        // Between agents (and proxies): authenticated whenever credentials are configured.
+        let (status, body) = match auth.credentials.as_ref() {
+            Some(c) => match authorize(req.authorization.as_deref(), Some(c)) {
+                Err(refused) => refused,
+                Ok(()) => api_write::failsafe(&req.method, &req.body, view, op),
+            },
+            None => api_write::failsafe(&req.method, &req.body, view, op),
+        };
+        return write_response(&mut stream, &req.method, status, &body).await;
+    }
     let mutating = req.method != "GET" && req.method != "HEAD" && is_mutating(path);
     let read = || async {
         if path.trim_end_matches('/') == "/history" {
@@ -177,6 +193,15 @@ async fn answer<K: Kv>(
     } else {
         read().await
     };
+    write_response(&mut stream, &req.method, status, &body).await
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    method: &str,
+    status: u16,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         202 => "Accepted",
@@ -185,15 +210,12 @@ async fn answer<K: Kv>(
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         412 => "Precondition Failed",
         501 => "Not Implemented",
         _ => "Service Unavailable",
     };
-    let body = if req.method == "HEAD" {
-        String::new()
-    } else {
-        body
-    };
+    let body = if method == "HEAD" { "" } else { body };
     let challenge = if status == 401 {
         "WWW-Authenticate: Basic realm=\"pgwarden\"\r\n"
     } else {
@@ -326,6 +348,8 @@ mod tests {
             published: std::time::Instant::now(),
             live_for: Duration::from_secs(3),
             cluster: crate::status::HaStatus::unreadable("not read yet".into()),
+            store_reachable: true,
+            failsafe: None,
         }
     }
 
@@ -440,6 +464,7 @@ mod tests {
             )),
             config: Arc::new(config),
             node: "n1".into(),
+            acks: Default::default(),
         })
     }
 
@@ -476,6 +501,23 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(status, 400, "{body}");
+        // Failsafe: off in this config, so no confirmation; and this node does not lead in it.
+        let body = r#"{"leader": "n2", "epoch": 3}"#;
+        let (status, answer) = call(&addr, "POST", "/failsafe", Some(good), body, t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 409, "{answer}");
+        let (status, _) = call(&addr, "POST", "/failsafe", None, body, t)
+            .await
+            .expect("answer");
+        assert_eq!(
+            status, 401,
+            "credentials configured: needed between agents too"
+        );
+        let (status, _) = call(&addr, "GET", "/failsafe", Some(good), "", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 503);
         // An empty store: nobody leads, so the request is refused with the reason.
         let (status, body) = call(&addr, "POST", "/switchover", Some(good), "{}", t)
             .await

@@ -30,6 +30,8 @@ use crate::status::SwitchoverStatus;
 pub struct Operator<K: Kv> {
     pub store: Arc<ClusterStore<K>>,
     pub config: Arc<Config>,
+    /// Failsafe confirmations this member gave (read by its agent's decisions).
+    pub acks: Arc<crate::failsafe::Acks>,
     /// The node whose agent serves the API (`/restart` and `/reinit` act on it).
     pub node: String,
 }
@@ -267,6 +269,72 @@ async fn node_request<K: Kv>(action: NodeAction, op: &Operator<K>) -> (u16, Stri
             serde_json::json!({ "error": "not carried out in time" }),
         ),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailsafeBody {
+    leader: String,
+    epoch: u64,
+}
+
+/// `/failsafe`. `POST` (from a leader that cannot reach the store, body `{"leader", "epoch"}`):
+/// 200 when this member confirms (failsafe on, its own last round could not read the store,
+/// it runs no primary) and records it, 409 with the reason otherwise. `GET` (from a proxy):
+/// 200 `{"leader", "epoch", "fence_in_ms"}` while this node leads in failsafe, 503 otherwise.
+pub fn failsafe<K: Kv>(
+    method: &str,
+    body: &str,
+    view: &crate::api::ApiView,
+    op: &Operator<K>,
+) -> (u16, String) {
+    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
+    if method != "POST" {
+        return match view.failsafe {
+            Some((epoch, fences_at)) => json(
+                200,
+                serde_json::json!({
+                    "leader": op.node,
+                    "epoch": epoch,
+                    "fence_in_ms": fences_at.saturating_duration_since(std::time::Instant::now()).as_millis() as u64,
+                }),
+            ),
+            None => json(
+                503,
+                serde_json::json!({ "error": "not leading in failsafe" }),
+            ),
+        };
+    }
+    if !op.config.agent.failsafe {
+        return json(
+            409,
+            serde_json::json!({ "error": "failsafe is off here (agent.failsafe)" }),
+        );
+    }
+    let b: FailsafeBody = match serde_json::from_str(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return json(
+                400,
+                serde_json::json!({ "error": format!("the body: {e}") }),
+            )
+        }
+    };
+    let primary = view.member.state == "running" && view.member.primary;
+    if !crate::failsafe::may_confirm(view.store_reachable, primary) {
+        let why = if primary {
+            "this member runs a primary"
+        } else {
+            "this member can reach the store"
+        };
+        return json(409, serde_json::json!({ "error": why }));
+    }
+    op.acks.record(pgwarden_core::NodeId::new(&b.leader));
+    tracing::info!(leader = %b.leader, epoch = b.epoch, "failsafe: confirmed the leader");
+    json(
+        200,
+        serde_json::json!({ "confirmed": b.leader, "epoch": b.epoch }),
+    )
 }
 
 /// How long a call follows what it asked for.

@@ -175,6 +175,10 @@ pub struct Observation {
     /// A stopped primary's data directory that shut down cleanly: its last checkpoint (read
     /// only when a switchover names this node its old leader).
     pub shut_down_at: Option<Lsn>,
+    /// Failsafe mode: the leader this member confirmed within `ttl` (it takes nothing over).
+    pub failsafe_ack: Option<NodeId>,
+    /// Failsafe mode: this leader's last round had every other member's confirmation.
+    pub failsafe_confirmed: bool,
 }
 
 /// One step for the driver.
@@ -294,6 +298,12 @@ pub enum Reason {
     },
     /// A re-clone was asked for and there is no leader to clone from.
     ReinitWaits,
+    /// Failsafe mode: this member confirmed `leader` leads on without the store.
+    ConfirmedFailsafe {
+        leader: NodeId,
+    },
+    /// Failsafe mode: the store is unreachable and every member confirmed this leader.
+    Failsafe,
     /// A switchover's old leader has stopped; `to` takes over.
     SwitchingOver {
         from: NodeId,
@@ -331,6 +341,8 @@ impl Reason {
             Reason::Draining { .. } => "switchover_draining",
             Reason::FailoverTo { .. } => "manual_failover",
             Reason::ReinitWaits => "reinit_waits",
+            Reason::ConfirmedFailsafe { .. } => "failsafe_confirmed_leader",
+            Reason::Failsafe => "failsafe",
             Reason::SwitchingOver { .. } => "switchover_in_progress",
             Reason::CatchingUp { .. } => "switchover_catching_up",
             Reason::Paused { .. } => "paused",
@@ -351,6 +363,13 @@ impl fmt::Display for Reason {
             Reason::ReinitWaits => {
                 f.write_str("asked to re-clone: waiting for a leader to clone from")
             }
+            Reason::ConfirmedFailsafe { leader } => write!(
+                f,
+                "failsafe: confirmed that {leader} leads on without the store; taking nothing over for ttl"
+            ),
+            Reason::Failsafe => f.write_str(
+                "failsafe: the store is unreachable and every member confirmed this leader",
+            ),
             Reason::SwitchingOver { from, to } => {
                 write!(f, "switchover: {from} has stopped, {to} takes over")
             }
@@ -450,10 +469,40 @@ impl Decision {
 /// The next step for the agent that observed `o`.
 pub fn decide(o: &Observation, s: &Settings) -> Decision {
     let d = decide_active(o, s);
-    if o.store.as_ref().is_some_and(|st| st.paused) {
+    let d = if o.store.as_ref().is_some_and(|st| st.paused) {
         paused(o, d)
     } else {
         d
+    };
+    match &o.failsafe_ack {
+        Some(leader) if leader != &o.node => confirmed_a_leader(d, leader),
+        _ => d,
+    }
+}
+
+/// Failsafe mode: this member told `leader` it leads on without the store, so for `ttl` it
+/// takes no key and promotes nothing, whatever the store says when it comes back.
+fn confirmed_a_leader(d: Decision, leader: &NodeId) -> Decision {
+    let total = d.actions.len();
+    let actions: Vec<Action> = d
+        .actions
+        .into_iter()
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::TakeLeader | Action::TakeOver { .. } | Action::Promote
+            )
+        })
+        .collect();
+    if actions.len() == total {
+        return Decision { actions, ..d };
+    }
+    Decision {
+        actions,
+        role: d.role,
+        waiting: Some(Reason::ConfirmedFailsafe {
+            leader: leader.clone(),
+        }),
     }
 }
 
@@ -620,6 +669,9 @@ fn lease_fresh(o: &Observation, s: &Settings) -> bool {
 
 fn unreachable_store(o: &Observation, s: &Settings) -> Decision {
     match &o.pg {
+        Pg::Running(r) if r.primary && o.failsafe_confirmed => {
+            Decision::wait(Role::Leader, Reason::Failsafe)
+        }
         Pg::Running(r) if r.primary => {
             // Not fenced yet (rule 1 ran): it keeps writing until the margin.
             let since = o.renewed_at.map_or(Duration::ZERO, |at| o.now - at);
@@ -979,6 +1031,8 @@ mod tests {
             rewind_failed: false,
             switchover_target: None,
             shut_down_at: None,
+            failsafe_ack: None,
+            failsafe_confirmed: false,
         }
     }
 
@@ -1106,6 +1160,14 @@ mod tests {
             ("reinit without a leader waits", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Reinit)], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("waiting for a leader to clone from")),
             ("paused: a reinit is still carried out", with(&[&paused, &|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Reinit)], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![DoneWithRequest, Reinit { from: n("n1") }], Some("paused")),
             ("a fenced leader is fenced before any request", with(&[&|o: &mut Observation| o.store.as_mut().expect("store").request = Some(pgwarden_dcs::NodeAction::Restart)], obs("n2", primary(), Some(store(Some("n1"))))), &s, vec![Fence], None),
+            // Failsafe mode.
+            ("failsafe: a confirmed leader without the store leads on", with(&[&|o: &mut Observation| o.failsafe_confirmed = true], obs("n1", primary(), None)), &s, vec![], Some("failsafe: the store is unreachable and every member confirmed")),
+            ("failsafe: unconfirmed, the fence is counted down", obs("n1", primary(), None), &s, vec![], Some("fencing in")),
+            ("failsafe: past the deadline even a confirmed leader fences", with(&[&|o: &mut Observation| { o.failsafe_confirmed = true; o.renewed_at = Some(NOW - 5 * S); }], obs("n1", primary(), None)), &s, vec![Fence], None),
+            ("failsafe: a member that confirmed takes no key when the store is back", with(&[&|o: &mut Observation| o.failsafe_ack = Some(n("n1"))], obs("n2", standby(Some("n1")), Some(store(None)))), &s, vec![], Some("failsafe: confirmed that n1 leads on")),
+            ("failsafe: nor takes over a leader that looks gone", with(&[&|o: &mut Observation| { o.failsafe_ack = Some(n("n1")); o.leader_gone = true; }], obs("n2", standby(Some("n1")), Some(store(Some("n1"))))), &s, vec![], Some("failsafe")),
+            ("failsafe: the confirmed leader itself may take its key again", with(&[&|o: &mut Observation| o.failsafe_ack = Some(n("n1"))], obs("n1", primary(), Some(store(None)))), &s, vec![TakeLeader, Lead], None),
+            ("failsafe: a confirmation does not stop a standby following", with(&[&|o: &mut Observation| o.failsafe_ack = Some(n("n1"))], obs("n2", standby(None), Some(store(Some("n1"))))), &s, vec![Follow { upstream: n("n1") }], None),
             // Manual failover.
             ("manual failover: its target promotes, whatever the election says", with(&[&|o: &mut Observation| { o.store.as_mut().expect("store").failover = Some((n("n3"), false)); o.candidates = vec![cand("n2", 0), cand("n3", 5)]; }], obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader, Promote], None),
             ("paused: a manual failover is still carried out", with(&[&paused, &|o: &mut Observation| o.store.as_mut().expect("store").failover = Some((n("n3"), false))], obs("n3", standby(Some("n1")), Some(store(None)))), &s, vec![TakeLeader, Promote], Some("paused")),

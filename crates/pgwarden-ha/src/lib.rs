@@ -10,6 +10,7 @@
 //! - [`sync`] — managed synchronous replication: who is named, and the safe order of changes.
 //! - [`agent`] — [`Agent`], the driver: owns its node's PostgreSQL, its lease and its member key.
 //! - [`member`] — [`MemberState`], what an agent publishes.
+//! - [`failsafe`] — failsafe mode: a leader kept while no member can reach the store.
 //! - [`history`] — availability, MTTR and MTBF from the store's history (pure), and its table.
 //! - [`operate`] — operator commands on the store: switchover requests, checked first.
 //! - [`api_write`] — the API's mutating calls (`POST /switchover`) and its authentication.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod api_write;
 pub mod candidates;
 pub mod decide;
+pub mod failsafe;
 pub mod history;
 pub mod member;
 pub mod operate;

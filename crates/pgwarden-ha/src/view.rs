@@ -135,7 +135,7 @@ pub async fn spawn<K: Kv>(
         }
     };
     let (tx, rx) = watch::channel(Arc::new(first));
-    tokio::spawn(follow(store, refresh, fence_margin, tx));
+    tokio::spawn(follow(store, refresh, fence_margin, None, tx));
     rx
 }
 
@@ -152,7 +152,17 @@ pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<C
         };
         let margin = config.agent.fence_margin;
         match store {
-            Ok(Some(store)) => follow(Arc::new(store), config.agent.loop_wait, margin, tx).await,
+            Ok(Some(store)) => {
+                let failsafe = config.agent.failsafe.then(|| FailsafeProbe::of(&config));
+                follow(
+                    Arc::new(store),
+                    config.agent.loop_wait,
+                    margin,
+                    failsafe,
+                    tx,
+                )
+                .await
+            }
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "no cluster view: writes are refused"),
         }
@@ -160,10 +170,66 @@ pub fn spawn_etcd(config: Arc<pgwarden_config::Config>) -> watch::Receiver<Arc<C
     rx
 }
 
+/// Failsafe mode, for a proxy that cannot read the store: how to ask the leader it knew
+/// whether it still leads without the store (`GET /failsafe` on its agent).
+struct FailsafeProbe {
+    apis: Vec<(pgwarden_core::NodeId, String)>,
+    authorization: Option<String>,
+}
+
+impl FailsafeProbe {
+    fn of(config: &pgwarden_config::Config) -> FailsafeProbe {
+        use base64::Engine;
+        FailsafeProbe {
+            apis: config
+                .nodes
+                .iter()
+                .filter_map(|n| Some((pgwarden_core::NodeId::new(&n.name), n.api?.to_string())))
+                .collect(),
+            authorization: config.agent.api.credentials.as_ref().map(|(u, p)| {
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.expose()))
+                )
+            }),
+        }
+    }
+
+    /// The last view, fresh again, if its leader answers that it still leads under its epoch
+    /// without the store: new transactions are held from shortly before it would fence.
+    async fn confirm(&self, last: &ClusterView) -> Option<ClusterView> {
+        let leader = last.leader.as_ref()?;
+        let (_, api) = self.apis.iter().find(|(n, _)| n == leader)?;
+        let (status, body) = crate::api::call(
+            api,
+            "GET",
+            "/failsafe",
+            self.authorization.as_deref(),
+            "",
+            Duration::from_millis(500),
+        )
+        .await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let same = status == 200
+            && v["leader"] == leader.as_str()
+            && v["epoch"].as_u64() == Some(last.epoch.0);
+        if !same {
+            return None;
+        }
+        let now = Instant::now();
+        let left = Duration::from_millis(v["fence_in_ms"].as_u64()?);
+        let mut view = last.clone();
+        view.checked_at = now;
+        view.writes_hold_from = Some(now + left.saturating_sub(HOLD_AHEAD));
+        Some(view)
+    }
+}
+
 async fn follow<K: Kv>(
     store: Arc<ClusterStore<K>>,
     refresh: Duration,
     fence_margin: Duration,
+    failsafe: Option<FailsafeProbe>,
     tx: watch::Sender<Arc<ClusterView>>,
 ) {
     let mut changes = store.watch().await.ok();
@@ -182,7 +248,22 @@ async fn follow<K: Kv>(
                     return;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the store; the view ages"),
+            Err(e) => {
+                let last = tx.borrow().clone();
+                let confirmed = match &failsafe {
+                    Some(probe) => probe.confirm(&last).await,
+                    None => None,
+                };
+                match confirmed {
+                    Some(view) => {
+                        tracing::info!(error = %e, leader = ?view.leader, "cannot read the store; failsafe: the leader confirms it leads on");
+                        if tx.send(Arc::new(view)).is_err() {
+                            return;
+                        }
+                    }
+                    None => tracing::warn!(error = %e, "cannot read the store; the view ages"),
+                }
+            }
         }
         let changed = async {
             let alive = match changes.as_mut() {

@@ -52,7 +52,24 @@ impl<K: Kv> Agent<K> {
             }
             Action::TakeLeader => {
                 let lease = self.lease_id()?;
-                match self.store.take_leader(&self.id, lease).await? {
+                // A primary that kept writing without the store (failsafe) under the last
+                // epoch granted keeps it.
+                let again = self.snapshot.as_ref().and_then(|s| {
+                    let last = s.last_leader.as_ref()?;
+                    let writing = self.mem.failsafe_confirmed_epoch?;
+                    (last.node == self.id
+                        && last.epoch.0 == writing
+                        && s.last_epoch == Some(last.epoch))
+                    .then_some(last.epoch)
+                });
+                let taken = match again {
+                    Some(epoch) => match self.store.retake_leader(&self.id, lease, epoch).await? {
+                        Some(l) => Some(l),
+                        None => self.store.take_leader(&self.id, lease).await?,
+                    },
+                    None => self.store.take_leader(&self.id, lease).await?,
+                };
+                match taken {
                     Some(l) => {
                         tracing::info!(node = %self.id, epoch = %l.epoch, "took the leader key");
                         self.took = Some(l);

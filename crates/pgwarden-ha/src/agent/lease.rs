@@ -27,6 +27,9 @@ struct State {
     leading: bool,
     /// The PID of a postmaster that may take writes, to stop once the lease is too old.
     writable: Option<u32>,
+    /// Failsafe mode: when every other member last confirmed (the time the request was sent)
+    /// that none can reach the store and none leads. It counts as a renewal for the fence.
+    confirmed_at: Option<Instant>,
 }
 
 impl Lease {
@@ -34,8 +37,26 @@ impl Lease {
         self.lock().id
     }
 
+    /// The last renewal, or the last failsafe confirmation if later.
     pub fn renewed_at(&self) -> Option<Instant> {
+        let s = self.lock();
+        s.renewed_at.max(s.confirmed_at)
+    }
+
+    /// The last renewal of the lease in the store itself.
+    pub fn renewed_in_store_at(&self) -> Option<Instant> {
         self.lock().renewed_at
+    }
+
+    /// Failsafe mode: every other member confirmed, in answer to a request sent at `at`.
+    pub fn confirmed_by_peers(&self, at: Instant) {
+        let mut s = self.lock();
+        s.confirmed_at = s.confirmed_at.max(Some(at));
+    }
+
+    /// When the fence guard stops a writable server unless renewed or confirmed again.
+    pub fn fences_at(&self, fence_after: Duration) -> Option<Instant> {
+        self.renewed_at().map(|t| t + fence_after)
     }
 
     /// The loop turned; `leading`: it leads (its lease then needs the loop alive).
@@ -81,6 +102,7 @@ pub fn spawn<K: Kv>(
             loop_at: Instant::now(),
             leading: false,
             writable: None,
+            confirmed_at: None,
         }),
     });
     tokio::spawn(fence_guard(lease.clone(), fence_after));
@@ -148,7 +170,10 @@ async fn fence_guard(lease: Arc<Lease>, fence_after: Duration) {
         let Some(pid) = s.writable else {
             continue;
         };
-        let stale = s.renewed_at.map_or(true, |t| t.elapsed() >= fence_after);
+        let stale = s
+            .renewed_at
+            .max(s.confirmed_at)
+            .map_or(true, |t| t.elapsed() >= fence_after);
         if stale {
             tracing::error!(
                 pid,

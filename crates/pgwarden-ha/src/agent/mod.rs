@@ -86,6 +86,13 @@ struct Memory {
     recovered: Option<Instant>,
     /// This node was promoted (for history): when, and the WAL it had received.
     promoted: Option<(u64, Option<pgwarden_core::Lsn>)>,
+    /// The leader key as last read from the store (failsafe mode: who led when it went).
+    last_key: Option<pgwarden_dcs::Leader>,
+    /// Failsafe mode: this leader's last round had every other member's confirmation.
+    failsafe_confirmed: bool,
+    /// Failsafe mode: the epoch this primary went on writing under without the store (it
+    /// takes the key again under it when the store is back).
+    failsafe_confirmed_epoch: Option<u64>,
 }
 
 pub struct Agent<K: Kv> {
@@ -106,6 +113,8 @@ pub struct Agent<K: Kv> {
     snapshot: Option<Snapshot<MemberState>>,
     /// The key this agent took in this round (the snapshot predates it).
     took: Option<pgwarden_dcs::Leader>,
+    /// Failsafe confirmations this member gave on its API.
+    acks: Arc<crate::failsafe::Acks>,
 }
 
 /// How long a peer's API may take to answer during an election.
@@ -158,11 +167,15 @@ impl<K: Kv> Agent<K> {
             published: std::time::Instant::now(),
             live_for: rules.loop_wait * 3,
             cluster: crate::status::HaStatus::unreadable("not read yet".into()),
+            store_reachable: false,
+            failsafe: None,
         }));
+        let acks = Arc::new(crate::failsafe::Acks::default());
         let operator = Arc::new(crate::api_write::Operator {
             store: store.clone(),
             config: config.clone(),
             node: me.name.clone(),
+            acks: acks.clone(),
         });
         let api_task = tokio::spawn(crate::api::serve(listener, view_rx, operator));
         let mem = Memory {
@@ -192,6 +205,7 @@ impl<K: Kv> Agent<K> {
             mem,
             snapshot: None,
             took: None,
+            acks,
         })
     }
 
@@ -352,7 +366,19 @@ impl<K: Kv> Agent<K> {
             .and_then(|s| s.leader.as_ref())
             .is_some_and(|l| l.node == self.id && l.lease.is_some() && l.lease == self.lease.id());
         let writable = matches!(&o.pg, Pg::Running(r) if r.primary) && d.role == Role::Leader;
-        if let Some(lease) = self.lease.id() {
+        let failsafe = (self.mem.failsafe_confirmed && writable).then(|| {
+            let epoch = self.mem.last_key.as_ref().map_or(0, |l| l.epoch.0);
+            let fence_after = self.rules.ttl.saturating_sub(self.rules.fence_margin);
+            (
+                epoch,
+                self.lease
+                    .fences_at(fence_after)
+                    .unwrap_or_else(Instant::now),
+            )
+        });
+        // Not to a store this round could not read: the write would only wait its timeout.
+        let readable = self.snapshot.is_some();
+        if let (Some(lease), true) = (self.lease.id(), readable) {
             if let Err(e) = self.store.put_member(&self.id, &state, lease).await {
                 tracing::debug!(node = %self.id, error = %e, "cannot publish the member state");
                 if matches!(e, DcsError::LeaseGone(_)) {
@@ -367,7 +393,9 @@ impl<K: Kv> Agent<K> {
             .is_some_and(|set| set.contains(&self.id));
         let view = ApiView {
             member: state,
-            writable_leader: holds && writable,
+            writable_leader: (holds || failsafe.is_some()) && writable,
+            store_reachable: self.snapshot.is_some(),
+            failsafe,
             synchronous,
             published: std::time::Instant::now(),
             live_for: self.rules.loop_wait * 3,

@@ -21,6 +21,10 @@ pub(super) const OPEN_TRANSACTIONS: &str = "\
 SELECT count(*) FROM pg_stat_activity
  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start IS NOT NULL";
 
+/// Failsafe mode: how many times a leader asks the members in one round, how far apart.
+const FAILSAFE_ATTEMPTS: usize = 4;
+const FAILSAFE_RETRY: Duration = Duration::from_millis(250);
+
 /// How long the members wait for a manual failover's target before the ordinary rules apply.
 pub(crate) const FAILOVER_WAIT: Duration = Duration::from_secs(30);
 
@@ -82,6 +86,14 @@ impl<K: Kv> Agent<K> {
             self.mem.pg_down_since = None;
         }
         let pg = self.observe_pg(now).await;
+        if let Some(s) = &self.snapshot {
+            self.mem.last_key = s.leader.clone();
+            if s.leader.as_ref().is_some_and(|l| l.node == self.id) {
+                // Leading again with the key: failsafe is over.
+                self.mem.failsafe_confirmed_epoch = None;
+            }
+        }
+        self.mem.failsafe_confirmed = self.failsafe_confirmation(&pg).await;
         let (switchover, switchover_target, shut_down_at) = self.observe_switchover(&pg).await;
         let lease = self.lease.id();
         let store = self.snapshot.as_ref().map(|s| Store {
@@ -155,7 +167,93 @@ impl<K: Kv> Agent<K> {
             rewind_failed: self.mem.rewind_failed,
             switchover_target,
             shut_down_at,
+            failsafe_ack: self.acks.fresh(self.rules.ttl),
+            failsafe_confirmed: self.mem.failsafe_confirmed,
         }
+    }
+
+    /// Failsafe mode, on a leader whose last round could not read the store: asks every other
+    /// member to confirm that it cannot reach the store either and does not lead; if all do,
+    /// the confirmation counts as a renewal from when the requests were sent.
+    async fn failsafe_confirmation(&mut self, pg: &Pg) -> bool {
+        let led = self
+            .mem
+            .last_key
+            .as_ref()
+            .filter(|l| l.node == self.id)
+            .map(|l| l.epoch.0);
+        let primary = matches!(pg, Pg::Running(r) if r.primary);
+        let (Some(epoch), true, true, None) = (
+            led,
+            primary,
+            self.config.agent.failsafe,
+            self.snapshot.as_ref(),
+        ) else {
+            return false;
+        };
+        let others: Vec<String> = self
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.me.name)
+            .map(|n| n.api.map(|a| a.to_string()).unwrap_or_default())
+            .collect();
+        let auth = self.config.agent.api.credentials.as_ref().map(|(u, p)| {
+            use base64::Engine;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.expose()))
+            )
+        });
+        let body = serde_json::json!({ "leader": self.id.as_str(), "epoch": epoch }).to_string();
+        // The members notice the store is gone in their own rounds: ask again a few times,
+        // each member's confirmation counted from when the request it answered was sent, the
+        // leader's from the earliest of them.
+        let mut confirmed: Vec<Option<Instant>> = vec![None; others.len()];
+        for attempt in 0..FAILSAFE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(FAILSAFE_RETRY).await;
+            }
+            let sent = Instant::now();
+            let answers =
+                futures::future::join_all(others.iter().zip(&confirmed).map(|(addr, done)| {
+                    let (auth, body) = (auth.clone(), body.clone());
+                    async move {
+                        if done.is_some() || addr.is_empty() {
+                            return false;
+                        }
+                        let answer = api::call(
+                            addr,
+                            "POST",
+                            "/failsafe",
+                            auth.as_deref(),
+                            &body,
+                            PEER_TIMEOUT,
+                        )
+                        .await;
+                        matches!(answer, Some((200, _)))
+                    }
+                }))
+                .await;
+            for (slot, ok) in confirmed.iter_mut().zip(answers) {
+                if ok {
+                    *slot = Some(sent);
+                }
+            }
+            if confirmed.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        let answers: Vec<bool> = confirmed.iter().map(Option::is_some).collect();
+        let all = answers.iter().all(|ok| *ok);
+        if let (true, Some(sent)) = (all, confirmed.iter().flatten().min().copied()) {
+            self.lease.confirmed_by_peers(sent);
+            self.mem.failsafe_confirmed_epoch = Some(epoch);
+            tracing::info!(node = %self.id, epoch, "failsafe: the store is unreachable and every member confirmed this leader");
+        } else {
+            tracing::warn!(node = %self.id, confirmed = answers.iter().filter(|ok| **ok).count(), of = answers.len(), "failsafe: not every member confirmed; the leader fences at its deadline");
+        }
+        all
     }
 
     /// The switchover in the store as this agent sees it: its stage (whether this leader's
