@@ -35,6 +35,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Its name, as stored.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Requested => "requested",
+            Phase::Draining => "draining",
+            Phase::Stopped => "stopped",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+
     /// Done or failed: a new switchover may be asked for.
     pub fn is_over(self) -> bool {
         matches!(self, Phase::Done | Phase::Failed)
@@ -252,6 +263,19 @@ mod tests {
 
     fn request(from: &str, to: &str) -> Switchover {
         Switchover::requested(1, &NodeId::new(from), &NodeId::new(to), None, 5000)
+    }
+
+    #[test]
+    fn phase_names_are_the_stored_ones() {
+        for p in [
+            Phase::Requested,
+            Phase::Draining,
+            Phase::Stopped,
+            Phase::Done,
+            Phase::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.name());
+        }
     }
 
     #[tokio::test(start_paused = true)]

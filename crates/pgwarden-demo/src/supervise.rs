@@ -97,6 +97,32 @@ impl Watcher {
                     out.push(format!("{}: agent gone (its member key expired)", o.node));
                 }
             }
+            if last.paused != s.paused {
+                out.push(if s.paused {
+                    "paused: the agents take no automatic action until pgwarden resume".to_string()
+                } else {
+                    "resumed: the agents act again".to_string()
+                });
+            }
+            let stage = |x: &Snapshot<MemberState>| {
+                x.switchover
+                    .as_ref()
+                    .map(|w| (w.value.requested_ms, w.value.phase))
+            };
+            if stage(last) != stage(&s) {
+                if let Some(w) = s.switchover.as_ref().map(|w| &w.value) {
+                    let phase = w.phase.name();
+                    let detail = match (w.write_gap_ms(), &w.note) {
+                        (Some(ms), _) => format!(", writes held {ms} ms"),
+                        (None, Some(note)) => format!(": {note}"),
+                        (None, None) => String::new(),
+                    };
+                    out.push(format!(
+                        "switchover {} -> {}: {phase}{detail}",
+                        w.from, w.to
+                    ));
+                }
+            }
             let (was, is) = (last.leader.as_ref(), s.leader.as_ref());
             if was.map(|l| (&l.node, l.epoch)) != is.map(|l| (&l.node, l.epoch)) {
                 out.push(match is {
@@ -148,4 +174,71 @@ async fn leader_reachable(s: &Snapshot<MemberState>) -> bool {
         .await,
         Ok(Ok(_))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(
+        paused: bool,
+        phase: Option<pgwarden_dcs::SwitchoverPhase>,
+    ) -> Snapshot<MemberState> {
+        Snapshot {
+            leader: None,
+            last_epoch: None,
+            initialized_by: None,
+            last_leader: None,
+            synchronous_set: None,
+            paused,
+            switchover: phase.map(|p| pgwarden_dcs::StoredSwitchover {
+                value: pgwarden_dcs::Switchover {
+                    phase: p,
+                    draining_ms: Some(1000),
+                    finished_ms: Some(1450),
+                    ..pgwarden_dcs::Switchover::requested(
+                        1,
+                        &pgwarden_core::NodeId::new("n1"),
+                        &pgwarden_core::NodeId::new("n2"),
+                        None,
+                        2000,
+                    )
+                },
+                revision: 1,
+            }),
+            requests: Vec::new(),
+            failover: None,
+            members: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_demo_says_when_the_cluster_is_paused_and_how_a_switchover_goes() {
+        use pgwarden_dcs::SwitchoverPhase::*;
+        let mut w = Watcher::default();
+        let now = Instant::now();
+        w.see(snapshot(false, None), true, now);
+        let lines = w.see(snapshot(true, None), true, now);
+        assert!(lines.iter().any(|l| l.starts_with("paused:")), "{lines:?}");
+        let lines = w.see(snapshot(false, Some(Draining)), true, now);
+        assert!(
+            lines.iter().any(|l| l == "resumed: the agents act again"),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l == "switchover n1 -> n2: draining"),
+            "{lines:?}"
+        );
+        let lines = w.see(snapshot(false, Some(Done)), true, now);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == "switchover n1 -> n2: done, writes held 450 ms"),
+            "{lines:?}"
+        );
+        assert!(
+            w.see(snapshot(false, Some(Done)), true, now).is_empty(),
+            "nothing new"
+        );
+    }
 }

@@ -51,10 +51,7 @@ impl SwitchoverStatus {
         SwitchoverStatus {
             from: sw.from.clone(),
             to: sw.to.clone(),
-            phase: serde_json::to_value(sw.phase)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            phase: sw.phase.name().to_string(),
             requested_ms: sw.requested_ms,
             at_ms: sw.at_ms,
             write_gap_ms: sw.write_gap_ms(),
