@@ -697,7 +697,8 @@ async fn paused_agents_leave_a_crashed_primary_down_until_resumed() {
             tokio_postgres::SimpleQueryMessage::Row(r)
                 if r.get("name") == Some(name.as_str())
                     && r.get("agent_reason")
-                        .is_some_and(|x| x.contains("held back")) =>
+                        .is_some_and(|x| x.contains("held back"))
+                    && r.get("agent_reason_code") == Some("paused") =>
             {
                 Some(())
             }

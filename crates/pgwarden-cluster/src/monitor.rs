@@ -121,6 +121,7 @@ pub fn view_of(
                 replay_lag_bytes,
                 replay_lag_seconds,
                 reason: None,
+                reason_code: None,
             }
         })
         .collect();

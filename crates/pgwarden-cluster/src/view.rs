@@ -26,6 +26,8 @@ pub struct NodeView {
     pub replay_lag_seconds: Option<f64>,
     /// Why its agent does not act, as it publishes (the store's view; `None` from the monitor).
     pub reason: Option<String>,
+    /// The same as a stable code (`paused`, `not_elected.lagging`, ...).
+    pub reason_code: Option<String>,
 }
 
 /// A snapshot of the cluster.

@@ -52,6 +52,7 @@ pub fn view_of(snap: &Snapshot<MemberState>, checked_at: Instant) -> ClusterView
                 m.state.replay_lag_ms.map(|ms| ms as f64 / 1000.0)
             },
             reason: m.state.reason.clone(),
+            reason_code: m.state.reason_code.clone(),
         })
         .collect();
     let mut refused = Vec::new();

@@ -336,6 +336,7 @@ mod tests {
             replay_lag_bytes: None,
             replay_lag_seconds: None,
             reason: None,
+            reason_code: None,
         }
     }
 

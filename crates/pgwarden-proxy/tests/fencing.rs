@@ -28,6 +28,7 @@ fn node(name: &str, port: u16, role: Role) -> NodeView {
         replay_lag_bytes: None,
         replay_lag_seconds: None,
         reason: None,
+        reason_code: None,
     }
 }
 

@@ -335,6 +335,7 @@ fn nodes(shared: &Shared) -> Table {
         ("routed_writes", INT8),
         ("probes", INT8),
         ("agent_reason", TEXT),
+        ("agent_reason_code", TEXT),
     ]);
     let routing = shared.topology.routing();
     let view = shared.topology.view();
@@ -405,6 +406,7 @@ fn nodes(shared: &Shared) -> Table {
             s(state.writes.load(ld)),
             s(state.probes.load(ld)),
             n.reason.clone(),
+            n.reason_code.clone(),
         ]);
     }
     if let crate::router::Route::Unavailable(why) =
