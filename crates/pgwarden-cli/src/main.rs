@@ -119,6 +119,26 @@ enum Command {
         config: Option<PathBuf>,
         node: String,
     },
+    /// Show the cluster's dynamic settings: those in the store (pgwarden edit-config) and
+    /// the agents' rules and PostgreSQL parameters in effect. Needs [dcs].
+    ShowConfig {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Change the cluster's dynamic settings in the store, checked before they are written:
+    /// `--set agent.synchronous_mode=on`, `--set postgres.parameters.work_mem=64MB`,
+    /// `--unset KEY`. The agents apply them at their next round (parameters by reload). The
+    /// lease's timing and the API's credentials stay in the file. Needs [dcs].
+    EditConfig {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "set", value_parser = parse_assignment)]
+        set: Vec<(String, String)>,
+        /// KEY (repeatable): back to the file's value.
+        #[arg(long)]
+        unset: Vec<String>,
+    },
     /// Run the connection pooler in front of the cluster's primary.
     Proxy {
         /// Config file (default: $PGWARDEN_CONFIG, else ./pgwarden.toml).
@@ -193,6 +213,13 @@ fn parse_at(s: &str) -> Result<u64, String> {
     at.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .map_err(|_| "a time before 1970".to_string())
+}
+
+fn parse_assignment(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
 }
 
 fn parse_dcs(s: &str) -> Result<pgwarden_demo::Dcs, String> {
@@ -275,6 +302,8 @@ async fn run(command: Command) -> ExitCode {
         Command::Pause { config } => pause_or_resume(config, true).await,
         Command::Resume { config } => pause_or_resume(config, false).await,
         Command::Failover { config, to } => failover(config, &to).await,
+        Command::ShowConfig { config } => show_config(config).await,
+        Command::EditConfig { config, set, unset } => edit_config(config, &set, &unset).await,
         Command::Restart { config, node } => {
             node_request(config, &node, pgwarden_dcs::NodeAction::Restart).await
         }
@@ -634,6 +663,79 @@ async fn operator_store(
     match pgwarden_ha::store::connect(&config).await {
         Ok(s) => Ok((config, s)),
         Err(e) => Err(fail(&e.to_string(), 2)),
+    }
+}
+
+/// `pgwarden show-config`: the store's dynamic settings, and what is in effect.
+async fn show_config(config: Option<PathBuf>) -> ExitCode {
+    let (config, store) = match operator_store(config, "show-config").await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let stored = match store.dynamic_config().await {
+        Ok(d) => d.map(|d| d.value).unwrap_or_default(),
+        Err(e) => return fail(&format!("cannot read the store: {e}"), 2),
+    };
+    println!("# in the store (pgwarden edit-config):");
+    if stored.trim().is_empty() {
+        println!("# (none: the file's settings are in effect)");
+    } else {
+        print!("{stored}");
+    }
+    match pgwarden_config::dynamic::apply(&config, &stored) {
+        Ok(effective) => {
+            println!("\n# in effect (the file's, with the store's over them):");
+            print!("{}", pgwarden_config::dynamic::render(&effective));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(
+            &format!("the store's dynamic settings do not pass the checks, and the agents refuse them: {e}"),
+            1,
+        ),
+    }
+}
+
+/// `pgwarden edit-config`: the new settings checked against the file, written only if nobody
+/// changed them meanwhile.
+async fn edit_config(
+    config: Option<PathBuf>,
+    set: &[(String, String)],
+    unset: &[String],
+) -> ExitCode {
+    let (config, store) = match operator_store(config, "edit-config").await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if set.is_empty() && unset.is_empty() {
+        return fail("nothing to change: give --set KEY=VALUE or --unset KEY", 2);
+    }
+    let (old, revision) = match store.dynamic_config().await {
+        Ok(Some(d)) => (d.value, d.revision),
+        Ok(None) => (String::new(), 0),
+        Err(e) => return fail(&format!("cannot read the store: {e}"), 2),
+    };
+    let new = match pgwarden_config::dynamic::edit(&old, set, unset) {
+        Ok(t) => t,
+        Err(e) => return fail(&format!("refused: {e}"), 1),
+    };
+    if let Err(e) = pgwarden_config::dynamic::apply(&config, &new) {
+        let lines: Vec<String> = e.to_string().lines().map(String::from).collect();
+        return fail(
+            &format!("refused, nothing written: {}", lines.join("; ")),
+            1,
+        );
+    }
+    match store.put_dynamic_config(&new, revision).await {
+        Ok(true) => {
+            println!("# written; the agents apply it at their next round:");
+            print!("{new}");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => fail(
+            "the settings changed meanwhile; nothing written (run it again)",
+            1,
+        ),
+        Err(e) => fail(&format!("cannot write to the store: {e}"), 2),
     }
 }
 

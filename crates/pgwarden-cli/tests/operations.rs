@@ -117,3 +117,94 @@ async fn a_manual_failover_out_of_a_paused_cluster_then_restart_and_reinit() {
         "{h}"
     );
 }
+
+/// `edit-config`: checked against the file before anything is written, then applied by every
+/// agent at its next round: PostgreSQL parameters by reload, the rules (synchronous mode) from
+/// the next decision; `show-config` shows both layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_settings_are_checked_written_and_applied() {
+    let ha = Ha::start(3, "", &|_| String::new()).await;
+    let (leader, _) = ha.settled(2, 1, BOOT).await;
+    let store = ha.store().await;
+    let r = pgwarden(&ha, &["edit-config", "--set", "agent.ttl=10s"]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("agent.ttl: not a dynamic setting"),
+        "{}",
+        r.stderr
+    );
+    let r = pgwarden(
+        &ha,
+        &[
+            "edit-config",
+            "--set",
+            "postgres.parameters.work_mem=lots",
+            "--set",
+            "agent.rejoin=pray",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("agent.rejoin: unknown value \"pray\""),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        store.dynamic_config().await.expect("read"),
+        None,
+        "nothing written"
+    );
+
+    let r = pgwarden(
+        &ha,
+        &[
+            "edit-config",
+            "--set",
+            "postgres.parameters.work_mem=64MB",
+            "--set",
+            "agent.synchronous_mode=on",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let setting = |name: &'static str| {
+        let port = ha.nodes[leader].pg_port;
+        async move {
+            let c = common::ha::connect(port).await?;
+            let row = c.query_one(&format!("SHOW {name}"), &[]).await.ok()?;
+            Some(row.get::<_, String>(0))
+        }
+    };
+    eventually(HEAL, "the leader reloads with the new work_mem", || async {
+        (setting("work_mem").await? == "64MB").then_some(())
+    })
+    .await;
+    eventually(HEAL, "synchronous mode names a standby", || async {
+        let names = setting("synchronous_standby_names").await?;
+        let s = store.snapshot::<pgwarden_ha::MemberState>().await.ok()?;
+        (!names.is_empty() && s.synchronous_set.is_some_and(|set| !set.is_empty())).then_some(())
+    })
+    .await;
+    let r = pgwarden(&ha, &["show-config"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("work_mem = \"64MB\""), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("synchronous_mode = \"on\""),
+        "{}",
+        r.stdout
+    );
+
+    let r = pgwarden(
+        &ha,
+        &["edit-config", "--unset", "postgres.parameters.work_mem"],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    eventually(
+        HEAL,
+        "back to the file's (PostgreSQL's default)",
+        || async { (setting("work_mem").await? == "4MB").then_some(()) },
+    )
+    .await;
+}

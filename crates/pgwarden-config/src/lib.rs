@@ -14,6 +14,7 @@
 //!   `validate_agent` for `[agent]` and `[dcs]`).
 //! - [`error`] — [`ConfigError`] and [`FieldError`].
 
+pub mod dynamic;
 pub mod error;
 pub mod file;
 pub mod model;

@@ -31,6 +31,7 @@ const MANAGED_PARAMETERS: &[&str] = &[
 ];
 
 /// Collects errors while reading fields.
+#[derive(Default)]
 pub(crate) struct Errors {
     pub(crate) list: Vec<FieldError>,
 }
@@ -215,19 +216,7 @@ fn postgres(e: &mut Errors, f: FilePostgres, base: &Path, nodes: &[NodeConfig]) 
     }
     let mut parameters = BTreeMap::new();
     for (name, value) in f.parameters {
-        let path = format!("postgres.parameters.{name}");
-        if !is_simple_name(&name, false) || name.contains('-') {
-            e.push(&path, "is not a valid PostgreSQL setting name");
-            continue;
-        }
-        if MANAGED_PARAMETERS.contains(&name.as_str()) {
-            e.push(&path, "is set by pgwarden and cannot be overridden here");
-            continue;
-        }
-        if let Some(v) = e
-            .get(&path, Some(value))
-            .and_then(|v| setting_text(e, &path, v))
-        {
+        if let Some(v) = parameter(e, &name, value) {
             parameters.insert(name, v);
         }
     }
@@ -279,6 +268,22 @@ pub(crate) fn password(
         }
         (None, None) => None,
     }
+}
+
+/// One entry of `postgres.parameters` (from the file, or `pgwarden edit-config`): its value as
+/// `postgresql.conf` takes it, or the errors under its path.
+pub(crate) fn parameter(e: &mut Errors, name: &str, value: Field<toml::Value>) -> Option<String> {
+    let path = format!("postgres.parameters.{name}");
+    if !is_simple_name(name, false) || name.contains('-') {
+        e.push(&path, "is not a valid PostgreSQL setting name");
+        return None;
+    }
+    if MANAGED_PARAMETERS.contains(&name) {
+        e.push(&path, "is set by pgwarden and cannot be overridden here");
+        return None;
+    }
+    e.get(&path, Some(value))
+        .and_then(|v| setting_text(e, &path, v))
 }
 
 /// A parameter value in the text form `postgresql.conf` takes.

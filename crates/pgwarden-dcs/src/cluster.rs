@@ -13,6 +13,7 @@
 //!   candidates are. Written only while the writer holds the leader key.
 //! - `sync` — the synchronous set: the members that may be promoted in synchronous mode.
 //!   Written only while the writer holds the leader key.
+//! - `config` — the dynamic settings (see [`crate::settings`]).
 //! - `requests/<node>`, `failover` — operators' requests (see [`crate::requests`]).
 //! - `switchover` — a planned change of leader and where it stands (see
 //!   [`crate::switchover`]).
@@ -90,6 +91,8 @@ pub struct Snapshot<T> {
     pub requests: Vec<(NodeId, Stored<NodeRequest>)>,
     /// A manual failover asked for while nobody led.
     pub failover: Option<Stored<ManualFailover>>,
+    /// The dynamic settings (`pgwarden edit-config`), as TOML text.
+    pub dynamic: Option<Stored<String>>,
     pub members: Vec<Member<T>>,
 }
 
@@ -164,6 +167,7 @@ impl<K: Kv> ClusterStore<K> {
             switchover: None,
             requests: Vec::new(),
             failover: None,
+            dynamic: None,
             members: Vec::new(),
         };
         for e in self.kv.list(&self.prefix).await? {
@@ -178,6 +182,12 @@ impl<K: Kv> ClusterStore<K> {
                 "pause" => snap.paused = Self::parse::<bool>(&e)?,
                 "switchover" => {
                     snap.switchover = Some(StoredSwitchover {
+                        value: Self::parse(&e)?,
+                        revision: e.mod_revision,
+                    })
+                }
+                "config" => {
+                    snap.dynamic = Some(Stored {
                         value: Self::parse(&e)?,
                         revision: e.mod_revision,
                     })

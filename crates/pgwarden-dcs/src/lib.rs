@@ -13,6 +13,7 @@
 //! - [`cluster`] — [`ClusterStore`]: the keys and operations the agents use.
 //! - [`history`] — the cluster's history of outages (failovers, switchovers, restarts).
 //! - [`requests`] — restart and re-clone requests to one member, and manual failover.
+//! - [`settings`] — the cluster's dynamic settings (`config`), as text.
 //! - [`switchover`] — the `switchover` key: a planned change of leader and where it stands.
 //! - [`error`] — [`DcsError`].
 
@@ -23,6 +24,7 @@ pub mod history;
 pub mod kv;
 pub mod memory;
 pub mod requests;
+pub mod settings;
 pub mod switchover;
 
 pub use cluster::{ClusterStore, LastLeader, Leader, Member, Snapshot};

@@ -208,6 +208,7 @@ mod tests {
             }),
             requests: Vec::new(),
             failover: None,
+            dynamic: None,
             members: Vec::new(),
         }
     }

@@ -113,7 +113,6 @@ pub async fn request_switchover<K: Kv>(
     config: &Config,
     req: &Request,
 ) -> Result<Switchover, OperateError> {
-    let maximum_lag = config.agent.maximum_lag_on_failover.map(|b| b.bytes());
     // Positions are published once a round, so a target may look behind by a WAL segment the
     // leader just switched to: a lag refusal is confirmed on later rounds' states.
     let mut looks_behind = 0;
@@ -122,6 +121,10 @@ pub async fn request_switchover<K: Kv>(
             .snapshot::<MemberState>()
             .await
             .map_err(|e| OperateError::Store(e.to_string()))?;
+        let maximum_lag = effective(config, &snap)
+            .agent
+            .maximum_lag_on_failover
+            .map(|b| b.bytes());
         match plan_request(
             &snap,
             req,
@@ -142,6 +145,15 @@ pub async fn request_switchover<K: Kv>(
         Ok(false) => Err(OperateError::Raced),
         Err(e) => Err(OperateError::Store(e.to_string())),
     }
+}
+
+/// `config` with the store's dynamic settings applied, as the agents apply them (the file's
+/// alone when there are none, or they do not pass the checks).
+pub fn effective(config: &Config, snap: &Snapshot<MemberState>) -> Config {
+    snap.dynamic
+        .as_ref()
+        .and_then(|d| pgwarden_config::dynamic::apply(config, &d.value).ok())
+        .unwrap_or_else(|| config.clone())
 }
 
 /// How many more rounds a target that looks too far behind is looked at again.
@@ -387,6 +399,7 @@ mod tests {
             switchover: None,
             requests: Vec::new(),
             failover: None,
+            dynamic: None,
             members,
         }
     }

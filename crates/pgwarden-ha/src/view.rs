@@ -357,6 +357,7 @@ mod tests {
             switchover: None,
             requests: Vec::new(),
             failover: None,
+            dynamic: None,
             members,
         }
     }

@@ -93,10 +93,15 @@ struct Memory {
     /// Failsafe mode: the epoch this primary went on writing under without the store (it
     /// takes the key again under it when the store is back).
     failsafe_confirmed_epoch: Option<u64>,
+    /// The dynamic settings' text last seen in the store (applied, or refused and logged).
+    dynamic_seen: Option<String>,
 }
 
 pub struct Agent<K: Kv> {
+    /// The config in effect: the file's, with the store's dynamic settings applied.
     config: Arc<Config>,
+    /// The file's, as the agent started.
+    file_config: Arc<Config>,
     me: NodeConfig,
     id: NodeId,
     rules: decide::Settings,
@@ -189,6 +194,7 @@ impl<K: Kv> Agent<K> {
             ..Memory::default()
         };
         Ok(Agent {
+            file_config: config.clone(),
             config,
             me,
             id,

@@ -86,6 +86,15 @@ impl<K: Kv> Agent<K> {
             self.mem.pg_down_since = None;
         }
         let pg = self.observe_pg(now).await;
+        let dynamic = self.snapshot.as_ref().map(|s| {
+            s.dynamic
+                .as_ref()
+                .map(|d| d.value.clone())
+                .unwrap_or_default()
+        });
+        if let Some(text) = dynamic.filter(|t| Some(t) != self.mem.dynamic_seen.as_ref()) {
+            self.apply_dynamic(text, &pg).await;
+        }
         if let Some(s) = &self.snapshot {
             self.mem.last_key = s.leader.clone();
             if s.leader.as_ref().is_some_and(|l| l.node == self.id) {
@@ -169,6 +178,38 @@ impl<K: Kv> Agent<K> {
             shut_down_at,
             failsafe_ack: self.acks.fresh(self.rules.ttl),
             failsafe_confirmed: self.mem.failsafe_confirmed,
+        }
+    }
+
+    /// The store's dynamic settings over the file's config: the rules from the next decision
+    /// on, PostgreSQL's parameters (and the synchronous standbys' setting) by reload. Settings
+    /// that do not pass the checks are refused, logged once, and the previous ones stay.
+    async fn apply_dynamic(&mut self, text: String, pg: &Pg) {
+        self.mem.dynamic_seen = Some(text.clone());
+        let new = match pgwarden_config::dynamic::apply(&self.file_config, &text) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(node = %self.id, error = %e, "the store's dynamic settings are refused; the previous ones stay");
+                return;
+            }
+        };
+        let reload = new.postgres.parameters != self.config.postgres.parameters
+            || new.agent.synchronous_mode != self.config.agent.synchronous_mode;
+        self.config = std::sync::Arc::new(new);
+        self.rules = super::rules(&self.config);
+        tracing::info!(node = %self.id, "applied the store's dynamic settings");
+        if reload && matches!(pg, Pg::Running(_)) {
+            let applied = self
+                .instance
+                .configure(&self.pg_settings(), &self.config.postgres.replication_user)
+                .map_err(AgentError::from);
+            let reloaded = match applied {
+                Ok(()) => self.query("SELECT pg_reload_conf()", &[]).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = reloaded {
+                tracing::warn!(node = %self.id, error = %e, "cannot reload postgres with the dynamic settings");
+            }
         }
     }
 
