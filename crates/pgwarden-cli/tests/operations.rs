@@ -195,6 +195,32 @@ async fn dynamic_settings_are_checked_written_and_applied() {
         r.stdout
     );
 
+    // The API: GET /config shows both layers; PATCH /config needs the credentials (none are
+    // configured here, so it is refused) and nothing changes.
+    let api = format!("127.0.0.1:{}", ha.nodes[0].api_port);
+    let (status, body) = pgwarden_ha::api::get(&api, "/config", Duration::from_secs(2))
+        .await
+        .expect("GET /config");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        v["effective"]
+            .as_str()
+            .is_some_and(|t| t.contains("work_mem = \"64MB\"")),
+        "{v}"
+    );
+    let patch = r#"{"unset": ["postgres.parameters.work_mem"]}"#;
+    let (status, body) = pgwarden_ha::api::call(
+        &api,
+        "PATCH",
+        "/config",
+        None,
+        patch,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("PATCH /config");
+    assert_eq!(status, 403, "{body}");
     let r = pgwarden(
         &ha,
         &["edit-config", "--unset", "postgres.parameters.work_mem"],

@@ -30,6 +30,13 @@ pub struct Event {
     pub down_ms: u64,
     /// When the new (or restarted) leader took writes.
     pub up_ms: u64,
+    /// A failover: when the new leader took the key (the failure was detected and acted on);
+    /// a switchover: when the old leader had stopped.
+    #[serde(default)]
+    pub detected_ms: Option<u64>,
+    /// When the promotion finished (failover, switchover).
+    #[serde(default)]
+    pub promoted_ms: Option<u64>,
     pub from: Option<String>,
     pub to: String,
     pub epoch: u64,
@@ -105,6 +112,8 @@ mod tests {
             kind,
             down_ms: up_ms - 500,
             up_ms,
+            detected_ms: None,
+            promoted_ms: None,
             from: Some("n1".into()),
             to: "n2".into(),
             epoch: held.epoch.0,

@@ -167,9 +167,12 @@ async fn answer<K: Kv>(
         };
         return write_response(&mut stream, &req.method, status, &body).await;
     }
-    let mutating = req.method != "GET" && req.method != "HEAD" && is_mutating(path);
+    let patch = api_write::is_config_change(&req.method, path);
+    let mutating = patch || (req.method != "GET" && req.method != "HEAD" && is_mutating(path));
     let read = || async {
-        if path.trim_end_matches('/') == "/history" {
+        if path.trim_end_matches('/') == "/config" {
+            api_write::show_config(op).await
+        } else if path.trim_end_matches('/') == "/history" {
             match op.store.history().await {
                 Ok(events) => (
                     200,
@@ -187,6 +190,7 @@ async fn answer<K: Kv>(
     let (status, body) = if mutating || auth.auth_reads {
         match authorize(req.authorization.as_deref(), auth.credentials.as_ref()) {
             Err(refused) => refused,
+            Ok(()) if patch => api_write::edit_config(&req.body, op).await,
             Ok(()) if mutating => api_write::handle(&req.method, path, &req.body, op).await,
             Ok(()) => read().await,
         }
@@ -518,6 +522,33 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(status, 503);
+        // PATCH /config: checked, written, shown by GET /config.
+        let patch = r#"{"set": {"agent.rejoin": "clone", "postgres.parameters.work_mem": "64MB"}}"#;
+        let (status, body) = call(&addr, "PATCH", "/config", Some(good), patch, t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = call(&addr, "GET", "/config", Some(good), "", t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#"rejoin = \"clone\""#), "{body}");
+        let (status, body) = call(
+            &addr,
+            "PATCH",
+            "/config",
+            Some(good),
+            r#"{"set": {"agent.ttl": "9s"}}"#,
+            t,
+        )
+        .await
+        .expect("answer");
+        assert_eq!(status, 412, "{body}");
+        assert!(body.contains("agent.ttl: not a dynamic setting"), "{body}");
+        let (status, _) = call(&addr, "PATCH", "/config", None, patch, t)
+            .await
+            .expect("answer");
+        assert_eq!(status, 401);
         // An empty store: nobody leads, so the request is refused with the reason.
         let (status, body) = call(&addr, "POST", "/switchover", Some(good), "{}", t)
             .await

@@ -44,6 +44,93 @@ pub fn is_mutating(path: &str) -> bool {
     )
 }
 
+/// `PATCH /config` changes the dynamic settings (`GET /config` reads them).
+pub fn is_config_change(method: &str, path: &str) -> bool {
+    method == "PATCH" && path.trim_end_matches('/') == "/config"
+}
+
+/// `GET /config`: the dynamic settings in the store (`stored`, TOML) and those in effect
+/// (`effective`, TOML, the file's with the store's over them).
+pub async fn show_config<K: Kv>(op: &Operator<K>) -> (u16, String) {
+    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
+    let stored = match op.store.dynamic_config().await {
+        Ok(d) => d.map(|d| d.value).unwrap_or_default(),
+        Err(e) => {
+            return json(
+                503,
+                serde_json::json!({ "error": format!("the store: {e}") }),
+            )
+        }
+    };
+    match pgwarden_config::dynamic::apply(&op.config, &stored) {
+        Ok(c) => json(
+            200,
+            serde_json::json!({ "stored": stored, "effective": pgwarden_config::dynamic::render(&c) }),
+        ),
+        Err(e) => json(
+            409,
+            serde_json::json!({ "stored": stored, "error": format!("refused by the checks: {e}") }),
+        ),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConfigPatch {
+    /// `{"agent.synchronous_mode": "on", "postgres.parameters.work_mem": "64MB"}`.
+    set: std::collections::BTreeMap<String, serde_json::Value>,
+    unset: Vec<String>,
+}
+
+/// `PATCH /config`: as `pgwarden edit-config`, body `{"set": {KEY: VALUE}, "unset": [KEY]}`:
+/// 200 with the new `stored` text, 412 with every problem (nothing written), 409 when the
+/// settings changed meanwhile.
+pub async fn edit_config<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
+    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
+    let patch: ConfigPatch = match serde_json::from_str(body) {
+        Ok(p) => p,
+        Err(e) => {
+            return json(
+                400,
+                serde_json::json!({ "error": format!("the body: {e}") }),
+            )
+        }
+    };
+    let set: Vec<(String, String)> = patch
+        .set
+        .into_iter()
+        // JSON's scalars are TOML's (a JSON string is a TOML basic string).
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+    let (old, revision) = match op.store.dynamic_config().await {
+        Ok(Some(d)) => (d.value, d.revision),
+        Ok(None) => (String::new(), 0),
+        Err(e) => {
+            return json(
+                503,
+                serde_json::json!({ "error": format!("the store: {e}") }),
+            )
+        }
+    };
+    let new = match pgwarden_config::dynamic::edit(&old, &set, &patch.unset)
+        .and_then(|t| pgwarden_config::dynamic::apply(&op.config, &t).map(|_| t))
+    {
+        Ok(t) => t,
+        Err(e) => return json(412, serde_json::json!({ "error": e.to_string() })),
+    };
+    match op.store.put_dynamic_config(&new, revision).await {
+        Ok(true) => json(200, serde_json::json!({ "stored": new })),
+        Ok(false) => json(
+            409,
+            serde_json::json!({ "error": "the settings changed meanwhile" }),
+        ),
+        Err(e) => json(
+            503,
+            serde_json::json!({ "error": format!("the store: {e}") }),
+        ),
+    }
+}
+
 /// Whether the `Authorization` header carries `credentials` (HTTP basic). `Err` is the
 /// status and JSON body to answer.
 pub fn authorize(

@@ -120,6 +120,8 @@ mod tests {
             kind,
             down_ms,
             up_ms,
+            detected_ms: None,
+            promoted_ms: None,
             from: Some("n1".into()),
             to: "n2".into(),
             epoch: 2,

@@ -73,6 +73,7 @@ impl<K: Kv> Agent<K> {
                     Some(l) => {
                         tracing::info!(node = %self.id, epoch = %l.epoch, "took the leader key");
                         self.took = Some(l);
+                        self.mem.took_ms = Some(switchover::unix_ms());
                     }
                     None => {
                         // Not an error to log loudly, but what follows it (a promotion) must
@@ -212,6 +213,8 @@ impl<K: Kv> Agent<K> {
                 tracing::info!(node = %self.id, from = %sw.from, epoch = %held.epoch, write_gap_ms = ?sw.write_gap_ms(), "switchover done");
                 let event = Event {
                     kind: EventKind::Switchover,
+                    detected_ms: sw.stopped_ms,
+                    promoted_ms: self.mem.promoted.take().map(|(at, _)| at),
                     down_ms: sw.draining_ms.unwrap_or_default(),
                     up_ms: sw.finished_ms.unwrap_or_default(),
                     from: Some(sw.from.clone()),
@@ -480,7 +483,7 @@ impl<K: Kv> Agent<K> {
     /// standbys kept in step with the healthy members.
     async fn lead(&mut self) -> Result<(), AgentError> {
         let held = self.held_by(&self.id.clone())?;
-        self.record_outage(&held).await;
+        let led_before = self.mem.slots_for == Some(held.epoch);
         if self.mem.slots_for != Some(held.epoch) {
             self.ensure_slots().await?;
             self.mem.slots_for = Some(held.epoch);
@@ -501,6 +504,12 @@ impl<K: Kv> Agent<K> {
         let position = rows
             .first()
             .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)));
+        self.record_outage(
+            &held,
+            led_before,
+            position.as_ref().map(|(_, tl)| *tl as u32),
+        )
+        .await;
         if let Some((lsn, timeline)) = position {
             if let Ok(lsn) = lsn.parse() {
                 self.store
@@ -518,7 +527,7 @@ impl<K: Kv> Agent<K> {
     /// the store recorded; a restart of this leader's PostgreSQL under the same epoch is a
     /// restart. (A switchover is recorded when it is finished.) A failed write of the event is
     /// logged, not retried: history is not worth a round.
-    async fn record_outage(&mut self, held: &Leader) {
+    async fn record_outage(&mut self, held: &Leader, led_before: bool, timeline: Option<u32>) {
         let now = switchover::unix_ms();
         let snap = self.snapshot.as_ref();
         let event = if let Some((at, received)) = self.mem.promoted.take() {
@@ -530,6 +539,8 @@ impl<K: Kv> Agent<K> {
                 .filter(|l| l.node != self.id);
             (!switching).then(|| Event {
                 kind: EventKind::Failover,
+                detected_ms: self.mem.took_ms.take(),
+                promoted_ms: Some(at),
                 down_ms: last
                     .as_ref()
                     .map_or(at, |l| if l.at_ms > 0 { l.at_ms } else { at }),
@@ -537,7 +548,7 @@ impl<K: Kv> Agent<K> {
                 from: last.as_ref().map(|l| l.node.to_string()),
                 to: self.id.to_string(),
                 epoch: held.epoch.0,
-                timeline: None,
+                timeline,
                 lost_bytes: last
                     .as_ref()
                     .zip(received)
@@ -545,14 +556,16 @@ impl<K: Kv> Agent<K> {
             })
         } else if let Some(since) = self.mem.recovered.take() {
             // Only a leader that led under this epoch before (not a first start).
-            (self.mem.slots_for == Some(held.epoch)).then(|| Event {
+            led_before.then(|| Event {
                 kind: EventKind::Restart,
+                detected_ms: None,
+                promoted_ms: None,
                 down_ms: now.saturating_sub(since.elapsed().as_millis() as u64),
                 up_ms: now,
                 from: Some(self.id.to_string()),
                 to: self.id.to_string(),
                 epoch: held.epoch.0,
-                timeline: None,
+                timeline,
                 lost_bytes: Some(0),
             })
         } else {

@@ -95,6 +95,8 @@ struct Memory {
     failsafe_confirmed_epoch: Option<u64>,
     /// The dynamic settings' text last seen in the store (applied, or refused and logged).
     dynamic_seen: Option<String>,
+    /// When this node last took the leader key (for history).
+    took_ms: Option<u64>,
 }
 
 pub struct Agent<K: Kv> {
