@@ -13,16 +13,7 @@ const HEAL: Duration = Duration::from_secs(40);
 
 /// `pgwarden ARGS -c <the proxy's config>` off the runtime's threads.
 async fn pgwarden(ha: &Ha, args: &[&str]) -> common::Run {
-    let config = ha.dir.path().join("proxy.toml");
-    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    all.push("-c".into());
-    all.push(config.to_str().expect("utf-8 path").into());
-    tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        common::run(&refs)
-    })
-    .await
-    .expect("run pgwarden")
+    common::run_with_config(&ha.dir.path().join("proxy.toml"), args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,16 +224,7 @@ impl<K: Kv> ClusterStore<K> {
     /// Withdraws the switchover if the key is still at `revision` (an operator's cancel of one
     /// not yet begun).
     pub async fn cancel_switchover(&self, revision: Revision) -> Result<bool, DcsError> {
-        let key = self.key("switchover");
-        self.kv()
-            .txn(
-                vec![Compare {
-                    key: key.clone(),
-                    mod_revision: revision,
-                }],
-                vec![Op::Delete { key }],
-            )
-            .await
+        self.done_with("switchover", revision).await
     }
 
     /// Changes to the switchover key (asked for, moved on, withdrawn).

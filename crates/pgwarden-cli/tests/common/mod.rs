@@ -49,3 +49,16 @@ pub fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Va
         .find(|n| n["name"] == name)
         .unwrap_or_else(|| panic!("node {name} missing in {status}"))
 }
+
+/// `pgwarden ARGS -c CONFIG` off the async runtime's threads (it blocks until pgwarden exits).
+pub async fn run_with_config(config: &Path, args: &[&str]) -> Run {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.push("-c".into());
+    all.push(config.to_str().expect("utf-8 path").into());
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run(&refs)
+    })
+    .await
+    .expect("run pgwarden")
+}
