@@ -96,6 +96,25 @@ pub struct Snapshot<T> {
     pub members: Vec<Member<T>>,
 }
 
+/// Nothing: a store with no key of the cluster.
+impl<T> Default for Snapshot<T> {
+    fn default() -> Self {
+        Snapshot {
+            leader: None,
+            last_epoch: None,
+            initialized_by: None,
+            last_leader: None,
+            synchronous_set: None,
+            paused: false,
+            switchover: None,
+            requests: Vec::new(),
+            failover: None,
+            dynamic: None,
+            members: Vec::new(),
+        }
+    }
+}
+
 /// How many times a take retries when only the epoch counter moved under it.
 const TAKE_TRIES: usize = 3;
 
@@ -157,19 +176,7 @@ impl<K: Kv> ClusterStore<K> {
     /// Every key of the cluster in one read (one revision). A member whose state does not
     /// parse as `T` is left out (an agent of another version), not an error.
     pub async fn snapshot<T: DeserializeOwned>(&self) -> Result<Snapshot<T>, DcsError> {
-        let mut snap = Snapshot {
-            leader: None,
-            last_epoch: None,
-            initialized_by: None,
-            last_leader: None,
-            synchronous_set: None,
-            paused: false,
-            switchover: None,
-            requests: Vec::new(),
-            failover: None,
-            dynamic: None,
-            members: Vec::new(),
-        };
+        let mut snap = Snapshot::default();
         for e in self.kv.list(&self.prefix).await? {
             let name = &e.key[self.prefix.len()..];
             match name {

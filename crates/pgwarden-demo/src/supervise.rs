@@ -185,11 +185,6 @@ mod tests {
         phase: Option<pgwarden_dcs::SwitchoverPhase>,
     ) -> Snapshot<MemberState> {
         Snapshot {
-            leader: None,
-            last_epoch: None,
-            initialized_by: None,
-            last_leader: None,
-            synchronous_set: None,
             paused,
             switchover: phase.map(|p| pgwarden_dcs::StoredSwitchover {
                 value: pgwarden_dcs::Switchover {
@@ -206,10 +201,7 @@ mod tests {
                 },
                 revision: 1,
             }),
-            requests: Vec::new(),
-            failover: None,
-            dynamic: None,
-            members: Vec::new(),
+            ..Snapshot::default()
         }
     }
 

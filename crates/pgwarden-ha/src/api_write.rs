@@ -52,7 +52,6 @@ pub fn is_config_change(method: &str, path: &str) -> bool {
 /// `GET /config`: the dynamic settings in the store (`stored`, TOML) and those in effect
 /// (`effective`, TOML, the file's with the store's over them).
 pub async fn show_config<K: Kv>(op: &Operator<K>) -> (u16, String) {
-    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
     let stored = match op.store.dynamic_config().await {
         Ok(d) => d.map(|d| d.value).unwrap_or_default(),
         Err(e) => {
@@ -86,7 +85,6 @@ struct ConfigPatch {
 /// 200 with the new `stored` text, 412 with every problem (nothing written), 409 when the
 /// settings changed meanwhile.
 pub async fn edit_config<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
-    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
     let patch: ConfigPatch = match serde_json::from_str(body) {
         Ok(p) => p,
         Err(e) => {
@@ -131,14 +129,36 @@ pub async fn edit_config<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
     }
 }
 
+/// An answer: its status and JSON body.
+fn json(status: u16, v: serde_json::Value) -> (u16, String) {
+    (status, v.to_string())
+}
+
+/// The `Authorization` header value for HTTP basic authentication.
+pub fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// The header an agent (or a proxy) sends to the other agents: `[agent.api]`'s credentials.
+pub fn peer_authorization(config: &Config) -> Option<String> {
+    config
+        .agent
+        .api
+        .credentials
+        .as_ref()
+        .map(|(u, p)| basic(u, p.expose()))
+}
+
 /// Whether the `Authorization` header carries `credentials` (HTTP basic). `Err` is the
 /// status and JSON body to answer.
 pub fn authorize(
     authorization: Option<&str>,
     credentials: Option<&(String, Secret)>,
 ) -> Result<(), (u16, String)> {
-    let error =
-        |status: u16, text: &str| Err((status, serde_json::json!({ "error": text }).to_string()));
+    let error = |status: u16, text: &str| Err(json(status, serde_json::json!({ "error": text })));
     let Some((user, password)) = credentials else {
         return error(
             403,
@@ -236,7 +256,6 @@ pub async fn handle<K: Kv>(
     body: &str,
     op: &Operator<K>,
 ) -> (u16, String) {
-    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
     if method != "POST" {
         return json(
             405,
@@ -293,7 +312,6 @@ struct FailoverBody {
 
 /// `POST /failover`: a manual failover to `candidate` (or `to`), followed until it leads.
 async fn failover<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
-    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
     let b: FailoverBody = match serde_json::from_str(body) {
         Ok(b) => b,
         Err(e) => {
@@ -327,7 +345,6 @@ async fn failover<K: Kv>(body: &str, op: &Operator<K>) -> (u16, String) {
 
 /// `POST /restart`, `/reinit`: of this agent's node, followed until carried out.
 async fn node_request<K: Kv>(action: NodeAction, op: &Operator<K>) -> (u16, String) {
-    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
     let before = match operate::request_node(&op.store, &op.config, &op.node, action).await {
         Ok(before) => before,
         Err(OperateError::Store(e)) => {
@@ -375,7 +392,6 @@ pub fn failsafe<K: Kv>(
     view: &crate::api::ApiView,
     op: &Operator<K>,
 ) -> (u16, String) {
-    let json = |status: u16, v: serde_json::Value| (status, v.to_string());
     if method != "POST" {
         return match view.failsafe {
             Some((epoch, fences_at)) => json(
@@ -427,19 +443,9 @@ pub fn failsafe<K: Kv>(
 /// How long a call follows what it asked for.
 const FOLLOW: Duration = Duration::from_secs(60);
 
-/// The bound on reading a request's body.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn basic(user: &str, password: &str) -> String {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-        )
-    }
 
     #[test]
     fn authorization() {

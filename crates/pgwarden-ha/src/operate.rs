@@ -172,33 +172,13 @@ pub async fn wait_switchover<K: Kv>(
     requested_ms: u64,
     bound: Duration,
 ) -> Option<Switchover> {
-    let deadline = tokio::time::Instant::now() + bound;
-    let mut changes = store.watch().await.ok();
-    loop {
-        if let Ok(Some(s)) = store.switchover().await {
-            if s.value.requested_ms != requested_ms {
-                return None;
-            }
-            if s.value.phase.is_over() {
-                return Some(s.value);
-            }
-        }
-        let changed = async {
-            let alive = match changes.as_mut() {
-                Some(w) => w.changed().await.is_ok(),
-                None => false,
-            };
-            if !alive {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return None,
-            _ = changed => {}
-            // A watch that a restarted store ended says nothing more: read again anyway.
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
+    wait_until(store, bound, |s| match &s.switchover {
+        Some(x) if x.value.requested_ms != requested_ms => Some(None),
+        Some(x) if x.value.phase.is_over() => Some(Some(x.value.clone())),
+        _ => None,
+    })
+    .await
+    .flatten()
 }
 
 /// Checks and writes a restart or re-clone request for `node`; returns when its PostgreSQL
@@ -392,15 +372,8 @@ mod tests {
                 lease: None,
             }),
             last_epoch: Some(Epoch(3)),
-            initialized_by: None,
-            last_leader: None,
-            synchronous_set: None,
-            paused: false,
-            switchover: None,
-            requests: Vec::new(),
-            failover: None,
-            dynamic: None,
             members,
+            ..Snapshot::default()
         }
     }
 

@@ -180,19 +180,13 @@ struct FailsafeProbe {
 
 impl FailsafeProbe {
     fn of(config: &pgwarden_config::Config) -> FailsafeProbe {
-        use base64::Engine;
         FailsafeProbe {
             apis: config
                 .nodes
                 .iter()
                 .filter_map(|n| Some((pgwarden_core::NodeId::new(&n.name), n.api?.to_string())))
                 .collect(),
-            authorization: config.agent.api.credentials.as_ref().map(|(u, p)| {
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.expose()))
-                )
-            }),
+            authorization: crate::api_write::peer_authorization(config),
         }
     }
 
@@ -343,22 +337,14 @@ mod tests {
         members: Vec<Member<MemberState>>,
     ) -> Snapshot<MemberState> {
         Snapshot {
-            paused: false,
             leader: leader.map(|(n, e)| Leader {
                 node: NodeId::new(n),
                 epoch: Epoch(e),
                 revision: 1,
                 lease: None,
             }),
-            last_epoch: None,
-            initialized_by: None,
-            last_leader: None,
-            synchronous_set: None,
-            switchover: None,
-            requests: Vec::new(),
-            failover: None,
-            dynamic: None,
             members,
+            ..Snapshot::default()
         }
     }
 

@@ -231,8 +231,11 @@ impl<K: Kv> Agent<K> {
     /// replica takes over at once.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), AgentError> {
         let mut children = signal(SignalKind::child()).map_err(AgentError::Signals)?;
-        let mut leader_changes = self.store.watch_leader().await.ok();
-        let mut switchover_changes = self.store.watch_switchover().await.ok();
+        // A round comes at once when the leader key or the switchover key changes.
+        let mut keys = [
+            self.store.watch_leader().await.ok(),
+            self.store.watch_switchover().await.ok(),
+        ];
         tracing::info!(node = %self.id, "agent started");
         loop {
             if *stop.borrow() {
@@ -270,13 +273,7 @@ impl<K: Kv> Agent<K> {
             {
                 // Its last starts failed at once (a port or lock in use, a bad setting):
                 // back off rather than spin.
-                self.wait(
-                    wait,
-                    &mut children,
-                    [leader_changes.as_mut(), switchover_changes.as_mut()],
-                    &mut stop,
-                )
-                .await;
+                self.wait(wait, &mut children, &mut keys, &mut stop).await;
                 continue;
             }
             for a in &d.actions {
@@ -296,13 +293,7 @@ impl<K: Kv> Agent<K> {
             if self.mem.draining {
                 wait = wait.min(DRAIN_POLL);
             }
-            self.wait(
-                wait,
-                &mut children,
-                [leader_changes.as_mut(), switchover_changes.as_mut()],
-                &mut stop,
-            )
-            .await;
+            self.wait(wait, &mut children, &mut keys, &mut stop).await;
         }
         self.shut_down().await;
         Ok(())
@@ -315,12 +306,12 @@ impl<K: Kv> Agent<K> {
         &mut self,
         wait: Duration,
         children: &mut tokio::signal::unix::Signal,
-        mut keys: [Option<&mut watch::Receiver<pgwarden_dcs::Revision>>; 2],
+        keys: &mut [Option<watch::Receiver<pgwarden_dcs::Revision>>; 2],
         stop: &mut watch::Receiver<bool>,
     ) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let [a, b] = &mut keys;
+            let [a, b] = &mut *keys;
             let key_changed = async {
                 tokio::select! { _ = changed(a) => {}, _ = changed(b) => {} }
             };
@@ -426,7 +417,7 @@ impl<K: Kv> Agent<K> {
 }
 
 /// A change of a watched key; never, for a watch that could not be made or has ended.
-async fn changed(w: &mut Option<&mut watch::Receiver<pgwarden_dcs::Revision>>) {
+async fn changed(w: &mut Option<watch::Receiver<pgwarden_dcs::Revision>>) {
     match w.as_mut() {
         Some(w) => {
             if w.changed().await.is_err() {

@@ -22,7 +22,7 @@ SELECT count(*) FROM pg_stat_activity
  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND xact_start IS NOT NULL";
 
 /// Failsafe mode: how many times a leader asks the members in one round, how far apart.
-const FAILSAFE_ATTEMPTS: usize = 4;
+const FAILSAFE_ATTEMPTS: usize = 6;
 const FAILSAFE_RETRY: Duration = Duration::from_millis(250);
 
 /// How long the members wait for a manual failover's target before the ordinary rules apply.
@@ -239,13 +239,7 @@ impl<K: Kv> Agent<K> {
             .filter(|n| n.name != self.me.name)
             .map(|n| n.api.map(|a| a.to_string()).unwrap_or_default())
             .collect();
-        let auth = self.config.agent.api.credentials.as_ref().map(|(u, p)| {
-            use base64::Engine;
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{}", p.expose()))
-            )
-        });
+        let auth = crate::api_write::peer_authorization(&self.config);
         let body = serde_json::json!({ "leader": self.id.as_str(), "epoch": epoch }).to_string();
         // The members notice the store is gone in their own rounds: ask again a few times,
         // each member's confirmation counted from when the request it answered was sent, the
@@ -293,6 +287,9 @@ impl<K: Kv> Agent<K> {
             tracing::info!(node = %self.id, epoch, "failsafe: the store is unreachable and every member confirmed this leader");
         } else {
             tracing::warn!(node = %self.id, confirmed = answers.iter().filter(|ok| **ok).count(), of = answers.len(), "failsafe: not every member confirmed; the leader fences at its deadline");
+            // The members may notice the store is gone only in their next rounds: ask again
+            // soon rather than a whole round later, as the deadline nears.
+            self.mem.soon = true;
         }
         all
     }
